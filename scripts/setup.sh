@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Makes a Debian machine ready to run taskmgr, idempotently. Each step says what it
+# does and skips itself when already done, so a second run takes seconds.
+#
+#   1. TimescaleDB: built from Debian trixie's *source* package (Apache-only edition)
+#      when the extension is missing; bookworm ships no TimescaleDB binary.
+#   2. PostgreSQL preloads timescaledb (restart only when the setting changes).
+#   3. PostgreSQL and RabbitMQ are started when down.
+#   4. The database (TASKMGR_DB_NAME, default taskmgr) is created when missing.
+#   5. A virtualenv at .venv with the project installed (re-installed only when
+#      pyproject.toml changed).
+#
+# Needs root (apt-get, the PostgreSQL cluster). Set TASKMGR_SETUP_SKIP_SYSTEM=1 to do
+# only step 5 (for example inside a container where the services are elsewhere).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PG_MAJOR=${TASKMGR_PG_MAJOR:-15}
+PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
+DB_NAME=${TASKMGR_DB_NAME:-taskmgr}
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAtX)
+BUILD_DIR=${TASKMGR_BUILD_DIR:-/var/tmp/taskmgr-timescaledb}
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+pg_up() { "${PSQL[@]}" -d postgres -c 'select 1' >/dev/null 2>&1; }
+
+start_postgres() {
+  if ! pg_up; then
+    say "starting PostgreSQL $PG_MAJOR"
+    pg_ctlcluster --skip-systemctl-redirect "$PG_MAJOR" main start || true
+    for _ in $(seq 1 60); do pg_up && break; sleep 0.5; done
+    pg_up || { echo "PostgreSQL did not come up on 127.0.0.1:5432" >&2; exit 1; }
+  fi
+}
+
+restart_postgres() {
+  say "restarting PostgreSQL $PG_MAJOR to load timescaledb"
+  pg_ctlcluster --skip-systemctl-redirect "$PG_MAJOR" main restart
+  for _ in $(seq 1 60); do pg_up && break; sleep 0.5; done
+  pg_up || { echo "PostgreSQL did not come back after the restart" >&2; exit 1; }
+}
+
+rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+
+start_rabbitmq() {
+  if ! rabbit_up; then
+    say "starting RabbitMQ"
+    rabbitmq-server -detached || true
+    for _ in $(seq 1 120); do rabbit_up && break; sleep 0.5; done
+    rabbit_up || { echo "RabbitMQ did not come up on 127.0.0.1:5672" >&2; exit 1; }
+  fi
+}
+
+timescaledb_installed() {
+  [ -f "$("$PG_CONFIG" --sharedir 2>/dev/null)/extension/timescaledb.control" ]
+}
+
+install_timescaledb() {
+  say "TimescaleDB is missing: building it from Debian trixie's source package"
+  if [ ! -f /etc/apt/sources.list.d/trixie-src.sources ]; then
+    say "adding a deb-src (source only) entry for trixie"
+    cat >/etc/apt/sources.list.d/trixie-src.sources <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  say "installing build tools and postgresql-server-dev-$PG_MAJOR"
+  apt-get install -y -qq --no-install-recommends \
+    "postgresql-server-dev-$PG_MAJOR" cmake make gcc dpkg-dev libssl-dev >/dev/null
+  rm -rf "$BUILD_DIR" && mkdir -p "$BUILD_DIR" && cd "$BUILD_DIR"
+  apt-get source --download-only -qq timescaledb
+  tar xf timescaledb_*.orig.tar.*
+  src=$(find . -maxdepth 1 -type d -name 'timescaledb-*' | head -n 1)
+  cd "$src"
+  say "compiling TimescaleDB (Apache-only) in $BUILD_DIR/$src"
+  cmake -S . -B build -DPG_CONFIG="$PG_CONFIG" -DAPACHE_ONLY=1 \
+    -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF -DUSE_TELEMETRY=OFF \
+    -DCMAKE_BUILD_TYPE=Release >/dev/null
+  make -C build -j"$(nproc)" >/dev/null
+  make -C build install >/dev/null
+  cd "$here"
+  say "TimescaleDB installed"
+}
+
+preload_timescaledb() {
+  local current
+  current=$("${PSQL[@]}" -d postgres -c 'show shared_preload_libraries')
+  if [[ "$current" != *timescaledb* ]]; then
+    say "preloading timescaledb (shared_preload_libraries)"
+    local value="timescaledb"
+    [ -n "$current" ] && value="$current,timescaledb"
+    "${PSQL[@]}" -d postgres -c "alter system set shared_preload_libraries = '$value'"
+    restart_postgres
+  fi
+}
+
+create_database() {
+  if [ -z "$("${PSQL[@]}" -d postgres -c "select 1 from pg_database where datname = '$DB_NAME'")" ]; then
+    say "creating database $DB_NAME"
+    "${PSQL[@]}" -d postgres -c "create database \"$DB_NAME\""
+  fi
+}
+
+make_venv() {
+  cd "$here"
+  local stamp=.venv/.taskmgr-installed want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ ! -x .venv/bin/python ]; then
+    say "creating the virtualenv .venv"
+    python3 -m venv .venv
+  fi
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing taskmgr and its dependencies into .venv"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e ".[dev]"
+    echo "$want" >"$stamp"
+  fi
+}
+
+if [ "${TASKMGR_SETUP_SKIP_SYSTEM:-0}" != 1 ]; then
+  start_postgres
+  timescaledb_installed || install_timescaledb
+  preload_timescaledb
+  start_rabbitmq
+  create_database
+fi
+make_venv
+say "ready: PostgreSQL+TimescaleDB on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672, .venv"

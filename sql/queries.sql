@@ -1,0 +1,226 @@
+-- Named queries, loaded by taskmgr/queries.py: "-- name --" then the SQL.
+-- Only taskmgr/store.py runs them.
+
+-- insert_type --
+insert into task_types (name, handler, url_template, poll_interval_s, payload_schema,
+    max_attempts, backoff_base_s, backoff_max_s, request_timeout_s, start_timeout_s,
+    max_consecutive_failures, pool, required_services, misfire_policy, misfire_grace_s)
+values (:name, :handler, :url_template, :poll_interval_s, cast(:payload_schema as jsonb),
+    :max_attempts, :backoff_base_s, :backoff_max_s, :request_timeout_s, :start_timeout_s,
+    :max_consecutive_failures, :pool, cast(:required_services as text[]), :misfire_policy,
+    :misfire_grace_s)
+on conflict (name) do nothing
+returning *;
+
+-- update_type --
+update task_types set handler = :handler, url_template = :url_template,
+    poll_interval_s = :poll_interval_s, payload_schema = cast(:payload_schema as jsonb),
+    max_attempts = :max_attempts, backoff_base_s = :backoff_base_s,
+    backoff_max_s = :backoff_max_s, request_timeout_s = :request_timeout_s,
+    start_timeout_s = :start_timeout_s, max_consecutive_failures = :max_consecutive_failures,
+    pool = :pool, required_services = cast(:required_services as text[]),
+    misfire_policy = :misfire_policy, misfire_grace_s = :misfire_grace_s, updated_at = now()
+where name = :name
+returning *;
+
+-- get_type --
+select * from task_types where name = :name;
+
+-- get_type_for_update --
+select * from task_types where name = :name for update;
+
+-- list_types --
+select * from task_types where (:include_deleted or deleted_at is null) order by name;
+
+-- set_type_deleted --
+update task_types set deleted_at = case when :deleted then now() else null end, updated_at = now()
+where name = :name
+returning *;
+
+-- insert_tasks --
+-- Bulk insert; a dedup key that exists already inserts nothing (returned ids are the new ones).
+insert into tasks (id, type, payload, due_at, parent_id, root_id, dedup_key, recurrence,
+    occurrence, created_by)
+select t.id, t.type, t.payload::jsonb, t.due_at, t.parent_id, t.root_id, t.dedup_key,
+    t.recurrence::jsonb, t.occurrence, t.created_by
+from unnest(cast(:ids as uuid[]), cast(:types as text[]), cast(:payloads as text[]),
+    cast(:due_ats as timestamptz[]), cast(:parent_ids as uuid[]), cast(:root_ids as uuid[]),
+    cast(:dedup_keys as text[]), cast(:recurrences as text[]), cast(:occurrences as int[]),
+    cast(:created_bys as text[]))
+    as t(id, type, payload, due_at, parent_id, root_id, dedup_key, recurrence, occurrence, created_by)
+on conflict (dedup_key) do nothing
+returning id;
+
+-- ids_by_dedup_key --
+select dedup_key, id from tasks where dedup_key = any(cast(:keys as text[]));
+
+-- insert_states --
+insert into task_state (task_id, state, attempt, run_at, changed_at)
+select t.task_id, 'SCHEDULED', 0, t.run_at, :now
+from unnest(cast(:ids as uuid[]), cast(:run_ats as timestamptz[])) as t(task_id, run_at);
+
+-- insert_events --
+insert into task_events (time, task_id, state, attempt, runner_id, source, applied, detail)
+select :now, e.task_id, e.state, e.attempt, e.runner_id, e.source, e.applied, e.detail::jsonb
+from unnest(cast(:ids as uuid[]), cast(:states as text[]), cast(:attempts as int[]),
+    cast(:runner_ids as text[]), cast(:sources as text[]), cast(:applieds as boolean[]),
+    cast(:details as text[]))
+    as e(task_id, state, attempt, runner_id, source, applied, detail);
+
+-- lock_states --
+select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.root_id
+from task_state s join tasks t on t.id = s.task_id
+where s.task_id = any(cast(:ids as uuid[]))
+order by s.task_id
+for update of s;
+
+-- update_states --
+update task_state s set state = u.state, attempt = u.attempt, failures = u.failures,
+    run_at = u.run_at, runner_id = u.runner_id,
+    sent_at = case when u.state = 'STARTED' then null else s.sent_at end,
+    changed_at = :now
+from unnest(cast(:ids as uuid[]), cast(:states as text[]), cast(:attempts as int[]),
+    cast(:failures as int[]), cast(:run_ats as timestamptz[]), cast(:runner_ids as text[]))
+    as u(task_id, state, attempt, failures, run_at, runner_id)
+where s.task_id = u.task_id;
+
+-- claim_due --
+-- The due tasks, oldest first, locked so that overlapping managers never claim one twice.
+-- Cost: the rows of task_state_due_idx up to :now, not the history.
+select s.task_id, s.state, s.attempt, s.failures, s.run_at, t.type, t.payload, t.due_at,
+    t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by
+from task_state s join tasks t on t.id = s.task_id
+where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now
+order by s.run_at
+limit :limit
+for update of s skip locked;
+
+-- start_orders --
+-- What a runner needs to start each (task, attempt): STARTED and not yet confirmed sent.
+select s.task_id, s.attempt, t.type, t.payload, t.root_id, t.due_at, s.changed_at,
+    tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
+    tt.max_consecutive_failures
+from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
+where s.task_id = any(cast(:ids as uuid[])) and s.state = 'STARTED' and s.sent_at is null;
+
+-- outbox --
+-- Start orders claimed but not confirmed by the broker (a crash between commit and publish).
+select s.task_id from task_state s
+where s.state = 'STARTED' and s.sent_at is null and s.changed_at <= :before
+order by s.changed_at
+limit :limit
+for update of s skip locked;
+
+-- mark_sent --
+update task_state s set sent_at = :now
+from unnest(cast(:ids as uuid[]), cast(:attempts as int[])) as u(task_id, attempt)
+where s.task_id = u.task_id and s.attempt = u.attempt and s.state = 'STARTED';
+
+-- get_task --
+select t.*, s.state, s.attempt, s.failures, s.runner_id, s.changed_at
+from tasks t join task_state s on s.task_id = t.id
+where t.id = :id;
+
+-- list_tasks --
+select t.*, s.state, s.attempt, s.failures, s.runner_id, s.changed_at
+from tasks t join task_state s on s.task_id = t.id
+where (cast(:type as text) is null or t.type = :type)
+  and (cast(:state as text) is null or s.state = :state)
+  and (cast(:root_id as uuid) is null or t.root_id = :root_id)
+  and (cast(:due_from as timestamptz) is null or t.due_at >= :due_from)
+  and (cast(:due_to as timestamptz) is null or t.due_at < :due_to)
+  and (cast(:after_due as timestamptz) is null or (t.due_at, t.id) > (:after_due, :after_id))
+order by t.due_at, t.id
+limit :limit;
+
+-- history --
+select time, task_id, state, attempt, runner_id, source, applied, detail
+from task_events where task_id = :id
+order by time, seq;
+
+-- tree_events --
+select e.time, e.task_id, e.state, e.attempt, e.runner_id, e.source, e.applied, e.detail
+from task_events e
+where e.task_id in (select id from tasks where root_id = :root_id)
+order by e.time, e.seq;
+
+-- counts_by_state --
+select s.state, count(*) as n
+from task_state s join tasks t on t.id = s.task_id
+where (cast(:type as text) is null or t.type = :type)
+group by s.state;
+
+-- counts_per_bucket --
+select time_bucket(cast(:bucket as interval), time) as bucket, state, count(*) as n
+from task_events
+where applied and time >= :since and time < :until
+group by bucket, state
+order by bucket, state;
+
+-- upsert_runner --
+insert into runners (id, pool, host, pid, started_at, last_seen, tasks)
+values (:id, :pool, :host, :pid, :now, :now, :tasks)
+on conflict (id) do update set last_seen = excluded.last_seen, tasks = excluded.tasks,
+    dead = false, stopped_at = null;
+
+-- stop_runner --
+update runners set stopped_at = :now, last_seen = :now, tasks = 0 where id = :id;
+
+-- dead_runners --
+-- Runners whose heartbeats stopped: marked dead once, returned once.
+update runners set dead = true
+where not dead and stopped_at is null and last_seen < :before
+returning id;
+
+-- active_runners --
+select id, pool, host, pid, started_at, last_seen, tasks from runners
+where not dead and stopped_at is null and last_seen >= :since
+order by id;
+
+-- tasks_of_runners --
+select s.task_id from task_state s
+where s.state in ('STARTED', 'RUNNING') and s.runner_id = any(cast(:runner_ids as text[]));
+
+-- runner_holdings --
+-- What the manager thinks each runner holds (to compare with its heartbeat).
+select s.task_id, s.attempt, s.state, s.changed_at from task_state s
+where s.state in ('STARTED', 'RUNNING') and s.runner_id = :runner_id;
+
+-- current_attempts --
+select s.task_id, s.state, s.attempt, s.runner_id from task_state s
+where s.task_id = any(cast(:ids as uuid[]));
+
+-- start_timeouts --
+-- Sent start orders no runner took within their type's start timeout.
+select s.task_id from task_state s join tasks t on t.id = s.task_id
+join task_types tt on tt.name = t.type
+where s.state = 'STARTED' and s.sent_at is not null
+  and s.sent_at < :now - make_interval(secs => tt.start_timeout_s)
+limit :limit;
+
+-- upsert_service --
+insert into task_services (task_id, service, attempt, state, detail, updated_at)
+values (:task_id, :service, :attempt, :state, cast(:detail as jsonb), :now)
+on conflict (task_id, service) do update set attempt = excluded.attempt,
+    state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at;
+
+-- services_of --
+select service, attempt, state, detail from task_services where task_id = :task_id;
+
+-- sync_scope --
+-- Tasks filed under a schedule scope (dedup keys "<scope>/<key>"), with their state.
+select t.id, t.dedup_key, t.due_at, s.state from tasks t join task_state s on s.task_id = t.id
+where t.dedup_key like :prefix escape '\';
+
+-- move_due --
+update tasks set due_at = :due_at where id = :id;
+
+-- move_run_at --
+update task_state set run_at = :due_at, changed_at = :now where task_id = :id and state = 'SCHEDULED';
+
+-- drop_chunks --
+select count(*) from drop_chunks('task_events', older_than => cast(:older_than as timestamptz));
+
+-- leader_present --
+select exists (select 1 from pg_locks where locktype = 'advisory' and granted
+    and classid = :classid and objid = :objid) as present;

@@ -1,0 +1,276 @@
+"""The only module that imports aio-pika: the topology, a Publisher and a Consumer.
+
+Publishing and consuming use separate connections (a blocked publisher must not stall
+consumers' acks). Connections are robust: they reconnect and restore consumers; a
+publish that fails while the connection is down raises BrokerError, and the caller
+(the manager's outbox, the runner's event buffer) tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from taskmgr.errors import TaskmgrError
+
+log = logging.getLogger(__name__)
+
+PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+REASON_HEADER = "x-taskmgr-reason"
+
+
+class BrokerError(TaskmgrError):
+    pass
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every name, derived from one prefix so that test runs do not collide."""
+
+    prefix: str = "taskmgr"
+
+    def start_queue(self, pool: str) -> str:
+        return f"{self.prefix}.start.{pool}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def progress(self) -> str:
+        return f"{self.prefix}.progress"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}.control"
+
+    def control_queue(self, runner_id: str) -> str:
+        return f"{self.prefix}.control.{runner_id}"
+
+    @property
+    def dlx(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}.dead"
+
+    def queue_args(self) -> dict[str, Any]:
+        return {"x-dead-letter-exchange": self.dlx}
+
+
+Message = AbstractIncomingMessage
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+async def _declare_common(channel: AbstractRobustChannel, topo: Topology) -> dict[str, AbstractExchange]:
+    dlx = await channel.declare_exchange(topo.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead = await channel.declare_queue(topo.dead, durable=True)
+    await dead.bind(dlx)
+    events = await channel.declare_exchange(topo.events, aio_pika.ExchangeType.TOPIC, durable=True)
+    control = await channel.declare_exchange(topo.control, aio_pika.ExchangeType.DIRECT, durable=True)
+    await channel.declare_queue(topo.progress, durable=True, arguments=topo.queue_args())
+    return {"dlx": dlx, "events": events, "control": control}
+
+
+class Publisher:
+    """Persistent messages with publisher confirms: `publish_*` returns once the broker
+    has taken responsibility for the message (or raises BrokerError)."""
+
+    def __init__(self, *, url: str, topology: Topology, name: str = "taskmgr") -> None:
+        self._url = url
+        self.topology = topology
+        self._name = name
+        self._conn: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._ex: dict[str, AbstractExchange] = {}
+        self._pools: set[str] = set()
+
+    async def __aenter__(self) -> Publisher:
+        self._conn = await aio_pika.connect_robust(
+            self._url, client_properties={"connection_name": f"{self._name}-publish"}
+        )
+        self._channel = await self._conn.channel(publisher_confirms=True)  # type: ignore[assignment]
+        assert self._channel is not None
+        self._ex = await _declare_common(self._channel, self.topology)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    @property
+    def channel(self) -> AbstractRobustChannel:
+        if self._channel is None:
+            raise BrokerError("publisher is not connected (use `async with`)")
+        return self._channel
+
+    async def _publish(
+        self,
+        exchange: AbstractExchange,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        mandatory: bool = False,
+    ) -> None:
+        msg = aio_pika.Message(
+            body,
+            delivery_mode=PERSISTENT,
+            content_type="application/json",
+            message_id=message_id,
+            headers=dict(headers or {}),
+        )
+        try:
+            await exchange.publish(msg, routing_key=routing_key, mandatory=mandatory)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise BrokerError(f"publish to {exchange.name or '(default)'}/{routing_key}: {exc!r}") from exc
+
+    async def ensure_pool(self, pool: str) -> None:
+        if pool not in self._pools:
+            await self.channel.declare_queue(
+                self.topology.start_queue(pool), durable=True, arguments=self.topology.queue_args()
+            )
+            self._pools.add(pool)
+
+    async def publish_start(self, pool: str, body: bytes, *, message_id: str) -> None:
+        await self.ensure_pool(pool)
+        await self._publish(
+            self.channel.default_exchange,
+            self.topology.start_queue(pool),
+            body,
+            message_id=message_id,
+            mandatory=True,
+        )
+
+    async def publish_many(self, items: Sequence[tuple[str, str, bytes, Mapping[str, Any] | None, str]]) -> None:
+        """Publish (exchange kind, routing key, body, headers, message id) items with all
+        confirms in flight at once: the round trips overlap."""
+        exchanges = {"events": self._ex["events"], "control": self._ex["control"]}
+        await asyncio.gather(
+            *(
+                self._publish(exchanges[kind], key, body, headers=headers, message_id=mid)
+                for kind, key, body, headers, mid in items
+            )
+        )
+
+    async def publish_event(
+        self, routing_key: str, body: bytes, *, message_id: str, headers: Mapping[str, Any]
+    ) -> None:
+        await self._publish(self._ex["events"], routing_key, body, message_id=message_id, headers=headers)
+
+    async def publish_progress(self, body: bytes) -> None:
+        await self._publish(self.channel.default_exchange, self.topology.progress, body)
+
+    async def publish_control(self, runner_id: str, body: bytes) -> None:
+        await self._publish(self._ex["control"], runner_id, body)
+
+    async def dead_letter(self, body: bytes, reason: str, headers: Mapping[str, Any] | None = None) -> None:
+        await self._publish(
+            self._ex["dlx"], "", body, headers={**(headers or {}), REASON_HEADER: reason[:1000]}
+        )
+
+
+class Consumer:
+    """Consumes queues on its own connection. `prefetch` bounds unacked messages."""
+
+    def __init__(self, *, url: str, topology: Topology, prefetch: int, name: str = "taskmgr") -> None:
+        self._url = url
+        self.topology = topology
+        self._prefetch = prefetch
+        self._name = name
+        self._conn: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+
+    async def __aenter__(self) -> Consumer:
+        self._conn = await aio_pika.connect_robust(
+            self._url, client_properties={"connection_name": f"{self._name}-consume"}
+        )
+        self._channel = await self._conn.channel()  # type: ignore[assignment]
+        assert self._channel is not None
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        await _declare_common(self._channel, self.topology)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    @property
+    def channel(self) -> AbstractRobustChannel:
+        if self._channel is None:
+            raise BrokerError("consumer is not connected (use `async with`)")
+        return self._channel
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        await self.channel.set_qos(prefetch_count=max(1, prefetch))
+
+    async def consume_start(self, pool: str, handler: Handler) -> None:
+        queue = await self.channel.declare_queue(
+            self.topology.start_queue(pool), durable=True, arguments=self.topology.queue_args()
+        )
+        self._consumers.append((queue, await queue.consume(handler)))
+
+    async def consume_progress(self, handler: Handler) -> None:
+        queue = await self.channel.declare_queue(
+            self.topology.progress, durable=True, arguments=self.topology.queue_args()
+        )
+        self._consumers.append((queue, await queue.consume(handler)))
+
+    async def consume_control(self, runner_id: str, handler: Handler) -> None:
+        queue = await self.channel.declare_queue(
+            self.topology.control_queue(runner_id), exclusive=True, auto_delete=True
+        )
+        await queue.bind(self.topology.control, routing_key=runner_id)
+        self._consumers.append((queue, await queue.consume(handler)))
+
+    async def consume_events(self, binding: str, handler: Handler, *, queue_name: str = "") -> AbstractQueue:
+        """A temporary queue bound to the events exchange (for `events tail` and tests)."""
+        queue = await self.channel.declare_queue(queue_name, exclusive=True, auto_delete=True)
+        await queue.bind(self.topology.events, routing_key=binding)
+        self._consumers.append((queue, await queue.consume(handler)))
+        return queue
+
+    async def consume_queue(self, name: str, handler: Handler, **declare: Any) -> None:
+        queue = await self.channel.declare_queue(name, **declare)
+        self._consumers.append((queue, await queue.consume(handler)))
+
+    async def cancel_all(self) -> None:
+        """Stop taking messages (unacked ones go back to the queue when we close)."""
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # a closing connection: nothing left to cancel
+                log.debug("cancel %s: %r", queue.name, exc)
+        self._consumers.clear()
+
+
+async def delete_names(url: str, topology: Topology, pools: Sequence[str] = ()) -> None:
+    """Delete a topology's exchanges and queues (tests)."""
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        for q in [topology.progress, topology.dead, *(topology.start_queue(p) for p in pools)]:
+            await ch.queue_delete(q)
+        for ex in [topology.events, topology.control, topology.dlx]:
+            await ch.exchange_delete(ex)
+    finally:
+        await conn.close()

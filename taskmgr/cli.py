@@ -1,0 +1,2 @@
+def main() -> None:  # placeholder until the CLI lands
+    raise SystemExit("taskmgr: not built yet")

@@ -1,0 +1,89 @@
+"""Forward-only plain-SQL migrations from sql/NNNN_name.sql, each applied in its own
+transaction and recorded in schema_migrations."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from taskmgr.errors import TimescaleMissing
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# Migrations from several processes at once take turns on this lock.
+MIGRATION_LOCK_KEY = 0x7A5C_0001
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    sql: str
+
+
+def available(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    found = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        m = MIGRATION_RE.match(path.name)
+        if m:
+            found.append(Migration(m.group(1), path.stem, path.read_text()))
+    return found
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """asyncpg wants postgresql://; SQLAlchemy URLs say postgresql+asyncpg://."""
+    return re.sub(r"^postgresql\+asyncpg://", "postgresql://", database_url)
+
+
+async def migrate(database_url: str, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply the missing migrations; return the versions applied (empty when none)."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        await _require_timescale(conn)
+        await conn.execute(
+            "create table if not exists schema_migrations ("
+            " version text primary key, name text not null,"
+            " applied_at timestamptz not null default now())"
+        )
+        done = {r["version"] for r in await conn.fetch("select version from schema_migrations")}
+        applied = []
+        for mig in available(sql_dir):
+            if mig.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.sql)
+                await conn.execute(
+                    "insert into schema_migrations (version, name) values ($1, $2)",
+                    mig.version,
+                    mig.name,
+                )
+            applied.append(mig.version)
+        return applied
+    finally:
+        await conn.close()
+
+
+async def current_version(database_url: str) -> str | None:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        exists = await conn.fetchval("select to_regclass('schema_migrations') is not null")
+        if not exists:
+            return None
+        return await conn.fetchval("select max(version) from schema_migrations")
+    finally:
+        await conn.close()
+
+
+async def _require_timescale(conn: asyncpg.Connection) -> None:
+    available_ = await conn.fetchval(
+        "select default_version from pg_available_extensions where name = 'timescaledb'"
+    )
+    if available_ is None:
+        raise TimescaleMissing("no timescaledb in pg_available_extensions")
+    preload = await conn.fetchval("show shared_preload_libraries")
+    if "timescaledb" not in preload:
+        raise TimescaleMissing("timescaledb is installed but not in shared_preload_libraries")

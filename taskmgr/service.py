@@ -1,0 +1,483 @@
+"""TaskService: the one way to write tasks and task types.
+
+`schedule(session, ...)` joins the caller's transaction (seed 000): nothing it writes
+survives the caller's rollback. Everything else opens its own transaction on the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from taskmgr import recurrence as recur
+from taskmgr import store
+from taskmgr.errors import (
+    AlreadyExists,
+    IllegalTransition,
+    InvalidInput,
+    TaskNotFound,
+    TaskTypeNotFound,
+)
+from taskmgr.models import (
+    MisfirePolicy,
+    Recurrence,
+    Scheduled,
+    State,
+    Task,
+    TaskEvent,
+    TaskType,
+    Transition,
+)
+
+WAKEUP_CHANNEL = "taskmgr_wakeup"
+CANCEL_CHANNEL = "taskmgr_cancel"
+# A task due within this of now wakes the manager instead of waiting for its next poll.
+WAKEUP_HORIZON_S = 1.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TaskTypeSpec(BaseModel):
+    """A task type as given by a user: checked field by field before it is written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,62}$")
+    handler: str = Field(min_length=1)
+    url_template: str = ""
+    poll_interval_s: float = Field(5.0, gt=0)
+    payload_schema: dict[str, Any] = Field(default_factory=dict)
+    max_attempts: int = Field(3, ge=1)
+    backoff_base_s: float = Field(2.0, ge=0)
+    backoff_max_s: float = Field(300.0, ge=0)
+    request_timeout_s: float = Field(10.0, gt=0)
+    start_timeout_s: float = Field(30.0, gt=0)
+    max_consecutive_failures: int = Field(5, ge=1)
+    pool: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    required_services: tuple[str, ...] = ()
+    misfire_policy: MisfirePolicy = MisfirePolicy.COALESCE
+    misfire_grace_s: float = Field(60.0, ge=0)
+
+    @field_validator("payload_schema")
+    @classmethod
+    def _schema_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            jsonschema.Draft202012Validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return value
+
+
+def _spec_error(exc: ValidationError) -> InvalidInput:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "task type"
+    return InvalidInput(where, err["msg"])
+
+
+def check_type_spec(values: Mapping[str, Any]) -> TaskType:
+    try:
+        spec = TaskTypeSpec.model_validate(dict(values))
+    except ValidationError as exc:
+        raise _spec_error(exc) from None
+    if spec.backoff_max_s < spec.backoff_base_s:
+        raise InvalidInput("backoff_max_s", "must be at least backoff_base_s")
+    return TaskType(**spec.model_dump())
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """One task to schedule (for `schedule_many`)."""
+
+    type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    due_at: datetime | None = None  # None: now
+    dedup_key: str | None = None
+    parent_id: uuid.UUID | None = None
+    root_id: uuid.UUID | None = None  # None: the parent's root, or the task itself
+    recurrence: Mapping[str, Any] | Recurrence | None = None
+    created_by: str = ""
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    created: int
+    moved: int
+    cancelled: int
+    unchanged: int
+
+
+class TaskService:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        clock: Callable[[], datetime] = utcnow,
+        known_handlers: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._known_handlers = known_handlers
+        self._validators: dict[tuple[str, datetime | None], jsonschema.protocols.Validator] = {}
+
+    def session(self) -> AsyncSession:
+        return AsyncSession(self._engine, expire_on_commit=False)
+
+    # -- task types ------------------------------------------------------------------
+
+    def _check_handler(self, t: TaskType) -> None:
+        if self._known_handlers is not None and t.handler not in self._known_handlers():
+            known = ", ".join(sorted(self._known_handlers()))
+            raise InvalidInput("handler", f"no handler named {t.handler!r} (known: {known})")
+
+    async def create_type(self, values: Mapping[str, Any] | TaskType) -> TaskType:
+        t = check_type_spec(_type_values(values))
+        self._check_handler(t)
+        async with self._engine.begin() as conn:
+            created = await store.insert_type(conn, t)
+        if created is None:
+            raise AlreadyExists(f"task type {t.name!r} exists; use update to change it")
+        return created
+
+    async def update_type(self, name: str, **changes: Any) -> TaskType:
+        async with self._engine.begin() as conn:
+            current = await store.get_type(conn, name, for_update=True)
+            if current is None:
+                raise TaskTypeNotFound(name)
+            values = _type_values(current)
+            unknown = set(changes) - set(TaskTypeSpec.model_fields)
+            if unknown or "name" in changes:
+                bad = sorted(unknown | ({"name"} & set(changes)))
+                raise InvalidInput(bad[0], "cannot be changed (unknown or the key)")
+            t = check_type_spec({**values, **changes})
+            self._check_handler(t)
+            updated = await store.update_type(conn, t)
+            assert updated is not None
+            return updated
+
+    async def get_type(self, name: str, *, include_deleted: bool = False) -> TaskType:
+        async with self._engine.connect() as conn:
+            t = await store.get_type(conn, name)
+        if t is None or (t.deleted_at is not None and not include_deleted):
+            raise TaskTypeNotFound(name, deleted=t is not None)
+        return t
+
+    async def list_types(self, *, include_deleted: bool = False) -> list[TaskType]:
+        async with self._engine.connect() as conn:
+            return await store.list_types(conn, include_deleted=include_deleted)
+
+    async def delete_type(self, name: str) -> TaskType:
+        """Soft delete: the row stays (its tasks keep their history and those already
+        scheduled still run); new tasks of this type are refused."""
+        return await self._set_deleted(name, True)
+
+    async def restore_type(self, name: str) -> TaskType:
+        return await self._set_deleted(name, False)
+
+    async def _set_deleted(self, name: str, deleted: bool) -> TaskType:
+        async with self._engine.begin() as conn:
+            t = await store.set_type_deleted(conn, name, deleted)
+        if t is None:
+            raise TaskTypeNotFound(name)
+        return t
+
+    # -- scheduling --------------------------------------------------------------------
+
+    async def schedule(
+        self,
+        session: AsyncSession,
+        type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        due_at: datetime | None = None,
+        dedup_key: str | None = None,
+        parent_id: uuid.UUID | None = None,
+        root_id: uuid.UUID | None = None,
+        recurrence: Mapping[str, Any] | Recurrence | None = None,
+        created_by: str = "",
+    ) -> Scheduled:
+        """Schedule one task in the caller's transaction (nothing is committed here).
+
+        Raises InvalidInput (bad payload, due time, recurrence), TaskTypeNotFound
+        (unknown or deleted type); on error nothing is written.
+        """
+        new = NewTask(
+            type=type,
+            payload=payload or {},
+            due_at=due_at,
+            dedup_key=dedup_key,
+            parent_id=parent_id,
+            root_id=root_id,
+            recurrence=recurrence,
+            created_by=created_by,
+        )
+        return (await self.schedule_many(session, [new]))[0]
+
+    async def schedule_many(self, session: Any, tasks: Sequence[NewTask]) -> list[Scheduled]:
+        """Schedule many tasks with one statement per table, in the caller's transaction
+        (a session or a connection). All are checked first: one bad task writes none."""
+        now = self._clock()
+        types: dict[str, TaskType] = {}
+        rows: list[dict[str, Any]] = []
+        for i, t in enumerate(tasks):
+            where = f"tasks[{i}]." if len(tasks) > 1 else ""
+            if t.type not in types:
+                tt = await store.get_type(session, t.type)
+                if tt is None or tt.deleted_at is not None:
+                    raise TaskTypeNotFound(t.type, deleted=tt is not None)
+                types[t.type] = tt
+            self._validate_payload(types[t.type], t.payload, where)
+            due = t.due_at or now
+            if due.tzinfo is None or due.utcoffset() is None:
+                raise InvalidInput(f"{where}due_at", f"needs a timezone: {due.isoformat()}")
+            try:
+                rec = recur.parse(t.recurrence)
+            except InvalidInput as exc:
+                raise InvalidInput(where + exc.field, exc.problem) from None
+            if t.dedup_key is not None and not t.dedup_key.strip():
+                raise InvalidInput(f"{where}dedup_key", "must not be blank")
+            task_id = uuid.uuid4()
+            rows.append(
+                {
+                    "id": task_id,
+                    "type": t.type,
+                    "payload": dict(t.payload),
+                    "due_at": due,
+                    "parent_id": t.parent_id,
+                    "root_id": t.root_id or task_id,
+                    "dedup_key": t.dedup_key,
+                    "recurrence": recur.to_json(rec) if rec else None,
+                    "created_by": t.created_by,
+                }
+            )
+        return await self._insert(session, rows, now)
+
+    async def _insert(
+        self, conn: Any, rows: Sequence[dict[str, Any]], now: datetime
+    ) -> list[Scheduled]:
+        parents = {r["parent_id"] for r in rows if r["parent_id"] and r["root_id"] == r["id"]}
+        if parents:
+            roots = await store.current_attempts(conn, list(parents))
+            missing = parents - set(roots)
+            if missing:
+                raise InvalidInput("parent_id", f"no such task {sorted(missing)[0]}")
+            for r in rows:
+                if r["parent_id"] in parents and r["root_id"] == r["id"]:
+                    parent = await store.get_task(conn, r["parent_id"])
+                    assert parent is not None
+                    r["root_id"] = parent.root_id
+        inserted = await store.insert_tasks(conn, rows)
+        new_rows = [r for r in rows if r["id"] in inserted]
+        await store.insert_states(conn, [(r["id"], r["due_at"]) for r in new_rows], now)
+        await store.insert_events(
+            conn,
+            [
+                Transition(
+                    task_id=r["id"],
+                    state=State.SCHEDULED,
+                    attempt=0,
+                    source=r["created_by"] or "service",
+                    detail={"due_at": r["due_at"].isoformat()},
+                )
+                for r in new_rows
+            ],
+            now,
+        )
+        existing: dict[str, uuid.UUID] = {}
+        dup_keys = [r["dedup_key"] for r in rows if r["id"] not in inserted]
+        if dup_keys:
+            existing = await store.ids_by_dedup_key(conn, dup_keys)
+        if any(r["due_at"] <= now + timedelta(seconds=WAKEUP_HORIZON_S) for r in new_rows):
+            # Delivered at commit, and not at all on rollback.
+            await conn.execute(text("select pg_notify(:c, '')"), {"c": WAKEUP_CHANNEL})
+        return [
+            Scheduled(r["id"], True) if r["id"] in inserted else Scheduled(existing[r["dedup_key"]], False)
+            for r in rows
+        ]
+
+    def _validate_payload(self, t: TaskType, payload: Any, where: str = "") -> None:
+        if not isinstance(payload, Mapping):
+            raise InvalidInput(f"{where}payload", "must be a JSON object")
+        key = (t.name, t.updated_at)
+        validator = self._validators.get(key)
+        if validator is None:
+            cls = jsonschema.validators.validator_for(t.payload_schema, jsonschema.Draft202012Validator)
+            validator = cls(t.payload_schema, format_checker=cls.FORMAT_CHECKER)
+            self._validators[key] = validator
+        error = jsonschema.exceptions.best_match(validator.iter_errors(dict(payload)))
+        if error is not None:
+            path = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            raise InvalidInput(f"{where}payload{path}", f"{error.message} (task type {t.name!r})")
+        try:
+            json.dumps(dict(payload))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"{where}payload", f"not JSON-serialisable: {exc}") from None
+
+    # -- follow-on tasks and schedule syncs (runners) --------------------------------
+
+    async def schedule_follow_ons(
+        self, parent: Task | Mapping[str, Any], follow_ons: Sequence[Any], now: datetime | None = None
+    ) -> list[Scheduled]:
+        """A handler's follow-on tasks, in their own transaction, idempotent: the dedup
+        key is scoped to the parent, so a repeated poll writes nothing new."""
+        parent_id, root_id = _ids_of(parent)
+        now = now or self._clock()
+        news = [
+            NewTask(
+                type=f.type,
+                payload=f.payload,
+                due_at=(f.due_at or now) + timedelta(seconds=f.delay_s),
+                dedup_key=f"{parent_id}/{f.dedup_key}",
+                parent_id=parent_id,
+                root_id=root_id,
+                created_by="runner",
+            )
+            for f in follow_ons
+        ]
+        async with self.session() as session, session.begin():
+            return await self.schedule_many(session, news)
+
+    async def sync_children(
+        self, parent: Task | Mapping[str, Any], scope: str, follow_ons: Sequence[Any]
+    ) -> SyncResult:
+        """Make the tasks under `scope` exactly `follow_ons` (see task_types.base.ChildSync)."""
+        parent_id, root_id = _ids_of(parent)
+        now = self._clock()
+        async with self.session() as session, session.begin():
+            existing = {r["dedup_key"]: r for r in await store.sync_scope(session, scope)}
+            wanted: dict[str, Any] = {f"{scope}/{f.dedup_key}": f for f in follow_ons}
+            new, moved, cancels, unchanged = [], 0, [], 0
+            for key, f in wanted.items():
+                due = (f.due_at or now) + timedelta(seconds=f.delay_s)
+                row = existing.get(key)
+                if row is None:
+                    new.append(NewTask(f.type, f.payload, due, key, parent_id, root_id, None, "schedule"))
+                elif row["state"] == State.SCHEDULED and row["due_at"] != due:
+                    await store.move_due(session, row["id"], due, now)
+                    await store.insert_events(
+                        session,
+                        [
+                            Transition(
+                                row["id"], State.SCHEDULED, 0, "schedule", applied=False,
+                                detail={"moved_from": row["due_at"].isoformat(), "due_at": due.isoformat()},
+                            )
+                        ],
+                        now,
+                    )
+                    moved += 1
+                else:
+                    unchanged += 1
+            for key, row in existing.items():
+                if key not in wanted and row["state"] == State.SCHEDULED:
+                    cancels.append(
+                        Transition(row["id"], State.CANCELLED, 0, "schedule",
+                                   detail={"reason": "no longer in the schedule (postponed or dropped)"})
+                    )
+            await self.schedule_many(session, new)
+            await store.apply_transitions(session, cancels, now, strict=False)
+        return SyncResult(len(new), moved, len(cancels), unchanged)
+
+    # -- state changes -----------------------------------------------------------------
+
+    async def record(self, session: Any, transitions: Sequence[Transition], *, strict: bool = True) -> list[Transition]:
+        """Append state changes through the state machine (in the caller's transaction)."""
+        return await store.apply_transitions(session, transitions, self._clock(), strict=strict)
+
+    async def cancel(self, task_id: uuid.UUID, *, reason: str = "", source: str = "operator") -> Task:
+        """Record CANCELLED. A due task is never dispatched after this commits; a
+        running one is stopped: the manager hears of it (NOTIFY) and tells its runner."""
+        async with self.session() as session, session.begin():
+            cur = (await store.lock_states(session, [task_id])).get(task_id)
+            if cur is None:
+                raise TaskNotFound(task_id)
+            if cur.state.terminal:
+                raise IllegalTransition(task_id, cur.state, State.CANCELLED)
+            await store.apply_transitions(
+                session,
+                [Transition(task_id, State.CANCELLED, cur.attempt, source, cur.runner_id,
+                            {"reason": reason or "cancelled"})],
+                self._clock(),
+                current={task_id: cur},
+            )
+            if cur.state in (State.STARTED, State.RUNNING):
+                msg = json.dumps({"task_id": str(task_id), "attempt": cur.attempt, "runner_id": cur.runner_id})
+                await session.execute(text("select pg_notify(:c, :m)"), {"c": CANCEL_CHANNEL, "m": msg})
+        return await self.get_task(task_id)
+
+    async def retry(self, task_id: uuid.UUID, *, source: str = "operator") -> Task:
+        """An operator's retry of a FAILED task: due again now, failures count reset."""
+        async with self.session() as session, session.begin():
+            cur = (await store.lock_states(session, [task_id])).get(task_id)
+            if cur is None:
+                raise TaskNotFound(task_id)
+            await store.apply_transitions(
+                session,
+                [Transition(task_id, State.RETRYING, cur.attempt, source, detail={"reason": "manual retry"})],
+                self._clock(),
+                current={task_id: replace(cur, failures=0)},
+            )
+            await session.execute(text("select pg_notify(:c, '')"), {"c": WAKEUP_CHANNEL})
+        return await self.get_task(task_id)
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def get_task(self, task_id: uuid.UUID) -> Task:
+        async with self._engine.connect() as conn:
+            t = await store.get_task(conn, task_id)
+        if t is None:
+            raise TaskNotFound(task_id)
+        return t
+
+    async def list_tasks(self, **filters: Any) -> list[Task]:
+        async with self._engine.connect() as conn:
+            return await store.list_tasks(conn, **filters)
+
+    async def history(self, task_id: uuid.UUID) -> list[TaskEvent]:
+        await self.get_task(task_id)
+        async with self._engine.connect() as conn:
+            return await store.history(conn, task_id)
+
+    async def audit(self, root_id: uuid.UUID) -> tuple[list[Task], list[TaskEvent]]:
+        """The whole tree under a root task and every state change in it."""
+        await self.get_task(root_id)
+        async with self._engine.connect() as conn:
+            tasks = await store.list_tasks(conn, root_id=root_id, limit=100_000)
+            return tasks, await store.tree_events(conn, root_id)
+
+    async def counts_by_state(self, *, type: str | None = None) -> dict[State, int]:
+        async with self._engine.connect() as conn:
+            return await store.counts_by_state(conn, type=type)
+
+    async def counts_per_bucket(
+        self, bucket: str, since: datetime, until: datetime
+    ) -> list[tuple[datetime, State, int]]:
+        m = re.fullmatch(r"(\d+)\s*(second|minute|hour|day|week)s?", bucket.strip())
+        if not m or int(m.group(1)) == 0:
+            raise InvalidInput("bucket", f"{bucket!r} is not like '1 minute' or '5 minutes'")
+        width = timedelta(**{m.group(2) + "s": int(m.group(1))})
+        async with self._engine.connect() as conn:
+            return await store.counts_per_bucket(conn, width, since, until)
+
+
+def _ids_of(parent: Task | Mapping[str, Any]) -> tuple[uuid.UUID, uuid.UUID]:
+    if isinstance(parent, Task):
+        return parent.id, parent.root_id
+    return uuid.UUID(str(parent["task_id"])), uuid.UUID(str(parent["root_task_id"]))
+
+
+def _type_values(values: Mapping[str, Any] | TaskType) -> dict[str, Any]:
+    if isinstance(values, TaskType):
+        out = {k: getattr(values, k) for k in TaskTypeSpec.model_fields}
+        return out
+    return dict(values)

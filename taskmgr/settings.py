@@ -1,0 +1,68 @@
+"""Settings from the environment (prefix TASKMGR_), with defaults that work on a
+developer machine with PostgreSQL and RabbitMQ on localhost."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/taskmgr"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TASKMGR_", extra="ignore")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    amqp_url: str = DEFAULT_AMQP_URL
+    # Prefix of every exchange and queue name; tests give each run its own.
+    amqp_prefix: str = "taskmgr"
+
+    # Manager: discovery and dispatch.
+    poll_interval: float = Field(1.0, gt=0, description="seconds between discovery polls")
+    dispatch_batch: int = Field(5000, ge=1, description="tasks claimed per statement")
+    orders_per_message: int = Field(200, ge=1, description="start orders packed per AMQP message")
+    lateness_alert: float = Field(10.0, gt=0, description="seconds late before a warning")
+    # Manager: recovery.
+    recovery_interval: float = Field(2.0, gt=0, description="seconds between recovery runs")
+    runner_dead_after: float = Field(15.0, gt=0, description="seconds without heartbeat")
+    retention_days: int = Field(30, ge=1)
+    leader_retry: float = Field(1.0, gt=0, description="seconds between leadership attempts")
+    # Manager: the daily schedule cron.
+    schedule_cron: str = "0 6 * * *"
+    schedule_timezone: str = "America/New_York"
+    schedule_lead_s: float = 300.0
+    leagues: str = "nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl"  # provider:league pairs
+
+    # Runner.
+    pool: str = "default"
+    concurrency: int = Field(10000, ge=1, description="pollers per runner process")
+    heartbeat_interval: float = Field(3.0, gt=0)
+    prefetch_messages: int = Field(8, ge=1)
+    host_concurrency: int = Field(64, ge=1, description="concurrent requests per API host")
+    host_rate: float = Field(0.0, ge=0, description="requests/s per API host (0: no limit)")
+    host_limits: str = ""  # "host=concurrency:rate,..." overrides per host
+
+    # Providers: base URL per provider. Empty: the simulated feed at feed_url.
+    feed_url: str = "http://127.0.0.1:8765"
+    provider_urls: str = ""  # "nba=https://cdn.nba.com,espn=https://site.api.espn.com,..."
+
+    # Observability.
+    log_level: str = "INFO"
+    log_format: str = "text"  # or json
+    metrics_port: int = 0  # 0: no metrics endpoint
+
+    def base_urls(self) -> dict[str, str]:
+        """Base URL per provider: the configured real API, or the simulated feed."""
+        urls = {p: f"{self.feed_url.rstrip('/')}/{p}" for p in ("nba", "espn", "mlb", "nhl")}
+        for item in filter(None, (s.strip() for s in self.provider_urls.split(","))):
+            name, _, url = item.partition("=")
+            urls[name.strip()] = url.strip().rstrip("/")
+        return urls
+
+    def league_list(self) -> list[tuple[str, str]]:
+        pairs = []
+        for item in filter(None, (s.strip() for s in self.leagues.split(","))):
+            provider, _, league = item.partition(":")
+            pairs.append((provider.strip(), (league or provider).strip()))
+        return pairs

@@ -1,0 +1,462 @@
+"""TaskStore: the only module that talks SQL. Methods are named after their queries and
+return frozen values from taskmgr.models, never rows.
+
+Every method takes the connection or session to run on, so callers decide the
+transaction: `schedule` joins the caller's, the manager batches many changes in one.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from taskmgr.errors import IllegalTransition, TaskmgrError
+from taskmgr.models import (
+    CurrentState,
+    MisfirePolicy,
+    State,
+    Task,
+    TaskEvent,
+    TaskType,
+    Transition,
+    can_transition,
+)
+from taskmgr.queries import q
+
+Conn = AsyncConnection | AsyncSession
+
+_TYPE_FIELDS = [f.name for f in fields(TaskType)]
+
+
+class StoreError(TaskmgrError):
+    """A database error, wrapped so callers need not know the driver."""
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _type_from_row(row: Any) -> TaskType:
+    m = row._mapping
+    values = {name: m[name] for name in _TYPE_FIELDS}
+    values["required_services"] = tuple(values["required_services"] or ())
+    values["misfire_policy"] = MisfirePolicy(values["misfire_policy"])
+    return TaskType(**values)
+
+
+def _task_from_row(row: Any) -> Task:
+    m = row._mapping
+    return Task(
+        id=m["id"],
+        type=m["type"],
+        payload=m["payload"],
+        due_at=m["due_at"],
+        root_id=m["root_id"],
+        parent_id=m["parent_id"],
+        dedup_key=m["dedup_key"],
+        recurrence=m["recurrence"],
+        occurrence=m["occurrence"],
+        created_at=m["created_at"],
+        created_by=m["created_by"],
+        state=State(m["state"]),
+        attempt=m["attempt"],
+        failures=m["failures"],
+        runner_id=m["runner_id"],
+        changed_at=m["changed_at"],
+    )
+
+
+def _event_from_row(row: Any) -> TaskEvent:
+    m = row._mapping
+    return TaskEvent(
+        time=m["time"],
+        task_id=m["task_id"],
+        state=State(m["state"]),
+        attempt=m["attempt"],
+        runner_id=m["runner_id"],
+        source=m["source"],
+        applied=m["applied"],
+        detail=m["detail"],
+    )
+
+
+async def _run(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -> Any:
+    try:
+        return await conn.execute(q(name), dict(params or {}))
+    except sa_exc.DBAPIError as exc:
+        raise StoreError(f"{name}: {exc.orig}") from exc
+
+
+# -- task types ----------------------------------------------------------------------
+
+
+def _type_params(t: TaskType) -> dict[str, Any]:
+    params = {name: getattr(t, name) for name in _TYPE_FIELDS}
+    params["payload_schema"] = _dumps(t.payload_schema)
+    params["required_services"] = list(t.required_services)
+    params["misfire_policy"] = str(t.misfire_policy)
+    return params
+
+
+async def insert_type(conn: Conn, t: TaskType) -> TaskType | None:
+    """The new type, or None when one of that name exists."""
+    row = (await _run(conn, "insert_type", _type_params(t))).first()
+    return _type_from_row(row) if row else None
+
+
+async def update_type(conn: Conn, t: TaskType) -> TaskType | None:
+    row = (await _run(conn, "update_type", _type_params(t))).first()
+    return _type_from_row(row) if row else None
+
+
+async def get_type(conn: Conn, name: str, *, for_update: bool = False) -> TaskType | None:
+    query = "get_type_for_update" if for_update else "get_type"
+    row = (await _run(conn, query, {"name": name})).first()
+    return _type_from_row(row) if row else None
+
+
+async def list_types(conn: Conn, *, include_deleted: bool = False) -> list[TaskType]:
+    rows = await _run(conn, "list_types", {"include_deleted": include_deleted})
+    return [_type_from_row(r) for r in rows]
+
+
+async def set_type_deleted(conn: Conn, name: str, deleted: bool) -> TaskType | None:
+    row = (await _run(conn, "set_type_deleted", {"name": name, "deleted": deleted})).first()
+    return _type_from_row(row) if row else None
+
+
+# -- tasks ---------------------------------------------------------------------------
+
+
+async def insert_tasks(conn: Conn, tasks: Sequence[Mapping[str, Any]]) -> set[uuid.UUID]:
+    """Insert tasks (dicts with the `tasks` columns); return the ids actually inserted
+    (a dedup key that exists inserts nothing)."""
+    if not tasks:
+        return set()
+    params = {
+        "ids": [t["id"] for t in tasks],
+        "types": [t["type"] for t in tasks],
+        "payloads": [_dumps(t["payload"]) for t in tasks],
+        "due_ats": [t["due_at"] for t in tasks],
+        "parent_ids": [t.get("parent_id") for t in tasks],
+        "root_ids": [t["root_id"] for t in tasks],
+        "dedup_keys": [t.get("dedup_key") for t in tasks],
+        "recurrences": [_dumps(t.get("recurrence")) for t in tasks],
+        "occurrences": [t.get("occurrence", 1) for t in tasks],
+        "created_bys": [t.get("created_by", "") for t in tasks],
+    }
+    rows = await _run(conn, "insert_tasks", params)
+    return {r[0] for r in rows}
+
+
+async def ids_by_dedup_key(conn: Conn, keys: Sequence[str]) -> dict[str, uuid.UUID]:
+    rows = await _run(conn, "ids_by_dedup_key", {"keys": list(keys)})
+    return {r[0]: r[1] for r in rows}
+
+
+async def insert_states(
+    conn: Conn, ids_and_run_at: Sequence[tuple[uuid.UUID, datetime]], now: datetime
+) -> None:
+    if ids_and_run_at:
+        await _run(
+            conn,
+            "insert_states",
+            {
+                "ids": [i for i, _ in ids_and_run_at],
+                "run_ats": [r for _, r in ids_and_run_at],
+                "now": now,
+            },
+        )
+
+
+async def insert_events(conn: Conn, transitions: Sequence[Transition], now: datetime) -> None:
+    if not transitions:
+        return
+    await _run(
+        conn,
+        "insert_events",
+        {
+            "now": now,
+            "ids": [t.task_id for t in transitions],
+            "states": [str(t.state) for t in transitions],
+            "attempts": [t.attempt for t in transitions],
+            "runner_ids": [t.runner_id for t in transitions],
+            "sources": [t.source for t in transitions],
+            "applieds": [t.applied for t in transitions],
+            "details": [_dumps(t.detail) for t in transitions],
+        },
+    )
+
+
+def _current_from_row(row: Any) -> CurrentState:
+    m = row._mapping
+    return CurrentState(
+        task_id=m["task_id"],
+        state=State(m["state"]),
+        attempt=m["attempt"],
+        failures=m["failures"],
+        runner_id=m["runner_id"],
+        run_at=m["run_at"],
+        type=m["type"],
+        root_id=m["root_id"],
+    )
+
+
+async def lock_states(conn: Conn, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, CurrentState]:
+    """Lock the state rows of these tasks (in id order, so two lockers never deadlock)."""
+    rows = await _run(conn, "lock_states", {"ids": sorted(set(ids))})
+    return {r.task_id: _current_from_row(r) for r in rows}
+
+
+async def apply_transitions(
+    conn: Conn,
+    transitions: Sequence[Transition],
+    now: datetime,
+    *,
+    current: Mapping[uuid.UUID, CurrentState] | None = None,
+    strict: bool = True,
+) -> list[Transition]:
+    """The one way state changes are written: each transition is checked against the
+    state machine, appended to task_events and folded into the task_state projection,
+    in the caller's transaction. `current` is the locked state (from `lock_states` or a
+    claim); without it the rows are locked here.
+
+    strict: an illegal transition raises IllegalTransition (nothing is written).
+    Otherwise it is kept in the history with applied=false and the reason. Returns the
+    transitions as recorded.
+    """
+    if not transitions:
+        return []
+    states = dict(current) if current is not None else None
+    if states is None:
+        states = await lock_states(conn, (t.task_id for t in transitions))
+    recorded: list[Transition] = []
+    changed: dict[uuid.UUID, CurrentState] = {}
+    for t in transitions:
+        cur = states.get(t.task_id)
+        if cur is None:
+            if strict:
+                raise IllegalTransition(t.task_id, "(no such task)", t.state)
+            recorded.append(replace(t, applied=False, detail={**t.detail, "ignored": "no such task"}))
+            continue
+        if not t.applied:
+            recorded.append(t)
+            continue
+        if not can_transition(cur.state, t.state):
+            if strict:
+                raise IllegalTransition(t.task_id, cur.state, t.state)
+            reason = f"illegal transition {cur.state} -> {t.state}"
+            recorded.append(replace(t, applied=False, detail={**t.detail, "ignored": reason}))
+            continue
+        waiting = t.state in (State.SCHEDULED, State.RETRYING)
+        new = replace(
+            cur,
+            state=t.state,
+            attempt=t.attempt,
+            failures=cur.failures + (1 if t.count_failure else 0),
+            run_at=(t.run_at or now) if waiting else None,
+            runner_id=(
+                None if t.state in (State.STARTED, State.RETRYING) else (t.runner_id or cur.runner_id)
+            ),
+        )
+        states[t.task_id] = new
+        changed[t.task_id] = new
+        recorded.append(t)
+    await insert_events(conn, recorded, now)
+    if changed:
+        rows = list(changed.values())
+        await _run(
+            conn,
+            "update_states",
+            {
+                "now": now,
+                "ids": [r.task_id for r in rows],
+                "states": [str(r.state) for r in rows],
+                "attempts": [r.attempt for r in rows],
+                "failures": [r.failures for r in rows],
+                "run_ats": [r.run_at for r in rows],
+                "runner_ids": [r.runner_id for r in rows],
+            },
+        )
+    return recorded
+
+
+async def claim_due(conn: Conn, now: datetime, limit: int) -> list[Any]:
+    """Lock up to `limit` due tasks (skipping ones another manager holds). Returns
+    mappings with the task's columns and its locked state."""
+    rows = await _run(conn, "claim_due", {"now": now, "limit": limit})
+    return [r._mapping for r in rows]
+
+
+async def start_orders(conn: Conn, ids: Sequence[uuid.UUID]) -> list[Any]:
+    rows = await _run(conn, "start_orders", {"ids": list(ids)})
+    return [r._mapping for r in rows]
+
+
+async def outbox(conn: Conn, before: datetime, limit: int) -> list[uuid.UUID]:
+    rows = await _run(conn, "outbox", {"before": before, "limit": limit})
+    return [r[0] for r in rows]
+
+
+async def mark_sent(conn: Conn, sent: Sequence[tuple[uuid.UUID, int]], now: datetime) -> None:
+    if sent:
+        await _run(
+            conn,
+            "mark_sent",
+            {"now": now, "ids": [i for i, _ in sent], "attempts": [a for _, a in sent]},
+        )
+
+
+async def get_task(conn: Conn, task_id: uuid.UUID) -> Task | None:
+    row = (await _run(conn, "get_task", {"id": task_id})).first()
+    return _task_from_row(row) if row else None
+
+
+async def list_tasks(
+    conn: Conn,
+    *,
+    type: str | None = None,
+    state: State | None = None,
+    root_id: uuid.UUID | None = None,
+    due_from: datetime | None = None,
+    due_to: datetime | None = None,
+    after: tuple[datetime, uuid.UUID] | None = None,
+    limit: int = 100,
+) -> list[Task]:
+    params = {
+        "type": type,
+        "state": str(state) if state else None,
+        "root_id": root_id,
+        "due_from": due_from,
+        "due_to": due_to,
+        "after_due": after[0] if after else None,
+        "after_id": after[1] if after else None,
+        "limit": limit,
+    }
+    return [_task_from_row(r) for r in await _run(conn, "list_tasks", params)]
+
+
+async def history(conn: Conn, task_id: uuid.UUID) -> list[TaskEvent]:
+    return [_event_from_row(r) for r in await _run(conn, "history", {"id": task_id})]
+
+
+async def tree_events(conn: Conn, root_id: uuid.UUID) -> list[TaskEvent]:
+    return [_event_from_row(r) for r in await _run(conn, "tree_events", {"root_id": root_id})]
+
+
+async def counts_by_state(conn: Conn, *, type: str | None = None) -> dict[State, int]:
+    rows = await _run(conn, "counts_by_state", {"type": type})
+    return {State(r.state): r.n for r in rows}
+
+
+async def counts_per_bucket(
+    conn: Conn, bucket: timedelta, since: datetime, until: datetime
+) -> list[tuple[datetime, State, int]]:
+    rows = await _run(
+        conn, "counts_per_bucket", {"bucket": bucket, "since": since, "until": until}
+    )
+    return [(r.bucket, State(r.state), r.n) for r in rows]
+
+
+# -- runners -------------------------------------------------------------------------
+
+
+async def upsert_runner(
+    conn: Conn, *, runner_id: str, pool: str, host: str, pid: int, tasks: int, now: datetime
+) -> None:
+    await _run(
+        conn,
+        "upsert_runner",
+        {"id": runner_id, "pool": pool, "host": host, "pid": pid, "tasks": tasks, "now": now},
+    )
+
+
+async def stop_runner(conn: Conn, runner_id: str, now: datetime) -> None:
+    await _run(conn, "stop_runner", {"id": runner_id, "now": now})
+
+
+async def dead_runners(conn: Conn, before: datetime) -> list[str]:
+    return [r[0] for r in await _run(conn, "dead_runners", {"before": before})]
+
+
+async def active_runners(conn: Conn, since: datetime) -> list[Mapping[str, Any]]:
+    return [r._mapping for r in await _run(conn, "active_runners", {"since": since})]
+
+
+async def tasks_of_runners(conn: Conn, runner_ids: Sequence[str]) -> list[uuid.UUID]:
+    rows = await _run(conn, "tasks_of_runners", {"runner_ids": list(runner_ids)})
+    return [r[0] for r in rows]
+
+
+async def runner_holdings(conn: Conn, runner_id: str) -> list[Mapping[str, Any]]:
+    return [r._mapping for r in await _run(conn, "runner_holdings", {"runner_id": runner_id})]
+
+
+async def current_attempts(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    rows = await _run(conn, "current_attempts", {"ids": list(ids)})
+    return {r.task_id: r._mapping for r in rows}
+
+
+async def start_timeouts(conn: Conn, now: datetime, limit: int) -> list[uuid.UUID]:
+    return [r[0] for r in await _run(conn, "start_timeouts", {"now": now, "limit": limit})]
+
+
+# -- outside services ----------------------------------------------------------------
+
+
+async def upsert_service(
+    conn: Conn,
+    *,
+    task_id: uuid.UUID,
+    service: str,
+    attempt: int,
+    state: str,
+    detail: Mapping[str, Any],
+    now: datetime,
+) -> None:
+    await _run(
+        conn,
+        "upsert_service",
+        {
+            "task_id": task_id,
+            "service": service,
+            "attempt": attempt,
+            "state": state,
+            "detail": _dumps(dict(detail)),
+            "now": now,
+        },
+    )
+
+
+async def services_of(conn: Conn, task_id: uuid.UUID) -> dict[str, Mapping[str, Any]]:
+    rows = await _run(conn, "services_of", {"task_id": task_id})
+    return {r.service: r._mapping for r in rows}
+
+
+# -- schedule sync, retention, leadership --------------------------------------------
+
+
+async def sync_scope(conn: Conn, scope: str) -> list[Mapping[str, Any]]:
+    prefix = scope.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"
+    return [r._mapping for r in await _run(conn, "sync_scope", {"prefix": prefix})]
+
+
+async def move_due(conn: Conn, task_id: uuid.UUID, due_at: datetime, now: datetime) -> None:
+    await _run(conn, "move_due", {"id": task_id, "due_at": due_at})
+    await _run(conn, "move_run_at", {"id": task_id, "due_at": due_at, "now": now})
+
+
+async def drop_chunks(conn: Conn, older_than: datetime) -> int:
+    return int((await _run(conn, "drop_chunks", {"older_than": older_than})).scalar_one())
+
+
+async def leader_present(conn: Conn, classid: int, objid: int) -> bool:
+    row = (await _run(conn, "leader_present", {"classid": classid, "objid": objid})).first()
+    return bool(row and row.present)

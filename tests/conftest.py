@@ -1,0 +1,94 @@
+"""Real PostgreSQL+TimescaleDB and RabbitMQ. One database per test session, migrated
+once and truncated between tests; each test gets its own RabbitMQ names."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from taskmgr import broker
+from taskmgr.db import make_engine
+from taskmgr.migrate import asyncpg_dsn, migrate
+from taskmgr.service import TaskService
+from taskmgr.settings import Settings
+
+ADMIN_URL = os.environ.get("TASKMGR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_DB = os.environ.get("TASKMGR_TEST_DB", "taskmgr_test")
+AMQP_URL = os.environ.get("TASKMGR_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+TABLES = "task_events, task_services, task_state, tasks, task_types, runners"
+
+
+def test_database_url() -> str:
+    base = re.sub(r"/[^/]*$", f"/{TEST_DB}", ADMIN_URL)
+    return base.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'drop database if exists "{TEST_DB}" with (force)')
+        await admin.execute(f'create database "{TEST_DB}"')
+    finally:
+        await admin.close()
+    url = test_database_url()
+    await migrate(url)
+    yield url
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = make_engine(database_url, name="taskmgr-tests")
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+async def clean(database_url: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(f"truncate {TABLES} cascade")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def service(engine: AsyncEngine, clean: None) -> TaskService:
+    return TaskService(engine=engine)
+
+
+@pytest.fixture
+async def topology() -> AsyncIterator[broker.Topology]:
+    topo = broker.Topology(prefix=f"t{uuid.uuid4().hex[:12]}")
+    yield topo
+    await broker.delete_names(AMQP_URL, topo, pools=("default", "sports", "bench"))
+
+
+@pytest.fixture
+def settings(database_url: str, topology: broker.Topology) -> Settings:
+    return Settings(
+        database_url=database_url,
+        amqp_url=AMQP_URL,
+        amqp_prefix=topology.prefix,
+        poll_interval=0.2,
+        recovery_interval=0.3,
+        heartbeat_interval=0.3,
+        runner_dead_after=2.0,
+    )
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll an async predicate until it returns a truthy value (or fail after timeout)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            await asyncio.sleep(interval)
