@@ -69,7 +69,7 @@ create table task_events (
     detail      jsonb not null default '{}'::jsonb,
     seq         bigserial
 );
-comment on column task_events.seq is 'Orders the rows one transaction writes with the same time.';
+comment on column task_events.seq is 'Insertion order: a task''s changes are written under its task_state row lock, so seq orders its history exactly.';
 comment on table task_events is 'Append-only history: one row per state change (applied) or per report kept for the record (applied = false: poll errors, stale attempts, service reports). Never updated.';
 -- One-day chunks: retention drops whole days, and a day of a busy season (tens of
 -- millions of rows) keeps the open chunk and its indexes in memory.

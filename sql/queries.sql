@@ -85,19 +85,22 @@ from unnest(cast(:ids as uuid[]), cast(:states as text[]), cast(:attempts as int
 where s.task_id = u.task_id;
 
 -- claim_due --
--- The due tasks, oldest first, locked so that overlapping managers never claim one twice.
--- Cost: the rows of task_state_due_idx up to :now, not the history.
-select s.task_id, s.state, s.attempt, s.failures, s.run_at, t.type, t.payload, t.due_at,
-    t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by
-from task_state s join tasks t on t.id = s.task_id
+-- The due tasks, oldest first, locked so that overlapping managers never claim one twice,
+-- with what a start order needs. Cost: the entries of task_state_due_idx up to :now,
+-- not the history.
+select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.payload,
+    t.due_at, t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by,
+    tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
+    tt.max_consecutive_failures, tt.misfire_policy, tt.misfire_grace_s
+from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
 where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now
 order by s.run_at
 limit :limit
 for update of s skip locked;
 
 -- start_orders --
--- What a runner needs to start each (task, attempt): STARTED and not yet confirmed sent.
-select s.task_id, s.attempt, t.type, t.payload, t.root_id, t.due_at, s.changed_at,
+-- What a runner needs to start each (task, attempt) still waiting in the outbox.
+select s.task_id, s.attempt, s.changed_at, t.type, t.payload, t.root_id, t.due_at,
     tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
     tt.max_consecutive_failures
 from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
@@ -136,13 +139,13 @@ limit :limit;
 -- history --
 select time, task_id, state, attempt, runner_id, source, applied, detail
 from task_events where task_id = :id
-order by time, seq;
+order by seq;
 
 -- tree_events --
 select e.time, e.task_id, e.state, e.attempt, e.runner_id, e.source, e.applied, e.detail
 from task_events e
 where e.task_id in (select id from tasks where root_id = :root_id)
-order by e.time, e.seq;
+order by e.seq;
 
 -- counts_by_state --
 select s.state, count(*) as n
@@ -195,7 +198,7 @@ where s.task_id = any(cast(:ids as uuid[]));
 select s.task_id from task_state s join tasks t on t.id = s.task_id
 join task_types tt on tt.name = t.type
 where s.state = 'STARTED' and s.sent_at is not null
-  and s.sent_at < :now - make_interval(secs => tt.start_timeout_s)
+  and s.sent_at < cast(:now as timestamptz) - make_interval(secs => tt.start_timeout_s)
 limit :limit;
 
 -- upsert_service --
@@ -223,4 +226,5 @@ select count(*) from drop_chunks('task_events', older_than => cast(:older_than a
 
 -- leader_present --
 select exists (select 1 from pg_locks where locktype = 'advisory' and granted
-    and classid = :classid and objid = :objid) as present;
+    and classid = :classid and objid = :objid and objsubid = 2
+    and database = (select oid from pg_database where datname = current_database())) as present;

@@ -108,6 +108,7 @@ class NewTask:
     root_id: uuid.UUID | None = None  # None: the parent's root, or the task itself
     recurrence: Mapping[str, Any] | Recurrence | None = None
     created_by: str = ""
+    occurrence: int = 1
 
 
 @dataclass(frozen=True)
@@ -259,13 +260,16 @@ class TaskService:
                     "dedup_key": t.dedup_key,
                     "recurrence": recur.to_json(rec) if rec else None,
                     "created_by": t.created_by,
+                    "occurrence": t.occurrence,
                 }
             )
-        return await self._insert(session, rows, now)
+        return await self.write_rows(session, rows, now)
 
-    async def _insert(
+    async def write_rows(
         self, conn: Any, rows: Sequence[dict[str, Any]], now: datetime
     ) -> list[Scheduled]:
+        """Write tasks already checked (by `schedule_many`, or copies of a checked task
+        such as the next occurrence of a recurrence): tasks, their state, SCHEDULED events."""
         parents = {r["parent_id"] for r in rows if r["parent_id"] and r["root_id"] == r["id"]}
         if parents:
             roots = await store.current_attempts(conn, list(parents))

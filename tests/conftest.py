@@ -84,11 +84,3 @@ def settings(database_url: str, topology: broker.Topology) -> Settings:
     )
 
 
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    """Poll an async predicate until it returns a truthy value (or fail after timeout)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            await asyncio.sleep(interval)

@@ -1,0 +1,248 @@
+"""The Task Manager process.
+
+Several may run; the one holding a PostgreSQL advisory lock (on a dedicated connection)
+leads: it dispatches, takes progress and runs the periodic jobs. The others wait for the
+lock, which PostgreSQL releases when the leader's connection dies, so a standby takes
+over within TASKMGR_LEADER_RETRY seconds. Claims stay exclusive even if two leaders
+overlap for a moment (row locks with SKIP LOCKED), so a false takeover costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from manager import metrics
+from manager.dispatch import Dispatcher, DispatchCounts
+from manager.intake import IntakeCounts, ProgressIntake
+from manager.recovery import Recovery, Retention
+from manager.schedule_cron import ScheduleCron
+from taskmgr import store
+from taskmgr.broker import Consumer, Message, Publisher, Topology
+from taskmgr.messages import Stop, encode
+from taskmgr.migrate import asyncpg_dsn
+from taskmgr.service import CANCEL_CHANNEL, WAKEUP_CHANNEL, TaskService, utcnow
+from taskmgr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# pg_try_advisory_lock(LOCK_CLASS, LOCK_ID): "tm" and 1.
+LOCK_CLASS = 0x746D
+LOCK_ID = 1
+INTAKE_BATCH = 500
+INTAKE_LINGER_S = 0.01
+PROGRESS_PREFETCH = 2000
+LOCK_CHECK_S = 1.0
+
+
+async def leader_present(engine: AsyncEngine) -> bool:
+    async with engine.connect() as conn:
+        return await store.leader_present(conn, LOCK_CLASS, LOCK_ID)
+
+
+class TaskManager:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: AsyncEngine,
+        clock: Callable[[], datetime] = utcnow,
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.name = name or f"manager-{uuid.uuid4().hex[:8]}"
+        self._clock = clock
+        self.topology = Topology(settings.amqp_prefix)
+        self.service = TaskService(engine=engine, clock=clock)
+        self.publisher = Publisher(url=settings.amqp_url, topology=self.topology, name=self.name)
+        self.dispatcher = Dispatcher(
+            engine=engine, publisher=self.publisher, service=self.service, settings=settings, clock=clock
+        )
+        self.intake = ProgressIntake(engine=engine, publisher=self.publisher, settings=settings, clock=clock)
+        self.recovery = Recovery(engine=engine, settings=settings, clock=clock)
+        self.retention = Retention(engine=engine, settings=settings, clock=clock)
+        self.schedule_cron = ScheduleCron(service=self.service, settings=settings, clock=clock)
+        self.is_leader = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        # Test hooks: totals since start.
+        self.dispatched = DispatchCounts()
+        self.intake_counts = IntakeCounts()
+
+    async def __aenter__(self) -> TaskManager:
+        await self.publisher.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.publisher.__aexit__(*exc)
+
+    # -- the process ---------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Campaign for leadership until `stop`; lead while the lock is held."""
+        while not stop.is_set():
+            try:
+                conn = await asyncpg.connect(asyncpg_dsn(self.settings.database_url))
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("cannot reach PostgreSQL for leadership: %s", exc)
+                await _wait(stop, self.settings.leader_retry)
+                continue
+            try:
+                if await conn.fetchval("select pg_try_advisory_lock($1, $2)", LOCK_CLASS, LOCK_ID):
+                    await self._lead(conn, stop)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("leadership connection lost: %s", exc)
+            finally:
+                self.is_leader.clear()
+                metrics.LEADER.set(0)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+            await _wait(stop, self.settings.leader_retry)
+
+    async def _lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        log.info("%s leads", self.name)
+        self.is_leader.set()
+        metrics.LEADER.set(1)
+        await conn.add_listener(WAKEUP_CHANNEL, lambda *_: self._wakeup.set())
+        await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
+        scheduler = self._scheduler()
+        consumer = Consumer(
+            url=self.settings.amqp_url, topology=self.topology, prefetch=PROGRESS_PREFETCH, name=self.name
+        )
+        try:
+            async with consumer, asyncio.TaskGroup() as tg:
+                await consumer.consume_progress(self._inbox.put)
+                scheduler.start()
+                stopper = tg.create_task(stop.wait())
+                loops = [
+                    tg.create_task(self._dispatch_loop(stop)),
+                    tg.create_task(self._intake_loop()),
+                    tg.create_task(self._watch_lock(conn)),
+                ]
+                await asyncio.wait([stopper, *loops], return_when=asyncio.FIRST_COMPLETED)
+                for t in [stopper, *loops]:
+                    t.cancel()
+        finally:
+            scheduler.shutdown(wait=False)
+            self._drop_inbox()
+
+    def _drop_inbox(self) -> None:
+        # Unacked messages return to the queue when the consumer's channel closes.
+        while not self._inbox.empty():
+            self._inbox.get_nowait()
+
+    async def _watch_lock(self, conn: asyncpg.Connection) -> None:
+        """Return (ending the leadership) as soon as the lock connection fails."""
+        while True:
+            await asyncio.sleep(LOCK_CHECK_S)
+            await asyncio.wait_for(conn.fetchval("select 1"), LOCK_CHECK_S * 2)
+
+    def _scheduler(self) -> AsyncIOScheduler:
+        s = AsyncIOScheduler(timezone="UTC")
+        every = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 30}
+        s.add_job(self._job(self.recovery.run_once), "interval", seconds=self.settings.recovery_interval, **every)
+        s.add_job(self._job(self.dispatcher.relay_once), "interval", seconds=self.settings.recovery_interval,
+                  **every)
+        s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
+        s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, **every)
+        s.add_job(
+            self._job(self.schedule_cron.run_once),
+            CronTrigger.from_crontab(self.settings.schedule_cron, timezone=self.settings.schedule_timezone),
+            **every,
+        )
+        return s
+
+    def _job(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        async def job() -> None:
+            try:
+                await fn()
+            except Exception:
+                log.exception("periodic job %s failed (it runs again on schedule)", fn.__qualname__)
+
+        return job
+
+    async def _refresh_gauges(self) -> None:
+        for state, n in (await self.service.counts_by_state()).items():
+            metrics.TASKS.labels(str(state)).set(n)
+
+    async def _dispatch_loop(self, stop: asyncio.Event) -> None:
+        """Poll every TASKMGR_POLL_INTERVAL, or at once on a wake-up (a task scheduled
+        due now, NOTIFY'd at its commit)."""
+        while not stop.is_set():
+            self._wakeup.clear()
+            try:
+                c = await self.dispatcher.poll_once()
+                self._add(self.dispatched, c)
+            except Exception:
+                log.exception("dispatch failed; trying again next poll")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.poll_interval):
+                    await self._wakeup.wait()
+
+    async def _intake_loop(self) -> None:
+        while True:
+            first = await self._inbox.get()
+            batch = [first]
+            deadline = asyncio.get_running_loop().time() + INTAKE_LINGER_S
+            while len(batch) < INTAKE_BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except asyncio.QueueEmpty:
+                    left = deadline - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(left):
+                            batch.append(await self._inbox.get())
+                    except TimeoutError:
+                        break
+            try:
+                self._add(self.intake_counts, await self.intake.handle_messages(batch))
+            except Exception:
+                await asyncio.sleep(0.5)  # logged and requeued by handle_messages
+
+    def _on_cancel(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        data = json.loads(payload)
+        if data.get("runner_id"):
+            stop = Stop(task_id=data["task_id"], attempt=data["attempt"], reason="cancelled")
+            asyncio.get_running_loop().create_task(self._send_stop(data["runner_id"], stop))
+
+    async def _send_stop(self, runner_id: str, stop: Stop) -> None:
+        try:
+            await self.publisher.publish_control(runner_id, encode(stop))
+        except Exception as exc:  # the runner's next heartbeat gets the stop instead
+            log.warning("stop for %s not sent now: %s", stop.task_id, exc)
+
+    @staticmethod
+    def _add(total: Any, c: Any) -> None:
+        for k, v in vars(c).items():
+            setattr(total, k, getattr(total, k) + v)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+async def run_manager(settings: Settings, stop: asyncio.Event) -> None:
+    from taskmgr.db import make_engine
+
+    engine = make_engine(settings.database_url, name="taskmgr-manager")
+    try:
+        async with TaskManager(settings=settings, engine=engine) as manager:
+            await manager.run(stop)
+    finally:
+        await engine.dispose()

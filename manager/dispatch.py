@@ -1,0 +1,225 @@
+"""Discovery and dispatch: claim due tasks in batches and send their start orders.
+
+Claiming and the outbox are one thing here: a claim writes STARTED into task_state (and
+its event) with sent_at = null, committed in one transaction; the start orders are then
+published with confirms and marked sent. A crash before the commit claims nothing; a
+crash after it leaves the orders in the outbox (STARTED, sent_at null), which the relay
+publishes again. A publish may therefore be repeated, never lost: runners drop a start
+order for an attempt they already run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from manager import metrics
+from taskmgr import recurrence as recur
+from taskmgr import store
+from taskmgr.broker import Publisher
+from taskmgr.messages import StartBatch, StartOrder, encode
+from taskmgr.models import CurrentState, MisfirePolicy, State, Transition
+from taskmgr.service import TaskService, utcnow
+from taskmgr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# An unsent order younger than this belongs to a dispatch in progress; older ones were
+# left by a crash or a failed publish and the relay sends them.
+RELAY_AFTER_S = 3.0
+
+
+@dataclass
+class DispatchCounts:
+    claimed: int = 0
+    published: int = 0
+    publish_failed: int = 0
+    skipped: int = 0  # misfired occurrences cancelled by the skip policy
+    next_occurrences: int = 0
+    late: int = 0
+    relayed: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        publisher: Publisher,
+        service: TaskService,
+        settings: Settings,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._engine = engine
+        self._publisher = publisher
+        self._service = service
+        self._settings = settings
+        self._clock = clock
+
+    async def poll_once(self) -> DispatchCounts:
+        """Claim and send everything due now, batch after batch; then relay the outbox."""
+        counts = DispatchCounts()
+        while True:
+            orders, rows = await self._claim_batch(counts)
+            if orders:
+                await self._send(orders, counts)
+            if rows < self._settings.dispatch_batch:
+                break
+        await self.relay_once(counts)
+        return counts
+
+    async def _claim_batch(self, counts: DispatchCounts) -> tuple[list[tuple[str, StartOrder]], int]:
+        now = self._clock()
+        alert = self._settings.lateness_alert
+        async with self._engine.begin() as conn:
+            rows = await store.claim_due(conn, now, self._settings.dispatch_batch)
+            if not rows:
+                return [], 0
+            current: dict[uuid.UUID, CurrentState] = {}
+            transitions: list[Transition] = []
+            orders: list[tuple[str, StartOrder]] = []
+            next_rows: list[dict[str, Any]] = []
+            for r in rows:
+                tid = r["task_id"]
+                state = State(r["state"])
+                current[tid] = CurrentState(
+                    tid, state, r["attempt"], r["failures"], r["runner_id"], r["run_at"], r["type"], r["root_id"]
+                )
+                late_s = (now - r["run_at"]).total_seconds()
+                policy = MisfirePolicy(r["misfire_policy"])
+                rule = recur.parse(r["recurrence"]) if r["recurrence"] else None
+                if rule is not None and state is State.SCHEDULED:
+                    nxt = recur.next_occurrence(
+                        rule, occurrence=r["occurrence"], due_at=r["due_at"], now=now, policy=policy
+                    )
+                    if nxt is not None:
+                        next_rows.append(_next_occurrence_row(r, nxt))
+                    if policy is MisfirePolicy.SKIP and late_s > r["misfire_grace_s"]:
+                        transitions.append(
+                            Transition(tid, State.CANCELLED, r["attempt"], "manager",
+                                       detail={"reason": "misfired", "late_s": round(late_s, 3)})
+                        )
+                        counts.skipped += 1
+                        continue
+                attempt = r["attempt"] + 1
+                transitions.append(
+                    Transition(tid, State.STARTED, attempt, "manager", detail={"lateness_ms": round(late_s * 1000)})
+                )
+                metrics.LATENESS.observe(max(late_s, 0.0))
+                if late_s > alert:
+                    counts.late += 1
+                    metrics.LATE.inc()
+                    log.warning(
+                        "task started %.1f s after it was due", late_s,
+                        extra={"task_id": str(tid), "root_task_id": str(r["root_id"]), "attempt": attempt},
+                    )
+                orders.append((r["pool"], _order(r, attempt, now)))
+            await store.apply_transitions(conn, transitions, now, current=current)
+            if next_rows:
+                await self._service.write_rows(conn, next_rows, now)
+        counts.claimed += len(orders)
+        counts.next_occurrences += len(next_rows)
+        metrics.CLAIMED.inc(len(orders))
+        return orders, len(rows)
+
+    async def _send(self, orders: Sequence[tuple[str, StartOrder]], counts: DispatchCounts) -> None:
+        sent = await self._publish(orders)
+        counts.published += len(sent)
+        counts.publish_failed += len(orders) - len(sent)
+        if sent:
+            async with self._engine.begin() as conn:
+                await store.mark_sent(conn, sent, self._clock())
+
+    async def _publish(self, orders: Sequence[tuple[str, StartOrder]]) -> list[tuple[uuid.UUID, int]]:
+        """Publish orders grouped by pool, several per message, all confirms in flight
+        together. Returns the (task, attempt) pairs the broker confirmed."""
+        by_pool: dict[str, list[StartOrder]] = defaultdict(list)
+        for pool, order in orders:
+            by_pool[pool].append(order)
+        now = self._clock()
+        per = self._settings.orders_per_message
+        batches = [
+            (pool, group[i : i + per]) for pool, group in by_pool.items() for i in range(0, len(group), per)
+        ]
+        results = await asyncio.gather(
+            *(
+                self._publisher.publish_start(
+                    pool, encode(StartBatch.model_construct(orders=chunk, sent_at=now)),
+                    message_id=uuid.uuid4().hex,
+                )
+                for pool, chunk in batches
+            ),
+            return_exceptions=True,
+        )
+        sent: list[tuple[uuid.UUID, int]] = []
+        for (_, chunk), result in zip(batches, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                log.warning("start orders stay in the outbox: %s", result)
+                continue
+            sent.extend((o.task_id, o.attempt) for o in chunk)
+        metrics.DISPATCHED.inc(len(sent))
+        return sent
+
+    async def relay_once(self, counts: DispatchCounts | None = None) -> int:
+        """Send the start orders that a crash or a failed publish left unsent. The rows
+        stay locked during the publish, so two relays never send the same order."""
+        counts = counts or DispatchCounts()
+        now = self._clock()
+        async with self._engine.begin() as conn:
+            ids = await store.outbox(conn, now - timedelta(seconds=RELAY_AFTER_S), self._settings.dispatch_batch)
+            if not ids:
+                return 0
+            rows = await store.start_orders(conn, ids)
+            orders = [(r["pool"], _order(r, r["attempt"], r["changed_at"])) for r in rows]
+            sent = await self._publish(orders)
+            await store.mark_sent(conn, sent, self._clock())
+        counts.relayed += len(sent)
+        if sent:
+            log.info("relayed %d start orders from the outbox", len(sent))
+        return len(sent)
+
+
+def _order(r: Mapping[str, Any], attempt: int, claimed_at: datetime) -> StartOrder:
+    # model_construct: the values come from our own checked rows; validation would
+    # cost more than the rest of the dispatch.
+    return StartOrder.model_construct(
+        task_id=r["task_id"],
+        attempt=attempt,
+        root_task_id=r["root_id"],
+        type=r["type"],
+        handler=r["handler"],
+        payload=r["payload"],
+        url_template=r["url_template"],
+        interval_s=r["poll_interval_s"],
+        request_timeout_s=r["request_timeout_s"],
+        max_consecutive_failures=r["max_consecutive_failures"],
+        due_at=r["due_at"],
+        claimed_at=claimed_at,
+    )
+
+
+def _next_occurrence_row(r: Mapping[str, Any], due_at: datetime) -> dict[str, Any]:
+    new_id = uuid.uuid4()
+    return {
+        "id": new_id,
+        "type": r["type"],
+        "payload": r["payload"],
+        "due_at": due_at,
+        "parent_id": r["task_id"],
+        "root_id": r["root_id"],
+        # The successor of this occurrence: a repeated claim cannot write it twice.
+        "dedup_key": f"{r['task_id']}:next",
+        "recurrence": r["recurrence"],
+        "occurrence": r["occurrence"] + 1,
+        "created_by": "recurrence",
+    }

@@ -1,0 +1,319 @@
+"""Progress intake: runner reports, heartbeats and outside services' reports become
+state events, many messages per transaction.
+
+Fencing: every report names its attempt. A report for an attempt that is no longer the
+task's current one (the task was dispatched again since) is recorded with applied=false
+and changes nothing, and its runner is told to stop that task.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from manager import metrics
+from taskmgr import store
+from taskmgr.broker import Message, Publisher
+from taskmgr.messages import (
+    BadMessage,
+    Heartbeat,
+    Report,
+    RunnerReports,
+    ServiceReport,
+    Stop,
+    decode_progress,
+    encode,
+)
+from taskmgr.models import CurrentState, State, TaskType, Transition
+from taskmgr.service import utcnow
+from taskmgr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUNNER_SERVICE = "runner"  # the runner's own result, kept beside the outside services'
+ACTIVE = (State.STARTED, State.RUNNING)
+
+
+def backoff_s(failures: int, base_s: float, max_s: float, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+    """Exponential backoff with jitter: half fixed, half random, so retries of many
+    tasks that failed together spread out."""
+    delay = min(max_s, base_s * 2 ** max(0, failures - 1))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+@dataclass
+class IntakeCounts:
+    messages: int = 0
+    reports: int = 0
+    heartbeats: int = 0
+    service_reports: int = 0
+    applied: int = 0
+    stale: int = 0
+    dead_lettered: int = 0
+    stops: int = 0
+    lost: int = 0
+
+
+@dataclass
+class _Batch:
+    """The working state of one transaction."""
+
+    now: datetime
+    cur: dict[uuid.UUID, CurrentState]
+    locked: dict[uuid.UUID, CurrentState]
+    types: dict[str, TaskType]
+    transitions: list[Transition] = field(default_factory=list)
+    stops: list[tuple[str, Stop]] = field(default_factory=list)
+    unknown: list[tuple[bytes, str]] = field(default_factory=list)
+
+
+class ProgressIntake:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        publisher: Publisher,
+        settings: Settings,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._engine = engine
+        self._publisher = publisher
+        self._settings = settings
+        self._clock = clock
+        # Tasks a runner's heartbeat no longer listed, and since when: declared lost
+        # only when still missing two heartbeats later (a final report may be in flight).
+        self._missing: dict[uuid.UUID, datetime] = {}
+
+    async def handle_messages(self, messages: Sequence[Message]) -> IntakeCounts:
+        """Decode, apply in one transaction, then ack. A message that cannot be parsed
+        goes to the dead-letter exchange with the reason; if the transaction fails the
+        batch is requeued whole (applying a report twice changes nothing)."""
+        counts = IntakeCounts(messages=len(messages))
+        decoded: list[RunnerReports | Heartbeat | ServiceReport] = []
+        for m in messages:
+            try:
+                decoded.append(decode_progress(m.body))
+            except BadMessage as exc:
+                await self._dead_letter(m.body, str(exc), counts)
+        try:
+            batch = await self.apply(decoded, counts)
+        except Exception:
+            log.exception("progress batch failed; requeueing %d messages", len(messages))
+            for m in messages:
+                await m.nack(requeue=True)
+            raise
+        for body, reason in batch.unknown:
+            await self._dead_letter(body, reason, counts)
+        for runner_id, stop in batch.stops:
+            try:
+                await self._publisher.publish_control(runner_id, encode(stop))
+                counts.stops += 1
+            except Exception as exc:  # the next heartbeat asks again
+                log.warning("stop for %s not sent: %s", stop.task_id, exc)
+        for m in messages:
+            await m.ack()
+        return counts
+
+    async def _dead_letter(self, body: bytes, reason: str, counts: IntakeCounts) -> None:
+        await self._publisher.dead_letter(body, reason)
+        counts.dead_lettered += 1
+        metrics.DEAD_LETTERED.inc()
+        log.warning("progress message dead-lettered: %s", reason)
+
+    async def apply(
+        self, msgs: Sequence[RunnerReports | Heartbeat | ServiceReport], counts: IntakeCounts | None = None
+    ) -> _Batch:
+        counts = counts or IntakeCounts()
+        now = self._clock()
+        ids: set[uuid.UUID] = set()
+        for msg in msgs:
+            if isinstance(msg, RunnerReports):
+                ids.update(r.task_id for r in msg.reports)
+            elif isinstance(msg, ServiceReport):
+                ids.add(msg.task_id)
+            else:
+                ids.update(t for t, _ in msg.tasks)
+        async with self._engine.begin() as conn:
+            locked = await store.lock_states(conn, ids)
+            types: dict[str, TaskType] = {}
+            for name in {c.type for c in locked.values()}:
+                t = await store.get_type(conn, name)
+                if t is not None:
+                    types[name] = t
+            batch = _Batch(now=now, cur=dict(locked), locked=locked, types=types)
+            for msg in msgs:
+                if isinstance(msg, RunnerReports):
+                    counts.reports += len(msg.reports)
+                    metrics.PROGRESS.labels("reports").inc()
+                    for report in msg.reports:
+                        await self._runner_report(conn, batch, msg, report)
+                elif isinstance(msg, ServiceReport):
+                    counts.service_reports += 1
+                    metrics.PROGRESS.labels("service").inc()
+                    await self._service_report(conn, batch, msg)
+                else:
+                    counts.heartbeats += 1
+                    metrics.PROGRESS.labels("heartbeat").inc()
+                    counts.lost += await self._heartbeat(conn, batch, msg)
+            recorded = await store.apply_transitions(conn, batch.transitions, now, current=locked, strict=False)
+        counts.applied += sum(1 for t in recorded if t.applied)
+        counts.stale += sum(1 for t in recorded if t.detail.get("stale"))
+        return batch
+
+    # -- runner reports --------------------------------------------------------------
+
+    def _add(self, batch: _Batch, t: Transition) -> None:
+        batch.transitions.append(t)
+        if t.applied:
+            c = batch.cur[t.task_id]
+            batch.cur[t.task_id] = replace(
+                c,
+                state=t.state,
+                attempt=t.attempt,
+                failures=c.failures + (1 if t.count_failure else 0),
+                runner_id=None if t.state in (State.STARTED, State.RETRYING) else (t.runner_id or c.runner_id),
+            )
+
+    async def _runner_report(self, conn: Any, batch: _Batch, msg: RunnerReports, r: Report) -> None:
+        c = batch.cur.get(r.task_id)
+        rid = msg.runner_id
+        if c is None:
+            one = RunnerReports(runner_id=rid, pool=msg.pool, reports=[r])
+            batch.unknown.append((encode(one), f"report names an unknown task {r.task_id}"))
+            return
+        detail = {"report": r.status, "at": r.at.isoformat(), **r.detail}
+        current = (
+            r.attempt == c.attempt
+            and c.state in ACTIVE
+            and not (c.state is State.RUNNING and c.runner_id not in (None, rid))
+        )
+        if not current:
+            self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid,
+                                        {**detail, "stale": True}, applied=False))
+            if r.status in ("running", "poll_error"):
+                batch.stops.append((rid, Stop(task_id=r.task_id, attempt=r.attempt, reason="stale attempt")))
+            return
+        tt = batch.types.get(c.type)
+        if r.status == "running":
+            if c.state is State.STARTED:
+                self._add(batch, Transition(r.task_id, State.RUNNING, r.attempt, "runner", rid, detail))
+        elif r.status == "poll_error":
+            self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
+        elif r.status == "finished":
+            if tt is not None and tt.required_services:
+                await store.upsert_service(conn, task_id=r.task_id, service=RUNNER_SERVICE, attempt=r.attempt,
+                                           state="FINISHED", detail=r.detail, now=batch.now)
+                self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid,
+                                            {**detail, "waiting_for": list(tt.required_services)}, applied=False))
+                await self._derive(conn, batch, r.task_id, tt)
+            else:
+                self._add(batch, Transition(r.task_id, State.FINISHED, r.attempt, "runner", rid, detail))
+        elif r.status == "failed":
+            self._fail(batch, c, r.attempt, "runner", rid, detail, tt)
+        else:  # handback, rejected: give it to another runner now, not a failure
+            self._add(batch, Transition(r.task_id, State.RETRYING, r.attempt, "runner", rid, detail,
+                                        run_at=batch.now))
+
+    def _fail(
+        self, batch: _Batch, c: CurrentState, attempt: int, source: str, rid: str | None,
+        detail: dict[str, Any], tt: TaskType | None,
+    ) -> None:
+        failures = c.failures + 1
+        max_attempts = tt.max_attempts if tt else 1
+        if failures >= max_attempts:
+            self._add(batch, Transition(c.task_id, State.FAILED, attempt, source, rid,
+                                        {**detail, "failures": failures, "final": True}, count_failure=True))
+            return
+        delay = backoff_s(failures, tt.backoff_base_s if tt else 1.0, tt.backoff_max_s if tt else 60.0)
+        run_at = batch.now + timedelta(seconds=delay)
+        self._add(batch, Transition(c.task_id, State.RETRYING, attempt, source, rid,
+                                    {**detail, "failures": failures, "retry_at": run_at.isoformat()},
+                                    run_at=run_at, count_failure=True))
+
+    # -- outside services ------------------------------------------------------------
+
+    async def _service_report(self, conn: Any, batch: _Batch, s: ServiceReport) -> None:
+        c = batch.cur.get(s.task_id)
+        if c is None:
+            batch.unknown.append((encode(s), f"service report names an unknown task {s.task_id}"))
+            return
+        attempt = s.attempt or c.attempt
+        detail = {"service": s.service, "service_state": s.state, "at": s.at.isoformat(), **s.detail}
+        source = f"service:{s.service}"
+        if attempt != c.attempt or c.state.terminal:
+            self._add(batch, Transition(s.task_id, c.state, attempt, source, None, {**detail, "stale": True},
+                                        applied=False))
+            return
+        await store.upsert_service(conn, task_id=s.task_id, service=s.service, attempt=attempt,
+                                   state=s.state, detail=s.detail, now=batch.now)
+        self._add(batch, Transition(s.task_id, c.state, attempt, source, None, detail, applied=False))
+        tt = batch.types.get(c.type)
+        if tt is not None and s.service in tt.required_services:
+            await self._derive(conn, batch, s.task_id, tt)
+
+    async def _derive(self, conn: Any, batch: _Batch, task_id: uuid.UUID, tt: TaskType) -> None:
+        """The overall state from the runner's result and the required services' reports
+        (seed 001: the photo service may fail while the caption service succeeds)."""
+        c = batch.cur[task_id]
+        if c.state not in ACTIVE:
+            return
+        rows = {k: v for k, v in (await store.services_of(conn, task_id)).items() if v["attempt"] == c.attempt}
+        runner = rows.get(RUNNER_SERVICE)
+        if runner is None or runner["state"] != "FINISHED":
+            return
+        states = {name: rows[name]["state"] if name in rows else None for name in tt.required_services}
+        failed = sorted(n for n, st in states.items() if st == "FAILED")
+        finished = sorted(n for n, st in states.items() if st == "FINISHED")
+        detail = {"services_failed": failed, "services_finished": finished}
+        if failed:
+            self._add(batch, Transition(task_id, State.FAILED, c.attempt, "manager", None, detail))
+        elif len(finished) == len(tt.required_services):
+            self._add(batch, Transition(task_id, State.FINISHED, c.attempt, "manager", None, detail))
+
+    # -- heartbeats ------------------------------------------------------------------
+
+    async def _heartbeat(self, conn: Any, batch: _Batch, h: Heartbeat) -> int:
+        """Record the runner as alive and compare what it holds with what we think it
+        holds: it is told to stop what is no longer its own; what it silently dropped is
+        dispatched again."""
+        await store.upsert_runner(conn, runner_id=h.runner_id, pool=h.pool, host=h.host, pid=h.pid,
+                                  tasks=len(h.tasks), now=batch.now)
+        if h.stopping:
+            await store.stop_runner(conn, h.runner_id, batch.now)
+        held = dict(h.tasks)
+        for task_id, attempt in h.tasks:
+            c = batch.cur.get(task_id)
+            ours = c is not None and c.attempt == attempt and (
+                c.state is State.STARTED or (c.state is State.RUNNING and c.runner_id == h.runner_id)
+            )
+            if not ours:
+                batch.stops.append((h.runner_id, Stop(task_id=task_id, attempt=attempt,
+                                                      reason="not this runner's attempt")))
+        lost = 0
+        grace = timedelta(seconds=2 * self._settings.heartbeat_interval)
+        for row in await store.runner_holdings(conn, h.runner_id):
+            tid = row["task_id"]
+            if tid in held or row["state"] != State.RUNNING or row["changed_at"] > h.at - grace:
+                self._missing.pop(tid, None)
+                continue
+            since = self._missing.setdefault(tid, h.at)
+            if h.at - since < grace:
+                continue
+            self._missing.pop(tid, None)
+            if tid not in batch.cur:
+                batch.cur[tid] = batch.locked[tid] = (await store.lock_states(conn, [tid]))[tid]
+            c = batch.cur[tid]
+            if c.state is State.RUNNING and c.runner_id == h.runner_id:
+                self._add(batch, Transition(tid, State.RETRYING, c.attempt, "manager", None,
+                                            {"reason": f"runner {h.runner_id} no longer holds it"},
+                                            run_at=batch.now))
+                metrics.RECOVERED.labels("dropped").inc()
+                lost += 1
+        return lost

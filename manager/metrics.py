@@ -1,0 +1,17 @@
+"""The manager's Prometheus metrics (served when TASKMGR_METRICS_PORT is set)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DISPATCHED = Counter("taskmgr_dispatched_total", "Start orders confirmed by the broker")
+CLAIMED = Counter("taskmgr_claimed_total", "Tasks claimed (STARTED events written)")
+LATENESS = Histogram(
+    "taskmgr_dispatch_lateness_seconds",
+    "Due time to STARTED",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+LATE = Counter("taskmgr_late_dispatches_total", "Tasks started later than TASKMGR_LATENESS_ALERT")
+TASKS = Gauge("taskmgr_tasks", "Tasks by state", ["state"])
+LEADER = Gauge("taskmgr_leader", "1 while this manager holds the leadership")
+PROGRESS = Counter("taskmgr_progress_messages_total", "Progress messages handled", ["kind"])
+DEAD_LETTERED = Counter("taskmgr_dead_lettered_total", "Messages sent to the dead-letter exchange")
+RECOVERED = Counter("taskmgr_recovered_total", "Tasks dispatched again by recovery", ["reason"])

@@ -1,0 +1,88 @@
+"""Small helpers for tests that talk to the real services."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+
+from taskmgr.broker import Topology
+from taskmgr.messages import StartBatch, decode_start
+from taskmgr.service import NewTask, TaskService
+
+
+async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, every: float = 0.05) -> Any:
+    """Poll an async predicate until it is truthy; fail after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            await asyncio.sleep(every)
+
+
+async def schedule(service: TaskService, type_: str, n: int, *, due_at: datetime | None = None,
+                   payload: dict[str, Any] | None = None, **kw: Any) -> list[uuid.UUID]:
+    async with service.session() as session, session.begin():
+        done = await service.schedule_many(
+            session, [NewTask(type_, payload or {}, due_at=due_at, **kw) for _ in range(n)]
+        )
+    return [d.id for d in done]
+
+
+async def drain(url: str, queue: str, *, expect: int | None = None, timeout: float = 10.0) -> list[bytes]:
+    """Take every message from a queue (acking them). With `expect`, wait until that
+    many have arrived (and check no more are there)."""
+    conn = await aio_pika.connect(url)
+    bodies: list[bytes] = []
+    try:
+        ch = await conn.channel()
+        q = await ch.get_queue(queue, ensure=False)
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await q.get(no_ack=True, fail=False)
+                if msg is not None:
+                    bodies.append(msg.body)
+                    continue
+                if expect is None or _orders(bodies) >= expect:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    return bodies
+
+
+def _orders(bodies: list[bytes]) -> int:
+    n = 0
+    for b in bodies:
+        try:
+            n += len(decode_start(b).orders)
+        except Exception:
+            n += 1
+    return n
+
+
+def start_orders(bodies: list[bytes]) -> list[tuple[uuid.UUID, int]]:
+    out = []
+    for b in bodies:
+        batch: StartBatch = decode_start(b)
+        out.extend((o.task_id, o.attempt) for o in batch.orders)
+    return out
+
+
+async def queue_depth(url: str, queue: str) -> int:
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        q = await ch.declare_queue(queue, passive=True)
+        return q.declaration_result.message_count or 0
+    finally:
+        await conn.close()
+
+
+def topology_of(prefix: str) -> Topology:
+    return Topology(prefix)

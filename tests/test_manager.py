@@ -1,0 +1,459 @@
+"""The Task Manager against the real PostgreSQL+TimescaleDB and RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import aio_pika
+import pytest
+from sqlalchemy import text
+
+from manager.app import TaskManager, leader_present
+from manager.dispatch import Dispatcher
+from manager.intake import ProgressIntake, backoff_s
+from manager.recovery import Recovery, Retention
+from taskmgr import broker
+from taskmgr.broker import Publisher
+from taskmgr.messages import Heartbeat, Report, RunnerReports, ServiceReport, encode
+from taskmgr.models import State
+from taskmgr.service import TaskService
+from taskmgr.settings import Settings
+from tests.helpers import drain, schedule, start_orders, wait_for
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+async def publisher(settings: Settings, topology: broker.Topology):  # type: ignore[no-untyped-def]
+    async with Publisher(url=settings.amqp_url, topology=topology) as pub:
+        yield pub
+
+
+@pytest.fixture
+async def poll_type(service: TaskService) -> str:
+    await service.create_type({"name": "poll", "handler": "noop", "max_attempts": 3,
+                               "backoff_base_s": 1, "backoff_max_s": 8})
+    return "poll"
+
+
+def dispatcher(engine, publisher, settings, clock=None) -> Dispatcher:  # type: ignore[no-untyped-def]
+    kw = {"clock": clock} if clock else {}
+    return Dispatcher(engine=engine, publisher=publisher, service=TaskService(engine=engine, **kw),
+                      settings=settings, **kw)
+
+
+async def events_of(engine, task_id) -> list[tuple[str, int, bool]]:  # type: ignore[no-untyped-def]
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text("select state, attempt, applied from task_events where task_id = :t order by seq"),
+            {"t": task_id},
+        )
+        return [tuple(r) for r in rows]
+
+
+async def test_poll_once_claims_due_tasks_and_sends_start_orders(
+    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    now = datetime.now(UTC)
+    due = await schedule(service, poll_type, 3, due_at=now - timedelta(seconds=1))
+    later = await schedule(service, poll_type, 2, due_at=now + timedelta(hours=1))
+    counts = await dispatcher(engine, publisher, settings).poll_once()
+    assert (counts.claimed, counts.published) == (3, 3)
+    bodies = await drain(settings.amqp_url, publisher.topology.start_queue("default"), expect=3)
+    assert sorted(start_orders(bodies)) == sorted((t, 1) for t in due)
+    for t in due:
+        task = await service.get_task(t)
+        assert (task.state, task.attempt) == (State.STARTED, 1)
+    for t in later:
+        assert (await service.get_task(t)).state == State.SCHEDULED
+    # Nothing more is due: a second poll claims nothing.
+    assert (await dispatcher(engine, publisher, settings).poll_once()).claimed == 0
+
+
+async def test_three_overlapping_dispatchers_claim_each_task_once(
+    engine, service, settings, topology, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    """Even three leaders at once (a false takeover) claim and send each task once."""
+    n = 5000
+    ids = await schedule(service, poll_type, n, due_at=datetime.now(UTC) - timedelta(seconds=1))
+    small = settings.model_copy(update={"dispatch_batch": 700})
+    async with Publisher(url=settings.amqp_url, topology=topology) as p1, Publisher(
+        url=settings.amqp_url, topology=topology
+    ) as p2, Publisher(url=settings.amqp_url, topology=topology) as p3:
+        results = await asyncio.gather(*(dispatcher(engine, p, small).poll_once() for p in (p1, p2, p3)))
+    assert sum(r.claimed for r in results) == n
+    assert sum(1 for r in results if r.claimed) >= 2, "the three dispatchers should have overlapped"
+    orders = start_orders(await drain(settings.amqp_url, topology.start_queue("default"), expect=n))
+    assert len(orders) == n and set(orders) == {(t, 1) for t in ids}
+    async with engine.connect() as conn:
+        started = (await conn.execute(text(
+            "select task_id, count(*) from task_events where state = 'STARTED' and attempt = 1 group by task_id"
+        ))).all()
+    assert len(started) == n and all(c == 1 for _, c in started)
+
+
+async def test_failed_publish_stays_in_outbox_and_is_relayed_once(
+    engine, service, settings, topology, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    """The RabbitMQ connection is closed under the manager mid-dispatch: the claimed
+    tasks stay in the outbox and reach the queue once the connection is back."""
+    ids = await schedule(service, poll_type, 50, due_at=datetime.now(UTC) - timedelta(seconds=1))
+    name = f"mgr-{uuid.uuid4().hex[:8]}"
+    async with Publisher(url=settings.amqp_url, topology=topology, name=name) as pub:
+        await pub.ensure_pool("default")
+        closed = subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", await _connection_pid(name), "test closes it"],
+            capture_output=True, text=True, check=False,
+        )
+        assert closed.returncode == 0, closed.stderr
+        counts = await dispatcher(engine, pub, settings).poll_once()
+        assert counts.claimed == 50
+        assert counts.publish_failed == 50, "the publish should have failed with the connection closed"
+        # The robust connection comes back; the relay sends what the outbox holds.
+        clock = Clock(datetime.now(UTC) + timedelta(seconds=10))
+        relayed = await wait_for(lambda: dispatcher(engine, pub, settings, clock).relay_once(), timeout=20)
+        assert relayed == 50
+        assert await dispatcher(engine, pub, settings, clock).relay_once() == 0
+    orders = start_orders(await drain(settings.amqp_url, topology.start_queue("default"), expect=50))
+    assert sorted(orders) == sorted((t, 1) for t in ids)
+
+
+async def _connection_pid(name: str) -> str:
+    async def find() -> str | None:
+        out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                             capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if f"{name}-publish" in line:
+                return line.split("\t")[0]
+        return None
+
+    return await wait_for(find, timeout=15, every=0.3)
+
+
+async def test_retries_with_backoff_then_failed(
+    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    clock = Clock(datetime.now(UTC))
+    [tid] = await schedule(service, poll_type, 1, due_at=clock.now - timedelta(seconds=1))
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    disp = dispatcher(engine, publisher, settings, clock)
+    retry_delays = []
+    for attempt in (1, 2, 3):
+        assert (await disp.poll_once()).claimed == 1
+        await intake.apply([_reports("r1", (tid, attempt, "running")), _reports("r1", (tid, attempt, "failed"))])
+        task = await service.get_task(tid)
+        if attempt < 3:
+            assert (task.state, task.failures) == (State.RETRYING, attempt)
+            [ev] = [e for e in await service.history(tid) if e.state == State.RETRYING and e.applied][-1:]
+            delay = (datetime.fromisoformat(ev.detail["retry_at"]) - clock.now).total_seconds()
+            retry_delays.append(delay)
+            assert (await disp.poll_once()).claimed == 0, "not before its backoff"
+            clock.advance(delay + 0.01)
+        else:
+            assert (task.state, task.failures) == (State.FAILED, 3)
+    # Exponential with jitter: base 1 s -> [0.5, 1], then [1, 2].
+    assert 0.5 <= retry_delays[0] <= 1 and 1 <= retry_delays[1] <= 2
+    states = [s for s, _, applied in await events_of(engine, tid) if applied]
+    assert states == ["SCHEDULED", "STARTED", "RUNNING", "RETRYING", "STARTED", "RUNNING", "RETRYING",
+                      "STARTED", "RUNNING", "FAILED"]
+
+
+def test_backoff_is_capped() -> None:
+    assert all(5 <= backoff_s(30, 1, 10) <= 10 for _ in range(100))
+
+
+def _reports(runner: str, *items: tuple[uuid.UUID, int, str]) -> RunnerReports:
+    now = datetime.now(UTC)
+    return RunnerReports(runner_id=runner, pool="default",
+                         reports=[Report(task_id=t, attempt=a, status=s, at=now) for t, a, s in items])
+
+
+async def test_dead_runner_tasks_are_dispatched_again_and_stale_reports_change_nothing(
+    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    clock = Clock(datetime.now(UTC))
+    ids = await schedule(service, poll_type, 3, due_at=clock.now - timedelta(seconds=1))
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    disp = dispatcher(engine, publisher, settings, clock)
+    await disp.poll_once()
+    hb = Heartbeat(runner_id="r1", pool="default", at=clock.now, tasks=[(t, 1) for t in ids])
+    await intake.apply([_reports("r1", *((t, 1, "running") for t in ids)), hb])
+    # r1 goes silent; past the dead-after timeout recovery gives its tasks back.
+    clock.advance(settings.runner_dead_after + 1)
+    counts = await Recovery(engine=engine, settings=settings, clock=clock).run_once()
+    assert (counts.dead_runners, counts.from_dead_runners) == (1, 3)
+    await disp.poll_once()
+    for t in ids:
+        task = await service.get_task(t)
+        assert (task.state, task.attempt) == (State.STARTED, 2)
+    await intake.apply([_reports("r2", *((t, 2, "running") for t in ids))])
+    # r1 comes back from the dead with late reports for attempt 1: recorded, not applied.
+    batch = await intake.apply([_reports("r1", (ids[0], 1, "finished"), (ids[1], 1, "poll_error"))])
+    assert [(s.task_id, s.attempt) for _, s in batch.stops] == [(ids[1], 1)]
+    for t in ids:
+        task = await service.get_task(t)
+        assert (task.state, task.attempt, task.runner_id) == (State.RUNNING, 2, "r2")
+    last = (await service.history(ids[0]))[-1]
+    assert (last.applied, last.attempt, last.detail["stale"], last.detail["report"]) == (False, 1, True, "finished")
+
+
+async def test_start_order_nobody_takes_is_dispatched_again(
+    engine, service, publisher, settings  # type: ignore[no-untyped-def]
+) -> None:
+    await service.create_type({"name": "quick", "handler": "noop", "start_timeout_s": 5})
+    clock = Clock(datetime.now(UTC))
+    [tid] = await schedule(service, "quick", 1, due_at=clock.now)
+    disp = dispatcher(engine, publisher, settings, clock)
+    await disp.poll_once()
+    clock.advance(6)
+    assert (await Recovery(engine=engine, settings=settings, clock=clock).run_once()).start_timeouts == 1
+    await disp.poll_once()
+    assert (await service.get_task(tid)).attempt == 2
+
+
+async def test_heartbeat_reconciles_what_a_runner_holds(
+    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    clock = Clock(datetime.now(UTC))
+    a, b, c = await schedule(service, poll_type, 3, due_at=clock.now)
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    await dispatcher(engine, publisher, settings, clock).poll_once()
+    await intake.apply([_reports("r1", (a, 1, "running"), (b, 1, "running"))])
+    await service.cancel(c)
+    # r1 claims to hold c (cancelled) and an unknown attempt of a, and has dropped b.
+    batches = []
+    for step in range(3):
+        clock.advance(settings.heartbeat_interval * 2)
+        hb = Heartbeat(runner_id="r1", pool="default", at=clock.now, tasks=[(a, 1), (c, 1), (a, 7)])
+        batches.append(await intake.apply([hb]))
+        if step == 0:
+            assert (await service.get_task(b)).state == State.RUNNING, "not lost after one heartbeat"
+    assert {(s.task_id, s.attempt) for _, s in batches[0].stops} == {(c, 1), (a, 7)}
+    assert (await service.get_task(b)).state == State.RETRYING
+    assert (await service.get_task(a)).state == State.RUNNING
+
+
+async def test_required_services_decide_the_overall_state(
+    engine, service, publisher, settings  # type: ignore[no-untyped-def]
+) -> None:
+    await service.create_type({"name": "photos", "handler": "noop", "required_services": ["photo", "caption"]})
+    clock = Clock(datetime.now(UTC))
+    ok, bad = await schedule(service, "photos", 2, due_at=clock.now)
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    await dispatcher(engine, publisher, settings, clock).poll_once()
+
+    def svc(task: uuid.UUID, name: str, state: str) -> ServiceReport:
+        return ServiceReport(service=name, task_id=task, state=state, at=clock.now)
+
+    await intake.apply([_reports("r1", (ok, 1, "running"), (bad, 1, "running")), svc(ok, "photo", "FINISHED")])
+    await intake.apply([_reports("r1", (ok, 1, "finished"), (bad, 1, "finished"))])
+    assert (await service.get_task(ok)).state == State.RUNNING, "caption has not reported yet"
+    await intake.apply([svc(ok, "caption", "FINISHED"), svc(bad, "caption", "FINISHED"), svc(bad, "photo", "FAILED")])
+    assert (await service.get_task(ok)).state == State.FINISHED
+    failed = await service.get_task(bad)
+    assert failed.state == State.FAILED
+    assert (await service.history(bad))[-1].detail == {"services_failed": ["photo"], "services_finished": ["caption"]}
+
+
+async def test_cancel_before_and_during_a_run(
+    engine, service, publisher, settings, topology, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    clock = Clock(datetime.now(UTC))
+    before, during = await schedule(service, poll_type, 2, due_at=clock.now + timedelta(seconds=5))
+    await service.cancel(before)
+    disp = dispatcher(engine, publisher, settings, clock)
+    clock.advance(10)
+    # `during` is claimed and taken by a runner; `before` is never dispatched.
+    assert (await disp.poll_once()).claimed == 1
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    await intake.apply([_reports("r1", (during, 1, "running"))])
+    # A running task's cancel reaches its runner as a Stop on its control queue.
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    async with broker.Consumer(url=settings.amqp_url, topology=topology, prefetch=10) as consumer:
+        async def on_stop(m: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await m.ack()
+            await got.put(m.body)
+
+        await consumer.consume_control("r1", on_stop)
+        async with TaskManager(settings=settings, engine=engine) as manager:
+            stop = asyncio.Event()
+            run = asyncio.create_task(manager.run(stop))
+            await asyncio.wait_for(manager.is_leader.wait(), 10)
+            await service.cancel(during, reason="abandoned")
+            async with asyncio.timeout(10):
+                body = await got.get()
+            stop.set()
+            await run
+    assert b'"reason":"cancelled"' in body and str(during).encode() in body
+    assert [s for s, _, _ in await events_of(engine, before)] == ["SCHEDULED", "CANCELLED"]
+    assert (await service.get_task(during)).state == State.CANCELLED
+
+
+async def test_malformed_and_unknown_progress_messages_are_dead_lettered(
+    engine, service, settings, topology, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    async with TaskManager(settings=settings, engine=engine) as manager:
+        stop = asyncio.Event()
+        run = asyncio.create_task(manager.run(stop))
+        await asyncio.wait_for(manager.is_leader.wait(), 10)
+        pub = manager.publisher
+        await pub.publish_progress(b"{not json")
+        await pub.publish_progress(b'{"kind": "heartbeat", "runner_id": 5}')
+        await pub.publish_progress(encode(_reports("r1", (uuid.uuid4(), 1, "running"))))
+        await pub.publish_progress(encode(Heartbeat(runner_id="ok", pool="default", at=datetime.now(UTC))))
+        await wait_for(lambda: _ready(manager.intake_counts.messages >= 4))
+        stop.set()
+        await run
+    conn = await aio_pika.connect(settings.amqp_url)
+    try:
+        ch = await conn.channel()
+        q = await ch.get_queue(topology.dead)
+        reasons = []
+        while (m := await q.get(no_ack=True, fail=False)) is not None:
+            reasons.append(m.headers[broker.REASON_HEADER])
+    finally:
+        await conn.close()
+    assert len(reasons) == 3
+    assert any("unknown task" in r for r in reasons)
+    assert any("runner_id" in r for r in reasons)
+    assert manager.intake_counts.heartbeats == 1, "the manager went on"
+
+
+async def _ready(value: bool) -> bool:
+    return value
+
+
+async def test_manager_dispatches_on_wakeup_and_one_leads(
+    engine, service, settings, topology, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    slow = settings.model_copy(update={"poll_interval": 30.0})
+    stop = asyncio.Event()
+    async with TaskManager(settings=slow, engine=engine) as m1, TaskManager(settings=slow, engine=engine) as m2:
+        runs = [asyncio.create_task(m.run(stop)) for m in (m1, m2)]
+        await wait_for(lambda: _ready(m1.is_leader.is_set() or m2.is_leader.is_set()))
+        assert await leader_present(engine)
+        await asyncio.sleep(0)  # the other one must stay a standby
+        assert not (m1.is_leader.is_set() and m2.is_leader.is_set())
+        leader = m1 if m1.is_leader.is_set() else m2
+        await asyncio.sleep(0.3)  # let the leader's first (empty) poll pass
+        # Due now: the NOTIFY at commit wakes the leader long before its 30 s poll.
+        await schedule(service, poll_type, 5)
+        orders = start_orders(await drain(settings.amqp_url, topology.start_queue("default"), expect=5, timeout=5))
+        assert len(orders) == 5 and leader.dispatched.claimed == 5
+        stop.set()
+        await asyncio.gather(*runs)
+    assert not await leader_present(engine)
+
+
+async def test_recurring_interval_task_schedules_its_next_occurrence(
+    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    clock = Clock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+    async with service.session() as s, s.begin():
+        first = (await service.schedule(s, poll_type, {}, due_at=clock.now,
+                                        recurrence={"every_s": 60, "ends_after": 3})).id
+    disp = dispatcher(engine, publisher, settings, clock)
+    dues = []
+    for _ in range(4):
+        await disp.poll_once()
+        clock.advance(60)
+    tasks = await service.list_tasks(root_id=first, limit=10)
+    dues = [t.due_at for t in tasks]
+    assert dues == [datetime(2026, 3, 1, 12, m, tzinfo=UTC) for m in (0, 1, 2)]
+    assert [t.occurrence for t in tasks] == [1, 2, 3]
+    assert all(t.state == State.STARTED for t in tasks)
+
+
+async def test_cron_recurrence_keeps_local_time_across_dst(
+    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+) -> None:
+    """09:30 in New York every day across the March 2026 change (8 March)."""
+    ny = ZoneInfo("America/New_York")
+    clock = Clock(datetime(2026, 3, 6, 9, 30, tzinfo=ny).astimezone(UTC))
+    async with service.session() as s, s.begin():
+        first = (await service.schedule(s, poll_type, {}, due_at=clock.now,
+                                        recurrence={"cron": "30 9 * * *", "timezone": "America/New_York"})).id
+    disp = dispatcher(engine, publisher, settings, clock)
+    for _ in range(4):
+        await disp.poll_once()
+        clock.advance(24 * 3600)
+    tasks = await service.list_tasks(root_id=first, limit=10)
+    local = [t.due_at.astimezone(ny) for t in tasks]
+    assert [(d.day, d.hour, d.minute) for d in local] == [(6, 9, 30), (7, 9, 30), (8, 9, 30), (9, 9, 30), (10, 9, 30)]
+    utc_hours = [t.due_at.astimezone(UTC).hour for t in tasks]
+    assert utc_hours == [14, 14, 13, 13, 13]
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected_runs", "expected_next_minute"),
+    [("coalesce", 1, 11), ("catch_up", 1, 1), ("skip", 0, 11)],
+)
+async def test_misfire_policies_after_a_manager_outage(
+    engine, service, publisher, settings, policy, expected_runs, expected_next_minute  # type: ignore[no-untyped-def]
+) -> None:
+    """Every minute from 12:00; the manager is down until 12:10:30."""
+    await service.create_type({"name": "tick", "handler": "noop", "misfire_policy": policy, "misfire_grace_s": 30})
+    start = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    async with service.session() as s, s.begin():
+        first = (await service.schedule(s, "tick", {}, due_at=start, recurrence={"every_s": 60})).id
+    clock = Clock(start + timedelta(minutes=10, seconds=30))
+    await dispatcher(engine, publisher, settings, clock).poll_once()
+    tasks = await service.list_tasks(root_id=first, limit=10)
+    assert len(tasks) == 2
+    runs = sum(1 for t in tasks if t.state == State.STARTED)
+    assert runs == expected_runs
+    assert tasks[1].due_at == start + timedelta(minutes=expected_next_minute)
+    if policy == "skip":
+        assert tasks[0].state == State.CANCELLED
+
+
+async def test_lateness_is_recorded_and_alerted(
+    engine, service, publisher, settings, poll_type, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    now = datetime.now(UTC)
+    [late] = await schedule(service, poll_type, 1, due_at=now - timedelta(seconds=30))
+    [ontime] = await schedule(service, poll_type, 1, due_at=now)
+    counts = await dispatcher(engine, publisher, settings).poll_once()
+    assert counts.late == 1
+    started = {t: [e for e in await service.history(t) if e.state == State.STARTED][0] for t in (late, ontime)}
+    assert started[late].detail["lateness_ms"] >= 30_000
+    assert started[ontime].detail["lateness_ms"] < 5_000
+    assert any("after it was due" in r.getMessage() and getattr(r, "task_id", None) == str(late)
+               for r in caplog.records)
+
+
+async def test_retention_drops_old_chunks_only(engine, service, settings, poll_type) -> None:  # type: ignore[no-untyped-def]
+    [tid] = await schedule(service, poll_type, 1)
+    async with engine.begin() as conn:
+        await conn.execute(text(
+            "insert into task_events (time, task_id, state, attempt, source) values"
+            " (now() - interval '90 days', :t, 'SCHEDULED', 0, 'test'),"
+            " (now() - interval '60 days', :t, 'SCHEDULED', 0, 'test')"), {"t": tid})
+    dropped = await Retention(engine=engine, settings=settings.model_copy(update={"retention_days": 30})).run_once()
+    assert dropped == 2
+    assert [s for s, _, _ in await events_of(engine, tid)] == ["SCHEDULED"]
+
+
+async def test_dispatch_lateness_counts_are_per_attempt(engine, service, publisher, settings, poll_type) -> None:  # type: ignore[no-untyped-def]
+    ids = await schedule(service, poll_type, 10)
+    await dispatcher(engine, publisher, settings).poll_once()
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("select state, count(*) from task_events group by state"))).all()
+    assert Counter(dict(rows)) == Counter({"SCHEDULED": 10, "STARTED": 10})
+    assert len(ids) == 10
