@@ -24,7 +24,7 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
-from manager.dispatch import Dispatcher, DispatchCounts
+from manager.dispatch import DispatchCounts, Dispatcher
 from manager.intake import IntakeCounts, ProgressIntake
 from manager.recovery import Recovery, Retention
 from manager.schedule_cron import ScheduleCron
@@ -37,9 +37,6 @@ from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# pg_try_advisory_lock(LOCK_CLASS, LOCK_ID): "tm" and 1.
-LOCK_CLASS = 0x746D
-LOCK_ID = 1
 INTAKE_BATCH = 500
 INTAKE_LINGER_S = 0.01
 PROGRESS_PREFETCH = 2000
@@ -48,7 +45,7 @@ LOCK_CHECK_S = 1.0
 
 async def leader_present(engine: AsyncEngine) -> bool:
     async with engine.connect() as conn:
-        return await store.leader_present(conn, LOCK_CLASS, LOCK_ID)
+        return await store.leader_present(conn)
 
 
 class TaskManager:
@@ -100,7 +97,7 @@ class TaskManager:
                 await _wait(stop, self.settings.leader_retry)
                 continue
             try:
-                if await conn.fetchval("select pg_try_advisory_lock($1, $2)", LOCK_CLASS, LOCK_ID):
+                if await conn.fetchval("select pg_try_advisory_lock($1, $2)", *store.LEADER_LOCK):
                     await self._lead(conn, stop)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("leadership connection lost: %s", exc)
@@ -178,17 +175,22 @@ class TaskManager:
             metrics.TASKS.labels(str(state)).set(n)
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
-        """Poll every TASKMGR_POLL_INTERVAL, or at once on a wake-up (a task scheduled
-        due now, NOTIFY'd at its commit)."""
+        """Poll every TASKMGR_POLL_INTERVAL at most; sooner when the next waiting task
+        falls due, and at once on a wake-up (a task scheduled due now, NOTIFY'd at its
+        commit). So start precision does not depend on the poll interval."""
         while not stop.is_set():
             self._wakeup.clear()
+            wait = self.settings.poll_interval
             try:
                 c = await self.dispatcher.poll_once()
                 self._add(self.dispatched, c)
+                nxt = await self.dispatcher.seconds_to_next_due()
+                if nxt is not None:
+                    wait = min(wait, nxt)
             except Exception:
                 log.exception("dispatch failed; trying again next poll")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.poll_interval):
+                async with asyncio.timeout(wait):
                     await self._wakeup.wait()
 
     async def _intake_loop(self) -> None:

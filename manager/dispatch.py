@@ -170,6 +170,13 @@ class Dispatcher:
         metrics.DISPATCHED.inc(len(sent))
         return sent
 
+    async def seconds_to_next_due(self) -> float | None:
+        """How long until the earliest waiting task is due (None: nothing waits), so the
+        manager wakes for it instead of waiting out its poll interval."""
+        async with self._engine.connect() as conn:
+            at = await store.next_run_at(conn)
+        return None if at is None else max(0.0, (at - self._clock()).total_seconds())
+
     async def relay_once(self, counts: DispatchCounts | None = None) -> int:
         """Send the start orders that a crash or a failed publish left unsent. The rows
         stay locked during the publish, so two relays never send the same order."""

@@ -228,3 +228,19 @@ select count(*) from drop_chunks('task_events', older_than => cast(:older_than a
 select exists (select 1 from pg_locks where locktype = 'advisory' and granted
     and classid = :classid and objid = :objid and objsubid = 2
     and database = (select oid from pg_database where datname = current_database())) as present;
+
+-- states_of --
+select task_id, state from task_state where task_id = any(cast(:ids as uuid[]));
+
+-- counts_by_type_and_state --
+select t.type, s.state, count(*) as n from tasks t join task_state s on s.task_id = t.id
+group by 1, 2 order by 1, 2;
+
+-- lateness_ms --
+-- Due (or retry) time to STARTED, per start, over a time window.
+select (detail->>'lateness_ms')::float as ms from task_events
+where state = 'STARTED' and time >= :since and detail ? 'lateness_ms';
+
+-- next_run_at --
+-- The earliest waiting task (one index probe): the manager sleeps until then at most.
+select min(run_at) as at from task_state where state in ('SCHEDULED', 'RETRYING');

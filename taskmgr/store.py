@@ -457,6 +457,32 @@ async def drop_chunks(conn: Conn, older_than: datetime) -> int:
     return int((await _run(conn, "drop_chunks", {"older_than": older_than})).scalar_one())
 
 
-async def leader_present(conn: Conn, classid: int, objid: int) -> bool:
+# The managers' leadership lock: pg_try_advisory_lock(*LEADER_LOCK), "tm" and 1.
+LEADER_LOCK = (0x746D, 1)
+
+
+async def leader_present(conn: Conn) -> bool:
+    """Whether some manager holds the leadership lock in this database."""
+    classid, objid = LEADER_LOCK
     row = (await _run(conn, "leader_present", {"classid": classid, "objid": objid})).first()
     return bool(row and row.present)
+
+
+# -- reports -------------------------------------------------------------------------
+
+
+async def states_of(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, State]:
+    rows = await _run(conn, "states_of", {"ids": list(ids)})
+    return {r.task_id: State(r.state) for r in rows}
+
+
+async def counts_by_type_and_state(conn: Conn) -> list[tuple[str, State, int]]:
+    return [(r.type, State(r.state), r.n) for r in await _run(conn, "counts_by_type_and_state")]
+
+
+async def lateness_ms(conn: Conn, since: datetime) -> list[float]:
+    return [r.ms for r in await _run(conn, "lateness_ms", {"since": since})]
+
+
+async def next_run_at(conn: Conn) -> datetime | None:
+    return (await _run(conn, "next_run_at")).scalar_one()  # type: ignore[no-any-return]

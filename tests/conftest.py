@@ -84,3 +84,15 @@ def settings(database_url: str, topology: broker.Topology) -> Settings:
     )
 
 
+
+
+@pytest.fixture
+async def sports_types(database_url: str, clean: None) -> None:
+    """The built-in sports task types (migration 0002), back after the truncate."""
+    from taskmgr.migrate import SQL_DIR
+
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute((SQL_DIR / "0002_sports_types.sql").read_text())
+    finally:
+        await conn.close()

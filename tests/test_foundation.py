@@ -52,7 +52,7 @@ async def game_type(service: TaskService) -> str:
 
 async def test_migrate_twice_changes_nothing(database_url: str) -> None:
     assert await migrate(database_url) == []
-    assert await current_version(database_url) == "0001"
+    assert await current_version(database_url) == "0002"
 
 
 async def test_task_events_is_a_hypertable(database_url: str) -> None:

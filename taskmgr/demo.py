@@ -1,0 +1,233 @@
+"""The live demo: the simulated feed, a manager, two runners and a day of games, with
+the events printed as they arrive and a summary at the end.
+
+It works in its own database (taskmgr_demo, made anew each run) and its own RabbitMQ
+names (prefix taskmgr_demo), so it never touches a real installation's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from taskmgr import store
+from taskmgr.broker import Consumer, Topology
+from taskmgr.db import make_engine
+from taskmgr.messages import decode_event
+from taskmgr.migrate import asyncpg_dsn, migrate
+from taskmgr.models import State
+from taskmgr.service import TaskService
+from taskmgr.settings import Settings
+
+DEMO_DB = "taskmgr_demo"
+DEMO_PREFIX = "taskmgr_demo"
+FEED_PORT = int(os.environ.get("TASKMGR_DEMO_FEED_PORT", "8765"))
+STATUS_EVERY_S = 5.0
+GAME_TYPES = ("live_game", "period_score")
+
+console = Console(highlight=False)
+
+
+class Demo:
+    def __init__(self, settings: Settings, *, games: int, provider_urls: str) -> None:
+        admin = re.sub(r"/[^/]*$", "/postgres", asyncpg_dsn(settings.database_url))
+        self.admin_dsn = admin
+        demo_url = re.sub(r"/[^/]*$", f"/{DEMO_DB}", settings.database_url)
+        self.settings = settings.model_copy(update={
+            "database_url": demo_url, "amqp_prefix": DEMO_PREFIX,
+            "feed_url": f"http://127.0.0.1:{FEED_PORT}", "provider_urls": provider_urls,
+            "schedule_lead_s": 0.0, "heartbeat_interval": 2.0, "runner_dead_after": 8.0,
+        })
+        self.games = games
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.logdir = Path(tempfile.mkdtemp(prefix="taskmgr-demo-"))
+        self.events: Counter[str] = Counter()
+        self.finals: dict[str, dict[str, Any]] = {}
+        self.seen_ids: set[str] = set()
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        return {**os.environ, "TASKMGR_DATABASE_URL": s.database_url, "TASKMGR_AMQP_URL": s.amqp_url,
+                "TASKMGR_AMQP_PREFIX": s.amqp_prefix, "TASKMGR_FEED_URL": s.feed_url,
+                "TASKMGR_PROVIDER_URLS": s.provider_urls, "TASKMGR_HEARTBEAT_INTERVAL": "2",
+                "TASKMGR_RUNNER_DEAD_AFTER": "8", "TASKMGR_POLL_INTERVAL": "0.5"}
+
+    async def start(self, name: str, *args: str) -> None:
+        log = open(self.logdir / f"{name}.log", "wb")
+        self.procs[name] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "taskmgr.cli", *args, env=self.env(), stdout=log, stderr=log,
+        )
+
+    async def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        for name, p in self.procs.items():
+            try:
+                await asyncio.wait_for(p.wait(), 15)
+            except TimeoutError:
+                console.print(f"[yellow]{name} did not stop in 15 s; killing it[/]")
+                p.kill()
+
+    async def fresh_database(self) -> None:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(f'drop database if exists "{DEMO_DB}" with (force)')
+            await conn.execute(f'create database "{DEMO_DB}"')
+        finally:
+            await conn.close()
+        await migrate(self.settings.database_url)
+
+    async def wait_feed(self) -> date:
+        async with httpx.AsyncClient() as client:
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        r = await client.get(f"{self.settings.feed_url}/")
+                        if r.status_code == 200:
+                            return date.fromisoformat(r.json()["day"])
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.2)
+
+    def on_event(self, routing_key: str, body: bytes) -> None:
+        ev = decode_event(body)
+        if str(ev.event_id) in self.seen_ids:
+            return  # a repeat (same observation polled twice): consumers drop it by id
+        self.seen_ids.add(str(ev.event_id))
+        self.events[ev.event] += 1
+        d = ev.data
+        game = f"{d.get('provider', '')}:{d.get('away_team', '?')}@{d.get('home_team', '?')}"
+        score = ""
+        if "home_score" in d or "away_score" in d:
+            score = f"{d.get('away_score')}-{d.get('home_score')}"
+        colour = {"game.final": "bold green", "game.started": "cyan", "period.ended": "magenta",
+                  "game.postponed": "yellow", "score.changed": "white"}.get(ev.event, "dim")
+        when = ev.observed_at.astimezone().strftime("%H:%M:%S")
+        console.print(f"{when} [{colour}]{routing_key:<32}[/] {game:<24} {score:<8} "
+                      f"runner={ev.task_runner_id[-8:]} event={str(ev.event_id)[:8]}")
+        if ev.event == "game.final":
+            self.finals[game] = d
+
+    async def counts(self, service: TaskService) -> dict[State, int]:
+        return await service.counts_by_state()
+
+    async def run(self, minutes: float | None) -> int:
+        console.rule("[bold]taskmgr live demo")
+        console.print(f"database {DEMO_DB} (fresh), RabbitMQ prefix {DEMO_PREFIX}, logs in {self.logdir}")
+        await self.fresh_database()
+        service = TaskService(engine=(engine := make_engine(self.settings.database_url, name="taskmgr-demo")))
+        # The accelerated clock: poll the box scores every second.
+        await service.update_type("live_game", poll_interval_s=1.0)
+        await service.update_type("period_score", poll_interval_s=1.0)
+        if not self.settings.provider_urls:
+            await self.start("feed", "feed", "--port", str(FEED_PORT), "--games", str(self.games))
+            day = await self.wait_feed()
+            console.print(f"simulated feed on {self.settings.feed_url}: {self.games} games per provider, day {day}")
+        else:
+            day = datetime.now(UTC).date()
+        await self.start("manager", "manager")
+        await self.start("runner-1", "runner", "--pool", "default")
+        await self.start("runner-2", "runner", "--pool", "default")
+        started = time.monotonic()
+        deadline = started + minutes * 60 if minutes else None
+        topo = Topology(DEMO_PREFIX)
+        result = 1
+        try:
+            async with Consumer(url=self.settings.amqp_url, topology=topo, prefetch=500, name="demo") as consumer:
+                async def handle(message: Any) -> None:
+                    await message.ack()
+                    self.on_event(message.routing_key, message.body)
+
+                await consumer.consume_events("#", handle)
+                from manager.schedule_cron import ScheduleCron
+
+                n = await ScheduleCron(service=service, settings=self.settings).run_once(day)
+                console.print(f"seeded {n} daily schedule tasks for {day}: the runners fetch each league's "
+                              "schedule and write one game task per game")
+                last = 0.0
+                while deadline is None or time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    for name, p in self.procs.items():
+                        if p.returncode is not None:
+                            raise RuntimeError(f"{name} exited with {p.returncode}; see {self.logdir}/{name}.log")
+                    if time.monotonic() - last >= STATUS_EVERY_S:
+                        last = time.monotonic()
+                        counts = await self.counts(service)
+                        line = "  ".join(f"{s.value.lower()}={counts.get(s, 0)}" for s in State if counts.get(s))
+                        console.print(f"[dim]-- {int(last - started):>3}s  tasks: {line}  "
+                                      f"finals: {len(self.finals)}[/]")
+                    if await self.all_games_done(engine):
+                        result = 0
+                        break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            await self.stop_all()
+        await self.summary(engine, service, time.monotonic() - started)
+        await engine.dispose()
+        return result
+
+    async def all_games_done(self, engine: Any) -> bool:
+        """Every game, period-score and schedule task has ended (stat corrections are
+        due minutes after the final: the demo does not wait for them)."""
+        async with engine.connect() as conn:
+            rows = await store.counts_by_type_and_state(conn)
+        games = sum(n for t, _, n in rows if t == "live_game")
+        open_ = sum(n for t, s, n in rows if t in ("live_game", "period_score", "schedule") and not s.terminal)
+        return games > 0 and open_ == 0
+
+    async def summary(self, engine: Any, service: TaskService, elapsed: float) -> None:
+        console.rule("[bold]summary")
+        async with engine.connect() as conn:
+            lateness = await store.lateness_ms(conn, datetime.now(UTC) - timedelta(days=1))
+            by_type = await store.counts_by_type_and_state(conn)
+        games = Table(title="games")
+        for c in ("game", "final (away-home)"):
+            games.add_column(c)
+        for g, d in sorted(self.finals.items()):
+            games.add_row(g, f"{d.get('away_score')}-{d.get('home_score')}")
+        console.print(games)
+        tasks = Table(title="tasks by type and state")
+        for c in ("type", "state", "tasks"):
+            tasks.add_column(c)
+        for t, s, n in by_type:
+            tasks.add_row(t, s.value, str(n))
+        console.print(tasks)
+        ev = Table(title="events by kind (distinct event ids)")
+        ev.add_column("event")
+        ev.add_column("count")
+        for k, n in sorted(self.events.items()):
+            ev.add_row(k, str(n))
+        console.print(ev)
+        if lateness:
+            q = statistics.quantiles(lateness, n=100) if len(lateness) > 1 else [lateness[0]] * 99
+            console.print(f"dispatch lateness (due -> STARTED) over {len(lateness)} starts: "
+                          f"p50 {q[49]:.0f} ms, p99 {q[98]:.0f} ms")
+        console.print(f"elapsed {elapsed:.0f} s; logs in {self.logdir}; inspect with "
+                      f"TASKMGR_DATABASE_URL={self.settings.database_url} taskmgr tasks list")
+        console.print(json.dumps({"games_final": len(self.finals), "events": dict(self.events)}))
+
+
+def run_demo(settings: Settings, *, minutes: float | None, games: int, provider_urls: str) -> int:
+    demo = Demo(settings, games=games, provider_urls=provider_urls)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(demo.run(minutes))
+    return 1
