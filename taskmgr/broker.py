@@ -220,8 +220,10 @@ class Consumer:
             raise BrokerError("consumer is not connected (use `async with`)")
         return self._channel
 
-    async def set_prefetch(self, prefetch: int) -> None:
-        await self.channel.set_qos(prefetch_count=max(1, prefetch))
+    async def set_prefetch(self, prefetch: int, *, channel_wide: bool = False) -> None:
+        """`channel_wide`: one limit for all of this channel's consumers, effective at
+        once (RabbitMQ applies a per-consumer limit only to consumers started later)."""
+        await self.channel.set_qos(prefetch_count=max(1, prefetch), global_=channel_wide)
 
     async def consume_start(self, pool: str, handler: Handler) -> None:
         queue = await self.channel.declare_queue(

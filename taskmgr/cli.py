@@ -258,9 +258,8 @@ def runner_cmd(ctx: click.Context, pool: str | None, concurrency: int | None, me
     """Run an always-on TaskRunner for one pool."""
     from runners import run_runner
 
-    settings = _with(settings_of(ctx), pool=pool, concurrency=concurrency, metrics_port=metrics_port)
-    _metrics(settings)
-    serve(run_runner, settings)
+    # run_runner serves the metrics itself (TASKMGR_METRICS_PORT).
+    serve(run_runner, _with(settings_of(ctx), pool=pool, concurrency=concurrency, metrics_port=metrics_port))
 
 
 def _with(settings: Settings, **changes: Any) -> Settings:

@@ -166,3 +166,83 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "Stop": Stop,
     "Event": Event,
 }
+
+
+def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
+    """The machine-readable contract (AsyncAPI 3.0) of every channel and message,
+    generated from the models above. docs/asyncapi.yaml is this document; a test keeps
+    them equal (regenerate with `python -m taskmgr.messages > docs/asyncapi.yaml`)."""
+    schemas: dict[str, Any] = {}
+    for name, model in CONTRACTS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = schema
+
+    def msg(name: str, summary: str) -> dict[str, Any]:
+        return {"name": name, "summary": summary, "contentType": "application/json",
+                "payload": {"$ref": f"#/components/schemas/{name}"}}
+
+    channels = {
+        "start": {
+            "address": f"{prefix}.start.{{pool}}",
+            "description": "Durable queue per runner pool. Persistent messages, publisher confirms; runners "
+                           "ack after registering and reporting RUNNING for every order.",
+            "parameters": {"pool": {"description": "The task type's runner pool."}},
+            "messages": {"StartBatch": {"$ref": "#/components/messages/StartBatch"}},
+        },
+        "events": {
+            "address": f"{prefix}.events",
+            "description": "Topic exchange; routing key `<task_type>.<event>` (e.g. live_game.score.changed). "
+                           "Headers repeat task_id, root_task_id, task_runner_id, event_id; message_id is "
+                           "the event_id, stable across repeats.",
+            "messages": {"Event": {"$ref": "#/components/messages/Event"}},
+        },
+        "progress": {
+            "address": f"{prefix}.progress",
+            "description": "Durable queue into the manager: runner reports, heartbeats, outside services' "
+                           "reports. Unparseable messages go to the dead-letter exchange.",
+            "messages": {n: {"$ref": f"#/components/messages/{n}"}
+                         for n in ("RunnerReports", "Heartbeat", "ServiceReport")},
+        },
+        "control": {
+            "address": f"{prefix}.control",
+            "description": "Direct exchange, routing key = runner id: the manager stops a task on a runner.",
+            "messages": {"Stop": {"$ref": "#/components/messages/Stop"}},
+        },
+        "dead": {
+            "address": f"{prefix}.dlx",
+            "description": "Fanout dead-letter exchange (queue "
+                           f"{prefix}.dead); header x-taskmgr-reason says why.",
+            "messages": {},
+        },
+    }
+    summaries = {
+        "StartBatch": "Start orders for one pool, each (task_id, attempt) handled on its own.",
+        "Event": "What a runner's handler observed, for downstream services.",
+        "RunnerReports": "A runner's reports: running, poll_error, finished, failed, handback, rejected.",
+        "Heartbeat": "A runner is alive and holds these (task_id, attempt) pairs.",
+        "ServiceReport": "An outside service's own state for a task.",
+        "Stop": "Stop polling this task (cancelled, stale attempt).",
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {"title": "taskmgr messages", "version": "1.0.0",
+                 "description": "RabbitMQ contracts between the Task Manager, TaskRunners and downstream services."},
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": {
+            "sendStart": {"action": "send", "channel": {"$ref": "#/channels/start"}},
+            "publishEvents": {"action": "send", "channel": {"$ref": "#/channels/events"}},
+            "reportProgress": {"action": "send", "channel": {"$ref": "#/channels/progress"}},
+            "stopTask": {"action": "send", "channel": {"$ref": "#/channels/control"}},
+        },
+        "components": {"messages": {n: msg(n, s) for n, s in summaries.items()}, "schemas": schemas},
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    import yaml
+
+    yaml.safe_dump(asyncapi_document(), sys.stdout, sort_keys=False, width=110)

@@ -1,0 +1,337 @@
+"""One periodic coroutine per task: GET the task's URL every interval, hand the
+response to the task type's handler, and act on what it says."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from runners import metrics
+from runners.limits import HostLimiter
+from task_types.base import ChildSync, EmittedEvent, Handler, HandlerError, Outcome, PollContext
+from taskmgr.broker import BrokerError, Publisher
+from taskmgr.messages import Event, ReportStatus, StartOrder, encode
+from taskmgr.service import TaskService
+
+log = logging.getLogger(__name__)
+
+# Transient failures (timeouts, connection errors, 5xx, 429) back off exponentially from
+# the task's interval, up to this; a Retry-After is honoured up to the same cap.
+BACKOFF_CAP_S = 60.0
+# The first tick comes within this (or the interval, if shorter) of the start.
+START_SPREAD_S = 1.0
+# Tick drift samples kept for percentiles (the benchmark reads them).
+DRIFT_SAMPLES = 100_000
+
+
+class TickStats:
+    """Tick drift: how late each tick started against its schedule (loop clock)."""
+
+    def __init__(self, keep: int = DRIFT_SAMPLES) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.max = 0.0
+        self.samples: deque[float] = deque(maxlen=keep)
+
+    def record(self, drift: float) -> None:
+        self.count += 1
+        self.total += drift
+        self.max = max(self.max, drift)
+        self.samples.append(drift)
+        metrics.TICK_DRIFT.observe(drift)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def percentile(self, p: float) -> float:
+        """The p-th percentile (0-100) of the kept samples."""
+        if not self.samples:
+            return 0.0
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+@dataclass(frozen=True)
+class PollerDeps:
+    """What every poller of a runner shares."""
+
+    client: httpx.AsyncClient
+    limiter: HostLimiter
+    publisher: Publisher
+    service: TaskService
+    runner_id: str
+    report: Callable[[StartOrder, ReportStatus, dict[str, Any]], None]
+    on_tick: Callable[[Poller], None]
+    drift: TickStats
+
+
+@dataclass(frozen=True)
+class _Next:
+    end: bool = False
+    backoff_s: float | None = None  # None: keep to the schedule
+
+
+class Poller:
+    """The periodic coroutine of one (task, attempt); `run()` is its body."""
+
+    def __init__(self, *, order: StartOrder, handler: Handler, url: str, deps: PollerDeps) -> None:
+        self.order = order
+        self.handler = handler
+        self.url = url
+        self.deps = deps
+        self._url = httpx.URL(url)  # parsed once, not on every request
+        self.host = self._url.host
+        self.port = self._url.port
+        self._counters: dict[str, Any] = {}
+        self.state: Mapping[str, Any] = {}  # carried from tick to tick
+        self.failures = 0  # consecutive
+        self.ticks = 0
+        self.handled = 0  # responses given to the handler (a 304 is not)
+        self.etag: str | None = None
+        self.last_modified: str | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.running_report: asyncio.Future[None] | None = None  # the "running" report's confirm
+        self._interval = order.interval_s
+        self._written: set[str] = set()  # follow-on dedup keys already written
+        self._last_sync: ChildSync | None = None
+
+    @property
+    def attempt(self) -> int:
+        return self.order.attempt
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Orders arrive in batches; a small random phase keeps their ticks from all
+        # landing on the same instant every interval.
+        deadline = loop.time() + random.uniform(0, min(self.order.interval_s, START_SPREAD_S))
+        try:
+            while True:
+                wait = deadline - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self.deps.drift.record(max(0.0, loop.time() - deadline))
+                nxt = await self._tick()
+                self.ticks += 1
+                self.deps.on_tick(self)
+                if nxt.end:
+                    return
+                now = loop.time()
+                if nxt.backoff_s is not None:
+                    deadline = now + nxt.backoff_s
+                else:
+                    # Keep to the grid (no drift); when more than an interval late, skip
+                    # the missed slots rather than bursting to catch up.
+                    deadline += self._interval
+                    late = now - deadline
+                    if late > self._interval:
+                        deadline += math.ceil(late / self._interval) * self._interval
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not take the runner or other tasks down
+            log.exception("task %s attempt %s: poller crashed", self.order.task_id, self.attempt)
+            self.deps.report(self.order, "failed", {"reason": f"runner error: {exc!r}", "kind": "runner"})
+
+    # -- one tick ----------------------------------------------------------------------
+
+    async def _tick(self) -> _Next:
+        order = self.order
+        headers: dict[str, str] = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        loop = asyncio.get_running_loop()
+        try:
+            async with self.deps.limiter.slot(self.host, self.port):
+                started = loop.time()
+                try:
+                    async with asyncio.timeout(order.request_timeout_s):
+                        response = await self.deps.client.get(
+                            self._url, headers=headers, timeout=order.request_timeout_s
+                        )
+                finally:
+                    metrics.POLL_DURATION.observe(loop.time() - started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if _is_timeout(exc):
+                return self._failed("timeout", f"no response within {order.request_timeout_s} s", True)
+            cause = exc.__cause__ or exc  # httpx-aiohttp's names mislead; aiohttp's do not
+            return self._failed("connect", f"{type(cause).__name__}: {cause}", True)
+
+        status = response.status_code
+        if status == 304:
+            return self._succeeded("not_modified", None, response)
+        if 200 <= status < 300:
+            return await self._handle(response)
+        if status == 429:
+            return self._failed("http_429", f"HTTP 429 from {self.host}", True, _retry_after(response))
+        if status >= 500:
+            return self._failed("http_5xx", f"HTTP {status} from {self.host}", True)
+        return self._failed(f"http_{status // 100}xx", f"HTTP {status} from {self.host}", False)
+
+    async def _handle(self, response: httpx.Response) -> _Next:
+        order = self.order
+        ctx = PollContext(
+            task_id=order.task_id,
+            root_task_id=order.root_task_id,
+            task_type=order.type,
+            attempt=order.attempt,
+            payload=order.payload,
+            state=self.state,
+            url=self.url,
+            now=datetime.now(UTC),
+            interval_s=order.interval_s,
+        )
+        self.handled += 1
+        try:
+            outcome = self.handler.handle(ctx, response)
+            events = self._events(outcome.events, ctx.now)
+        except HandlerError as exc:
+            return self._failed("parse", str(exc), False)
+        except Exception as exc:
+            log.exception("task %s: handler %s raised", order.task_id, order.handler)
+            return self._failed("handler", f"{type(exc).__name__}: {exc}", False)
+        if events:
+            try:
+                await self.deps.publisher.publish_many(events)
+            except BrokerError as exc:
+                return self._failed("publish", str(exc), True)
+            metrics.EVENTS_PUBLISHED.inc(len(events))
+        try:
+            await self._write_follow_ons(outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # DB errors, InvalidInput, an unknown type: events stay published
+            log.warning("task %s: follow-on write failed: %s", order.task_id, exc)
+            return self._failed("follow_on", f"{type(exc).__name__}: {exc}", False)
+        self.state = dict(outcome.state)
+        self._interval = outcome.next_interval_s or order.interval_s
+        return self._succeeded("ok", outcome, response)
+
+    def _events(
+        self, emitted: list[EmittedEvent], now: datetime
+    ) -> list[tuple[str, str, bytes, Mapping[str, Any] | None, str]]:
+        order = self.order
+        items: list[tuple[str, str, bytes, Mapping[str, Any] | None, str]] = []
+        for ev in emitted:
+            event_id = ev.event_id(order.task_id)
+            body = encode(
+                Event(
+                    event_id=event_id,
+                    event=ev.name,
+                    task_type=order.type,
+                    task_id=order.task_id,
+                    root_task_id=order.root_task_id,
+                    task_runner_id=self.deps.runner_id,
+                    attempt=order.attempt,
+                    observed_at=now,
+                    data=dict(ev.data),
+                )
+            )
+            headers = {
+                "task_id": str(order.task_id),
+                "root_task_id": str(order.root_task_id),
+                "task_runner_id": self.deps.runner_id,
+                "event_id": str(event_id),
+                "observed_at": now.isoformat(),
+            }
+            items.append(("events", f"{order.type}.{ev.name}", body, headers, str(event_id)))
+        return items
+
+    async def _write_follow_ons(self, outcome: Outcome) -> None:
+        parent = {"task_id": self.order.task_id, "root_task_id": self.order.root_task_id}
+        # Writes are idempotent by dedup key anyway; remembering what this poller wrote
+        # saves a transaction per tick for handlers that repeat their follow-ons.
+        new = [f for f in outcome.follow_ons if f.dedup_key not in self._written]
+        if new:
+            scheduled = await self.deps.service.schedule_follow_ons(parent, new)
+            metrics.FOLLOW_ONS_WRITTEN.inc(sum(1 for s in scheduled if s.created))
+            self._written.update(f.dedup_key for f in new)
+        if outcome.sync is not None and outcome.sync != self._last_sync:
+            sync = outcome.sync
+            result = await self.deps.service.sync_children(parent, sync.scope, sync.follow_ons)
+            metrics.FOLLOW_ONS_WRITTEN.inc(result.created)
+            self._last_sync = outcome.sync
+
+    # -- results -----------------------------------------------------------------------
+
+    def _count(self, outcome: str) -> None:
+        counter = self._counters.get(outcome)
+        if counter is None:
+            counter = self._counters[outcome] = metrics.POLLS.labels(self.host, outcome)
+        counter.inc()
+
+    def _succeeded(self, label: str, outcome: Outcome | None, response: httpx.Response) -> _Next:
+        self._count(label)
+        self.failures = 0
+        if outcome is not None:
+            # Remember validators only once the response was fully acted on, so a failed
+            # tick sees the same data again instead of a 304.
+            self.etag = response.headers.get("etag")
+            self.last_modified = response.headers.get("last-modified")
+            if outcome.done:
+                self.deps.report(self.order, "finished", {"polls": self.ticks + 1})
+                return _Next(end=True)
+        return _Next()
+
+    def _failed(self, kind: str, error: str, transient: bool, retry_after: float | None = None) -> _Next:
+        self._count(kind)
+        self.failures += 1
+        n = self.failures
+        order = self.order
+        log.info("task %s attempt %s: poll failed (%s, %d in a row): %s", order.task_id, order.attempt,
+                 kind, n, error)
+        self.deps.report(order, "poll_error", {"error": error, "kind": kind, "consecutive": n})
+        if n >= order.max_consecutive_failures:
+            reason = f"{n} consecutive failed polls; the last: {kind}: {error}"
+            detail = {"reason": reason, "error": error, "kind": kind, "consecutive": n}
+            self.deps.report(order, "failed", detail)
+            return _Next(end=True)
+        backoff: float | None = None
+        if transient:
+            top = min(BACKOFF_CAP_S, self._interval * 2**n)
+            backoff = top / 2 + random.uniform(0, top / 2)
+        if retry_after is not None:
+            backoff = max(backoff or 0.0, min(retry_after, BACKOFF_CAP_S))
+        return _Next(backoff_s=backoff)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, TimeoutError):
+        return True
+    if isinstance(exc, httpx.TimeoutException):
+        # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout: look at
+        # the cause to tell a refused connection from a slow one.
+        cause = exc.__cause__
+        return cause is None or isinstance(cause, TimeoutError)
+    return False
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After as seconds (a number, fractions accepted, or an HTTP date)."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -1,0 +1,473 @@
+"""The TaskRunner: an always-on process that takes start orders from its pool's queue
+and runs one periodic coroutine (a Poller) per task.
+
+Invariants it keeps (see DESIGN.md):
+- a start message is acked only once the reports for its orders ("running", or
+  "rejected"/"failed") are confirmed by the broker; a redelivered message makes no
+  second poller, and a newer attempt replaces an older one;
+- a malformed message is dead-lettered, never requeued forever;
+- one task's failure never stops the others or the runner; a side coroutine's
+  (heartbeat, report flusher) death stops the runner loudly;
+- on stop, it stops taking work, hands every task it holds back to the manager, says
+  so in a last heartbeat and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from runners import metrics
+from runners.limits import HostLimit, HostLimiter, parse_host_limits
+from runners.poller import Poller, PollerDeps, TickStats
+from runners.reports import ReportBuffer
+from task_types.base import HandlerError
+from task_types.registry import Registry, UnknownHandler
+from taskmgr import broker
+from taskmgr.broker import BrokerError, Consumer, Publisher, Topology
+from taskmgr.messages import (
+    BadMessage,
+    Heartbeat,
+    Report,
+    ReportStatus,
+    StartOrder,
+    decode_start,
+    decode_stop,
+    encode,
+)
+from taskmgr.service import TaskService
+from taskmgr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The default HTTP transport (aiohttp): connections across all hosts. Per-host limits
+# are ours (settings.host_concurrency), so this only has to be large.
+HTTP_MAX_CONNECTIONS = 20_000
+HTTP_KEEPALIVE_S = 30.0
+USER_AGENT = "taskmgr-runner/0.1"
+# A start message whose reports are not confirmed within this stays unacked (the
+# broker redelivers it; the duplicate makes no second poller).
+START_CONFIRM_TIMEOUT_S = 30.0
+# Shutdown: time allowed to publish the handbacks and the last heartbeat.
+SHUTDOWN_PUBLISH_TIMEOUT_S = 4.0
+# (task, attempt)s that ended here, remembered so a late duplicate start does not
+# restart them.
+ENDED_MEMORY = 50_000
+
+
+def default_runner_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def fast_transport(max_connections: int = HTTP_MAX_CONNECTIONS) -> httpx.AsyncBaseTransport:
+    """httpx's API on aiohttp's connection pool: a fraction of httpx's own transport's
+    CPU per request, and it holds up with ten thousand pollers."""
+    from httpx_aiohttp import AiohttpTransport
+
+    return AiohttpTransport(
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=HTTP_KEEPALIVE_S,
+        )
+    )
+
+
+class TaskRunner:
+    """`async with TaskRunner(...) as r: await r.run(stop)`.
+
+    Test hooks: `active` (task id -> attempt of the running pollers), `counts` (start
+    messages, duplicates, rejections, dead letters, ...), `poller(task_id)`, `drift`
+    (tick drift statistics) and `wait_for(predicate)`, which wakes on every change
+    (a poller started or ended, a tick done, a message handled).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: AsyncEngine,
+        registry: Registry,
+        runner_id: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        base_urls: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.runner_id = runner_id or default_runner_id()
+        self.topology = Topology(settings.amqp_prefix)
+        self._registry = registry
+        self._transport = transport
+        self._base_urls = dict(base_urls if base_urls is not None else settings.base_urls())
+        self._service = TaskService(engine=engine)
+        self._limiter = HostLimiter(
+            HostLimit(settings.host_concurrency, settings.host_rate), parse_host_limits(settings.host_limits)
+        )
+        self._pollers: dict[uuid.UUID, Poller] = {}
+        self._ended: OrderedDict[uuid.UUID, int] = OrderedDict()
+        self.active: dict[uuid.UUID, int] = {}
+        self.counts: Counter[str] = Counter()
+        self.drift = TickStats()
+        self._changed = asyncio.Event()
+        self._stack: AsyncExitStack | None = None
+        self._publisher: Publisher | None = None
+        self._consumer: Consumer | None = None
+        self._reports: ReportBuffer | None = None
+        self._deps: PollerDeps | None = None
+        self._prefetch: int | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> TaskRunner:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            name = f"runner-{self.runner_id}"
+            self._publisher = await stack.enter_async_context(
+                Publisher(url=s.amqp_url, topology=self.topology, name=name)
+            )
+            self._consumer = await stack.enter_async_context(
+                Consumer(url=s.amqp_url, topology=self.topology, prefetch=s.prefetch_messages, name=name)
+            )
+            client = httpx.AsyncClient(
+                transport=self._transport or fast_transport(),
+                follow_redirects=True,
+                headers={"User-Agent": USER_AGENT},
+            )
+            stack.push_async_callback(client.aclose)
+            self._reports = ReportBuffer(
+                publish=self._publisher.publish_progress, runner_id=self.runner_id, pool=s.pool
+            )
+            self._deps = PollerDeps(
+                client=client,
+                limiter=self._limiter,
+                publisher=self._publisher,
+                service=self._service,
+                runner_id=self.runner_id,
+                report=self._poller_report,
+                on_tick=lambda _p: self._notify(),
+                drift=self.drift,
+            )
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._drop_all()
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take and run tasks until `stop` is set, then shut down gracefully. Raises
+        (an ExceptionGroup) if a side coroutine dies."""
+        if self._consumer is None or self._reports is None:
+            raise RuntimeError("enter the runner first: `async with TaskRunner(...) as runner`")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                flusher = tg.create_task(self._reports.run(), name=f"{self.runner_id}-reports")
+                beat = tg.create_task(self._heartbeat_loop(), name=f"{self.runner_id}-heartbeat")
+                await self._consumer.consume_control(self.runner_id, self._on_control)
+                await self._consumer.consume_start(self.settings.pool, self._on_start)
+                log.info("runner %s: taking tasks from %s", self.runner_id,
+                         self.topology.start_queue(self.settings.pool))
+                self._notify()
+                await stop.wait()
+                beat.cancel()
+                await self._shutdown(flusher)
+        finally:
+            self._drop_all()
+            self._notify()
+
+    async def _shutdown(self, flusher: asyncio.Task[None]) -> None:
+        assert self._consumer is not None and self._reports is not None
+        self._stopping = True
+        await self._consumer.cancel_all()  # first: take no more work
+        held = list(self._pollers.values())
+        for p in held:
+            self._remove(p)
+        tasks = [p.task for p in held if p.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in held:
+            self._report(p.order, "handback", {"reason": f"runner {self.runner_id} is shutting down"})
+        self._reports.close()
+        try:
+            async with asyncio.timeout(SHUTDOWN_PUBLISH_TIMEOUT_S):
+                await flusher
+                await self._send_heartbeat(stopping=True)
+        except TimeoutError:
+            log.error("runner %s: could not publish its handbacks in time; the manager will notice "
+                      "the missing heartbeats instead", self.runner_id)
+            self._reports.abandon("runner shut down")
+        log.info("runner %s: stopped, handed back %d tasks", self.runner_id, len(held))
+
+    def _drop_all(self) -> None:
+        """Cancel whatever pollers are left (a crash, or `run()` never called)."""
+        for p in list(self._pollers.values()):
+            self._remove(p)
+            if p.task is not None:
+                p.task.cancel()
+
+    # -- test hooks --------------------------------------------------------------------
+
+    def poller(self, task_id: uuid.UUID) -> Poller | None:
+        return self._pollers.get(task_id)
+
+    async def wait_for(self, predicate: Callable[[], Any], within_s: float = 10.0) -> Any:
+        """Wait until `predicate()` is truthy (checked after every change); return it."""
+        async with asyncio.timeout(within_s):
+            while not (value := predicate()):
+                await self._changed.wait()
+            return value
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # -- start orders ------------------------------------------------------------------
+
+    async def _on_start(self, message: broker.Message) -> None:
+        if self._stopping:
+            await _settle(message.nack(requeue=True))
+            return
+        try:
+            try:
+                batch = decode_start(message.body)
+            except BadMessage as exc:
+                log.warning("runner %s: dead-lettering a start message: %s", self.runner_id, exc)
+                await self._dead_letter(message, str(exc))
+                return
+            self.counts["start_messages"] += 1
+            waits = [f for f in (self._take(order) for order in batch.orders) if f is not None]
+            self._notify()
+            try:
+                async with asyncio.timeout(START_CONFIRM_TIMEOUT_S):
+                    await asyncio.gather(*(asyncio.shield(f) for f in waits))
+            except (TimeoutError, BrokerError) as exc:
+                log.warning("runner %s: reports for start message %s not confirmed (%r); leaving it "
+                            "unacked", self.runner_id, message.message_id, exc)
+                return
+            await _settle(message.ack())
+            self.counts["start_acked"] += 1
+            await self._adjust_prefetch()
+        except Exception as exc:  # a bug: never requeue it forever
+            log.exception("runner %s: start message %s", self.runner_id, message.message_id)
+            await self._dead_letter(message, f"runner error: {exc!r}")
+        finally:
+            self._notify()
+
+    def _take(self, order: StartOrder) -> asyncio.Future[None] | None:
+        """Register one order; the future resolves when its report is confirmed."""
+        tid = order.task_id
+        current = self._pollers.get(tid)
+        if current is not None:
+            if current.attempt >= order.attempt:
+                self.counts["duplicate_orders"] += 1
+                rr = current.running_report
+                if rr is not None and rr.done() and (rr.cancelled() or rr.exception() is not None):
+                    # Its "running" was never confirmed: say it again.
+                    rr = current.running_report = self._report(current.order, "running", confirm=True)
+                return rr
+            log.info("task %s: attempt %d replaces attempt %d", tid, order.attempt, current.attempt)
+            self._stop_poller(current)
+        elif self._ended.get(tid, 0) >= order.attempt:
+            self.counts["duplicate_orders"] += 1
+            return None
+        try:
+            handler = self._registry.get(order.handler)
+            url = handler.url(order.url_template, order.payload, self._base_urls)
+            parsed = httpx.URL(url)
+            if parsed.scheme not in ("http", "https") or not parsed.host:
+                raise HandlerError(f"{url!r} is not an http(s) URL")
+        except UnknownHandler as exc:
+            self.counts["failed_orders"] += 1
+            return self._report(order, "failed", {"reason": str(exc), "kind": "handler"}, confirm=True)
+        except Exception as exc:  # HandlerError or a handler's bug: the task cannot run
+            self.counts["failed_orders"] += 1
+            detail = {"reason": f"cannot build the URL: {exc}", "kind": "url"}
+            return self._report(order, "failed", detail, confirm=True)
+        if len(self._pollers) >= self.settings.concurrency:
+            self.counts["rejected"] += 1
+            reason = f"runner {self.runner_id} is at capacity ({self.settings.concurrency} tasks)"
+            return self._report(order, "rejected", {"reason": reason}, confirm=True)
+        assert self._deps is not None
+        poller = Poller(order=order, handler=handler, url=url, deps=self._deps)
+        self._pollers[tid] = poller
+        self.active[tid] = order.attempt
+        metrics.ACTIVE_POLLERS.inc()
+        self.counts["pollers_started"] += 1
+        # Queued before the poller's first tick can report anything: reports keep order.
+        poller.running_report = self._report(order, "running", {"url": url}, confirm=True)
+        poller.task = asyncio.create_task(self._run_poller(poller), name=f"poll-{tid}-{order.attempt}")
+        return poller.running_report
+
+    async def _run_poller(self, poller: Poller) -> None:
+        try:
+            await poller.run()
+        finally:
+            if self._pollers.get(poller.order.task_id) is poller:
+                self._remove(poller)
+            self._notify()
+
+    def _remove(self, poller: Poller) -> None:
+        tid = poller.order.task_id
+        if self._pollers.get(tid) is poller:
+            del self._pollers[tid]
+            del self.active[tid]
+            metrics.ACTIVE_POLLERS.dec()
+        self._remember_ended(tid, poller.attempt)
+
+    def _remember_ended(self, task_id: uuid.UUID, attempt: int) -> None:
+        self._ended[task_id] = max(attempt, self._ended.get(task_id, 0))
+        self._ended.move_to_end(task_id)
+        while len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
+
+    def _stop_poller(self, poller: Poller) -> None:
+        """At once and silently (no more reports for it)."""
+        self._remove(poller)
+        if poller.task is not None:
+            poller.task.cancel()
+        self._notify()
+
+    # -- control -----------------------------------------------------------------------
+
+    async def _on_control(self, message: broker.Message) -> None:
+        try:
+            try:
+                stop = decode_stop(message.body)
+            except BadMessage as exc:
+                log.warning("runner %s: dead-lettering a control message: %s", self.runner_id, exc)
+                await self._dead_letter(message, str(exc))
+                return
+            poller = self._pollers.get(stop.task_id)
+            if poller is not None and poller.attempt <= stop.attempt:
+                log.info("task %s attempt %d: stopped (%s)", stop.task_id, poller.attempt, stop.reason)
+                self._stop_poller(poller)
+                self.counts["stopped"] += 1
+            else:
+                # A stop that overtook its start: do not start that attempt later.
+                self._remember_ended(stop.task_id, stop.attempt)
+            await _settle(message.ack())
+        except Exception as exc:
+            log.exception("runner %s: control message", self.runner_id)
+            await self._dead_letter(message, f"runner error: {exc!r}")
+        finally:
+            self._notify()
+
+    async def _dead_letter(self, message: broker.Message, reason: str) -> None:
+        assert self._publisher is not None
+        try:
+            await self._publisher.dead_letter(
+                message.body,
+                reason,
+                headers={
+                    "x-taskmgr-routing-key": message.routing_key or "",
+                    "x-taskmgr-runner": self.runner_id,
+                },
+            )
+        except BrokerError as exc:
+            log.error("runner %s: dead-lettering failed (%s); rejecting instead", self.runner_id, exc)
+            await _settle(message.reject(requeue=False))  # the queue's own DLX takes it
+            return
+        await _settle(message.ack())
+        self.counts["dead_lettered"] += 1
+
+    # -- reports, heartbeats, prefetch -------------------------------------------------
+
+    def _report(
+        self,
+        order: StartOrder,
+        status: ReportStatus,
+        detail: dict[str, Any] | None = None,
+        *,
+        confirm: bool = False,
+    ) -> asyncio.Future[None] | None:
+        assert self._reports is not None
+        report = Report(
+            task_id=order.task_id,
+            attempt=order.attempt,
+            status=status,
+            at=datetime.now(UTC),
+            detail=detail or {},
+        )
+        return self._reports.add(report, confirm=confirm)
+
+    def _poller_report(self, order: StartOrder, status: ReportStatus, detail: dict[str, Any]) -> None:
+        self._report(order, status, detail)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._send_heartbeat()
+            await self._adjust_prefetch()
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _send_heartbeat(self, *, stopping: bool = False) -> None:
+        assert self._publisher is not None
+        beat = Heartbeat(
+            runner_id=self.runner_id,
+            pool=self.settings.pool,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            at=datetime.now(UTC),
+            tasks=[(tid, p.attempt) for tid, p in self._pollers.items()],
+            stopping=stopping,
+        )
+        try:
+            await self._publisher.publish_progress(encode(beat))
+        except BrokerError as exc:  # the connection reconnects by itself
+            log.warning("runner %s: heartbeat not sent: %s", self.runner_id, exc)
+            return
+        self.counts["heartbeats"] += 1
+
+    async def _adjust_prefetch(self) -> None:
+        """Unacked start messages follow free capacity, so a full runner does not hoard
+        orders that another runner could start now."""
+        assert self._consumer is not None
+        free = self.settings.concurrency - len(self._pollers)
+        want = max(1, min(self.settings.prefetch_messages, free // self.settings.orders_per_message))
+        if want != self._prefetch and not self._stopping:
+            try:
+                await self._consumer.set_prefetch(want, channel_wide=True)
+            except Exception as exc:  # a reconnecting channel: try on the next beat
+                log.warning("runner %s: set prefetch %d: %r", self.runner_id, want, exc)
+                return
+            self._prefetch = want
+
+
+async def _settle(op: Any) -> None:
+    """Ack/nack/reject, tolerating a channel that was replaced meanwhile (the broker
+    then redelivers the message, and a duplicate start changes nothing)."""
+    try:
+        await op
+    except Exception as exc:
+        log.warning("could not settle a message: %r", exc)
+
+
+async def run_runner(settings: Settings, stop: asyncio.Event) -> None:
+    """The `taskmgr runner` command: run one TaskRunner until `stop` is set."""
+    from prometheus_client import start_http_server
+
+    from taskmgr.db import make_engine
+
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+    engine = make_engine(settings.database_url, name="taskmgr-runner")
+    try:
+        async with TaskRunner(settings=settings, engine=engine, registry=Registry.default()) as runner:
+            log.info("runner %s: pool %s, up to %d tasks", runner.runner_id, settings.pool,
+                     settings.concurrency)
+            await runner.run(stop)
+    finally:
+        await engine.dispose()
