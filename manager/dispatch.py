@@ -93,7 +93,9 @@ class Dispatcher:
                 current[tid] = CurrentState(
                     tid, state, r["attempt"], r["failures"], r["runner_id"], r["run_at"], r["type"], r["root_id"]
                 )
-                late_s = (now - r["run_at"]).total_seconds()
+                # Lateness counts from when the task could first have started: a task
+                # scheduled with a due time already past is late only from its creation.
+                late_s = (now - max(r["run_at"], r["created_at"])).total_seconds()
                 policy = MisfirePolicy(r["misfire_policy"])
                 rule = recur.parse(r["recurrence"]) if r["recurrence"] else None
                 if rule is not None and state is State.SCHEDULED:
@@ -102,10 +104,11 @@ class Dispatcher:
                     )
                     if nxt is not None:
                         next_rows.append(_next_occurrence_row(r, nxt))
-                    if policy is MisfirePolicy.SKIP and late_s > r["misfire_grace_s"]:
+                    behind_s = (now - r["run_at"]).total_seconds()  # the slot missed, by the rule
+                    if policy is MisfirePolicy.SKIP and behind_s > r["misfire_grace_s"]:
                         transitions.append(
                             Transition(tid, State.CANCELLED, r["attempt"], "manager",
-                                       detail={"reason": "misfired", "late_s": round(late_s, 3)})
+                                       detail={"reason": "misfired", "late_s": round(behind_s, 3)})
                         )
                         counts.skipped += 1
                         continue

@@ -89,7 +89,7 @@ where s.task_id = u.task_id;
 -- with what a start order needs. Cost: the entries of task_state_due_idx up to :now,
 -- not the history.
 select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.payload,
-    t.due_at, t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by,
+    t.due_at, t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by, t.created_at,
     tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
     tt.max_consecutive_failures, tt.misfire_policy, tt.misfire_grace_s
 from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type

@@ -42,7 +42,8 @@ FEED_PORT = int(os.environ.get("TASKMGR_DEMO_FEED_PORT", "8765"))
 STATUS_EVERY_S = 5.0
 GAME_TYPES = ("live_game", "period_score")
 
-console = Console(highlight=False)
+# Piped or captured output gets wide lines rather than wrapped ones.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 class Demo:
@@ -116,7 +117,9 @@ class Demo:
         d = ev.data
         game = f"{d.get('provider', '')}:{d.get('away_team', '?')}@{d.get('home_team', '?')}"
         score = ""
-        if "home_score" in d or "away_score" in d:
+        if ev.event == "period.score":
+            score = f"p{d.get('period')} {d.get('away')}-{d.get('home')}"
+        elif "home_score" in d or "away_score" in d:
             score = f"{d.get('away_score')}-{d.get('home_score')}"
         colour = {"game.final": "bold green", "game.started": "cyan", "period.ended": "magenta",
                   "game.postponed": "yellow", "score.changed": "white"}.get(ev.event, "dim")
@@ -137,15 +140,17 @@ class Demo:
         # The accelerated clock: poll the box scores every second.
         await service.update_type("live_game", poll_interval_s=1.0)
         await service.update_type("period_score", poll_interval_s=1.0)
+        await self.start("manager", "manager")
+        await self.start("runner-1", "runner", "--pool", "default")
+        await self.start("runner-2", "runner", "--pool", "default")
         if not self.settings.provider_urls:
-            await self.start("feed", "feed", "--port", str(FEED_PORT), "--games", str(self.games))
+            # The games start 15 s to 60 s after the feed does.
+            await self.start("feed", "feed", "--port", str(FEED_PORT), "--games", str(self.games),
+                             "--first-start-s", "15", "--spread-s", "45")
             day = await self.wait_feed()
             console.print(f"simulated feed on {self.settings.feed_url}: {self.games} games per provider, day {day}")
         else:
             day = datetime.now(UTC).date()
-        await self.start("manager", "manager")
-        await self.start("runner-1", "runner", "--pool", "default")
-        await self.start("runner-2", "runner", "--pool", "default")
         started = time.monotonic()
         deadline = started + minutes * 60 if minutes else None
         topo = Topology(DEMO_PREFIX)

@@ -36,18 +36,21 @@ async def schedule(service: TaskService, type_: str, n: int, *, due_at: datetime
 
 async def drain(url: str, queue: str, *, expect: int | None = None, timeout: float = 10.0) -> list[bytes]:
     """Take every message from a queue (acking them). With `expect`, wait until that
-    many have arrived (and check no more are there)."""
+    many start orders have arrived (the queue may not exist yet)."""
     conn = await aio_pika.connect(url)
     bodies: list[bytes] = []
     try:
-        ch = await conn.channel()
-        q = await ch.get_queue(queue, ensure=False)
         async with asyncio.timeout(timeout):
             while True:
-                msg = await q.get(no_ack=True, fail=False)
-                if msg is not None:
-                    bodies.append(msg.body)
+                ch = await conn.channel()
+                try:
+                    q = await ch.get_queue(queue, ensure=True)
+                except aio_pika.exceptions.ChannelClosed:  # not declared yet
+                    await asyncio.sleep(0.05)
                     continue
+                while (msg := await q.get(no_ack=True, fail=False)) is not None:
+                    bodies.append(msg.body)
+                await ch.close()
                 if expect is None or _orders(bodies) >= expect:
                     break
                 await asyncio.sleep(0.05)

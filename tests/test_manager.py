@@ -355,7 +355,8 @@ async def test_manager_dispatches_on_wakeup_and_one_leads(
         # Due now: the NOTIFY at commit wakes the leader long before its 30 s poll.
         await schedule(service, poll_type, 5)
         orders = start_orders(await drain(settings.amqp_url, topology.start_queue("default"), expect=5, timeout=5))
-        assert len(orders) == 5 and leader.dispatched.claimed == 5
+        assert len(orders) == 5
+        await wait_for(lambda: _ready(leader.dispatched.claimed == 5))
         stop.set()
         await asyncio.gather(*runs)
     assert not await leader_present(engine)
@@ -427,13 +428,18 @@ async def test_lateness_is_recorded_and_alerted(
     engine, service, publisher, settings, poll_type, caplog  # type: ignore[no-untyped-def]
 ) -> None:
     now = datetime.now(UTC)
-    [late] = await schedule(service, poll_type, 1, due_at=now - timedelta(seconds=30))
-    [ontime] = await schedule(service, poll_type, 1, due_at=now)
-    counts = await dispatcher(engine, publisher, settings).poll_once()
-    assert counts.late == 1
-    started = {t: [e for e in await service.history(t) if e.state == State.STARTED][0] for t in (late, ontime)}
-    assert started[late].detail["lateness_ms"] >= 30_000
-    assert started[ontime].detail["lateness_ms"] < 5_000
+    [late] = await schedule(service, poll_type, 1, due_at=now)
+    [ontime] = await schedule(service, poll_type, 1, due_at=now + timedelta(seconds=30))
+    [backdated] = await schedule(service, poll_type, 1, due_at=now - timedelta(hours=1))
+    # The manager gets to them 30 s after `late` was due (an outage, say).
+    counts = await dispatcher(engine, publisher, settings, Clock(now + timedelta(seconds=30))).poll_once()
+    assert (counts.claimed, counts.late) == (3, 2)
+    started = {t: [e for e in await service.history(t) if e.state == State.STARTED][0]
+               for t in (late, ontime, backdated)}
+    assert 30_000 <= started[late].detail["lateness_ms"] < 35_000
+    assert started[ontime].detail["lateness_ms"] == 0
+    # Scheduled with a due time already past: late only from its creation.
+    assert 29_000 <= started[backdated].detail["lateness_ms"] <= 30_000
     assert any("after it was due" in r.getMessage() and getattr(r, "task_id", None) == str(late)
                for r in caplog.records)
 
