@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -91,7 +93,11 @@ class TaskManager:
         """Campaign for leadership until `stop`; lead while the lock is held."""
         while not stop.is_set():
             try:
-                conn = await asyncpg.connect(asyncpg_dsn(self.settings.database_url))
+                # The application name shows who leads in pg_stat_activity.
+                conn = await asyncpg.connect(
+                    asyncpg_dsn(self.settings.database_url),
+                    server_settings={"application_name": f"taskmgr-leader-{socket.gethostname()}-{os.getpid()}"},
+                )
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("cannot reach PostgreSQL for leadership: %s", exc)
                 await _wait(stop, self.settings.leader_retry)
