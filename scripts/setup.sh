@@ -107,6 +107,28 @@ create_database() {
   fi
 }
 
+# RabbitMQ users with the least each needs (names are prefix-agnostic: the prefix is a
+# deployment setting). Development passwords equal the user names; set
+# TASKMGR_RABBIT_PASSWORD_<USER> to choose others.
+rabbit_users() {
+  local existing
+  existing=$(rabbitmqctl -q list_users 2>/dev/null | cut -f1)
+  local spec user conf write read
+  # user, then the configure, write and read permission patterns (space-separated).
+  for spec in \
+    'taskmgr_manager ^[^.]+\..*$ ^([^.]+\..*|amq\.default)$ ^[^.]+\..*$' \
+    'taskmgr_runner ^[^.]+\.(start\..+|control\..+|events|control|progress|dlx|dead)$ ^([^.]+\.(events|control\..+|dlx|dead)|amq\.default)$ ^[^.]+\.(start\..+|control\..+|control|dlx)$' \
+    'taskmgr_consumer ^amq[._].*$ ^amq[._].*$ ^([^.]+\.events|amq[._].*)$'; do
+    read -r user conf write read <<<"$spec"
+    if ! grep -qx "$user" <<<"$existing"; then
+      say "creating RabbitMQ user $user"
+      local var="TASKMGR_RABBIT_PASSWORD_${user^^}"
+      rabbitmqctl -q add_user "$user" "${!var:-$user}" >/dev/null
+    fi
+    rabbitmqctl -q set_permissions -p / "$user" "$conf" "$write" "$read" >/dev/null
+  done
+}
+
 make_venv() {
   cd "$here"
   local stamp=.venv/.taskmgr-installed want
@@ -128,6 +150,7 @@ if [ "${TASKMGR_SETUP_SKIP_SYSTEM:-0}" != 1 ]; then
   timescaledb_installed || install_timescaledb
   preload_timescaledb
   start_rabbitmq
+  rabbit_users
   create_database
 fi
 make_venv

@@ -222,7 +222,8 @@ update tasks set due_at = :due_at where id = :id;
 update task_state set run_at = :due_at, changed_at = :now where task_id = :id and state = 'SCHEDULED';
 
 -- drop_chunks --
-select count(*) from drop_chunks('task_events', older_than => cast(:older_than as timestamptz));
+-- Through a SECURITY DEFINER function (sql/0003): drop_chunks needs the table's owner.
+select taskmgr_drop_old_events(cast(:older_than as timestamptz));
 
 -- leader_present --
 select exists (select 1 from pg_locks where locktype = 'advisory' and granted

@@ -190,7 +190,12 @@ class Publisher:
 class Consumer:
     """Consumes queues on its own connection. `prefetch` bounds unacked messages."""
 
-    def __init__(self, *, url: str, topology: Topology, prefetch: int, name: str = "taskmgr") -> None:
+    def __init__(
+        self, *, url: str, topology: Topology, prefetch: int, name: str = "taskmgr", declare: bool = True
+    ) -> None:
+        """declare=False: do not declare the system's exchanges and queues (a downstream
+        consumer whose RabbitMQ user may only read the events exchange)."""
+        self._declare = declare
         self._url = url
         self.topology = topology
         self._prefetch = prefetch
@@ -206,7 +211,8 @@ class Consumer:
         self._channel = await self._conn.channel()  # type: ignore[assignment]
         assert self._channel is not None
         await self._channel.set_qos(prefetch_count=self._prefetch)
-        await _declare_common(self._channel, self.topology)
+        if self._declare:
+            await _declare_common(self._channel, self.topology)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -663,7 +663,8 @@ def events_tail(ctx: click.Context, routing_key: str, count: int, timeout: float
             if count and got >= count:
                 done.set()
 
-        async with Consumer(url=settings.amqp_url, topology=Topology(settings.amqp_prefix), prefetch=100) as c:
+        async with Consumer(url=settings.amqp_url, topology=Topology(settings.amqp_prefix), prefetch=100,
+                            declare=False) as c:
             await c.consume_events(routing_key, on_event)
             click.echo(f"listening on {settings.amqp_prefix}.events for {routing_key!r}", err=True)
             with contextlib.suppress(TimeoutError):

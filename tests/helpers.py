@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -89,3 +90,13 @@ async def queue_depth(url: str, queue: str) -> int:
 
 def topology_of(prefix: str) -> Topology:
     return Topology(prefix)
+
+
+def as_role(database_url: str, role: str) -> str:
+    """The database URL for one of the roles of sql/0003 (trust auth here)."""
+    return re.sub(r"//[^@/]*@", f"//{role}@", database_url)
+
+
+def amqp_as(url: str, user: str) -> str:
+    """The broker URL for one of scripts/setup.sh's users (development passwords)."""
+    return re.sub(r"//[^@/]*@", f"//{user}:{user}@", url)

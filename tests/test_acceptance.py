@@ -24,15 +24,18 @@ from taskmgr.messages import decode_event
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
-from tests.helpers import drain, schedule, start_orders, wait_for
+from tests.helpers import amqp_as, as_role, drain, schedule, start_orders, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean")]
 
 
-def env_of(settings: Settings, **extra: Any) -> dict[str, str]:
+def env_of(settings: Settings, role: str, **extra: Any) -> dict[str, str]:
+    """The environment of a `taskmgr` process running as `role` (its database role and
+    RabbitMQ user, sql/0003 and scripts/setup.sh)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
     env.update({
-        "TASKMGR_DATABASE_URL": settings.database_url, "TASKMGR_AMQP_URL": settings.amqp_url,
+        "TASKMGR_DATABASE_URL": as_role(settings.database_url, role),
+        "TASKMGR_AMQP_URL": amqp_as(settings.amqp_url, role),
         "TASKMGR_AMQP_PREFIX": settings.amqp_prefix, "TASKMGR_LOG_LEVEL": "INFO",
         "TASKMGR_POLL_INTERVAL": "0.2", "TASKMGR_RECOVERY_INTERVAL": "0.5", "TASKMGR_HEARTBEAT_INTERVAL": "0.3",
         "TASKMGR_RUNNER_DEAD_AFTER": "2", "TASKMGR_LEADER_RETRY": "0.3",
@@ -82,7 +85,7 @@ async def test_leader_killed_mid_dispatch_standby_takes_over(engine, service, se
     task is claimed exactly once (one STARTED for attempt 1) and reaches the queue."""
     await service.create_type({"name": "work", "handler": "noop"})
     n = 20_000
-    env = env_of(settings, TASKMGR_DISPATCH_BATCH=1000)
+    env = env_of(settings, "taskmgr_manager", TASKMGR_DISPATCH_BATCH=1000)
     managers = [await procs.start(env, "manager") for _ in range(3)]
     await wait_for(lambda: leader_pid(engine), timeout=20)
     ids = await schedule(service, "work", n, due_at=datetime.now(UTC) + timedelta(seconds=2))
@@ -137,7 +140,7 @@ async def test_runner_killed_mid_game_its_games_finish_on_the_other(engine, serv
                                        intermission_s=0.3, providers=("nba", "nhl")))
     settings = settings.model_copy(update={"feed_url": feed.url, "schedule_lead_s": 0.0,
                                            "leagues": "nba:nba,nhl:nhl"})
-    env = env_of(settings, TASKMGR_FEED_URL=feed.url)
+    env = env_of(settings, "taskmgr_runner", TASKMGR_FEED_URL=feed.url)
     events: list[Any] = []
     stop = asyncio.Event()
     try:
@@ -191,7 +194,7 @@ async def test_sigterm_hands_tasks_back_and_exits_within_10_s(engine, service, s
     feed = await start_feed(FeedConfig(seed=3, games_per_provider=2, first_start_s=0, spread_s=1, period_s=60,
                                        providers=("nba",)))
     settings = settings.model_copy(update={"feed_url": feed.url, "schedule_lead_s": 0.0, "leagues": "nba:nba"})
-    env = env_of(settings, TASKMGR_FEED_URL=feed.url)
+    env = env_of(settings, "taskmgr_runner", TASKMGR_FEED_URL=feed.url)
     stop = asyncio.Event()
     try:
         async with TaskManager(settings=settings, engine=engine) as manager:

@@ -19,7 +19,7 @@ from taskmgr.errors import (
     TaskNotFound,
     TaskTypeNotFound,
 )
-from taskmgr.migrate import asyncpg_dsn, current_version, migrate
+from taskmgr.migrate import asyncpg_dsn, available, current_version, migrate
 from taskmgr.models import State, Transition
 from taskmgr.service import NewTask, TaskService
 from tests.conftest import AMQP_URL
@@ -52,7 +52,7 @@ async def game_type(service: TaskService) -> str:
 
 async def test_migrate_twice_changes_nothing(database_url: str) -> None:
     assert await migrate(database_url) == []
-    assert await current_version(database_url) == "0002"
+    assert await current_version(database_url) == available()[-1].version
 
 
 async def test_task_events_is_a_hypertable(database_url: str) -> None:
