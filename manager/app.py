@@ -105,8 +105,11 @@ class TaskManager:
             try:
                 if await conn.fetchval("select pg_try_advisory_lock($1, $2)", *store.LEADER_LOCK):
                     await self._lead(conn, stop)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("leadership connection lost: %s", exc)
+            except Exception as exc:  # includes the ExceptionGroup of the leader's TaskGroup
+                # Losing the lock connection (a PostgreSQL restart), the broker, or a
+                # failing loop ends this term; the manager campaigns again, as a standby
+                # would. It never exits on its own: only `stop` ends it.
+                log.warning("leadership ended: %r; campaigning again", exc)
             finally:
                 self.is_leader.clear()
                 metrics.LEADER.set(0)

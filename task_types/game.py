@@ -46,13 +46,15 @@ def _scores(game: Game) -> dict[str, int | None]:
 
 
 def _period_data(game: Game, number: int) -> dict[str, Any]:
+    # Only what the observation key (the period) determines: an event id must never
+    # stand for two contents, so no running totals or clocks that a later poll sees
+    # differently.
     line = next((p for p in game.periods if p.period == number), None)
     return {
         **game_ref(game),
         "period": number,
         "home": line.home if line else None,
         "away": line.away if line else None,
-        **_scores(game),
     }
 
 
@@ -101,7 +103,7 @@ def observe(ctx: PollContext, game: Game) -> Outcome:
             EmittedEvent(
                 "score.changed",
                 f"p{game.period}:{game.away_score}-{game.home_score}",
-                {**ref, **_scores(game), "period": game.period, "clock": game.clock},
+                {**ref, **_scores(game), "period": game.period},
             )
         )
         state["score"] = score

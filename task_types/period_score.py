@@ -33,7 +33,5 @@ class PeriodScoreHandler(BaseHandler):
             # False where the provider's box score has no line score (the NHL's: per-period
             # goals are only in /landing).
             "available": line is not None,
-            "home_score": game.home_score,
-            "away_score": game.away_score,
         }
         return Outcome(events=[EmittedEvent("period.score", f"p{period}", data)], done=True)

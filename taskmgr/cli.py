@@ -813,5 +813,26 @@ _lazy_bench("runner", "One runner process polling a local box-score server.", [
 ])
 
 
+
+@bench.command("chaos")
+@click.option("--minutes", type=float, default=5.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Replay a run (printed in its output).")
+@click.option("--kinds", default="runner,manager,broker,postgres,api", show_default=True,
+              help="Fault kinds to inject.")
+@click.pass_context
+def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str) -> None:
+    """A game day under faults; checks the invariants against the feed's ground truth.
+    Exit 1 if one failed. Restarts PostgreSQL (needs root): not for a shared server."""
+    from bench.chaos import main as chaos
+
+    try:
+        result = run(chaos(settings_of(ctx), minutes=minutes, seed=seed, kinds=kinds))
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    click.echo(json.dumps(result))
+    if not result["ok"]:
+        sys.exit(EXIT_FAILURE)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

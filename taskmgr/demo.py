@@ -117,7 +117,7 @@ class Demo:
         d = ev.data
         game = f"{d.get('provider', '')}:{d.get('away_team', '?')}@{d.get('home_team', '?')}"
         score = ""
-        if ev.event == "period.score":
+        if ev.event in ("period.score", "period.ended"):
             score = f"p{d.get('period')} {d.get('away')}-{d.get('home')}"
         elif "home_score" in d or "away_score" in d:
             score = f"{d.get('away_score')}-{d.get('home_score')}"
