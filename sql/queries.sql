@@ -245,3 +245,28 @@ where state = 'STARTED' and time >= :since and detail ? 'lateness_ms';
 -- next_run_at --
 -- The earliest waiting task (one index probe): the manager sleeps until then at most.
 select min(run_at) as at from task_state where state in ('SCHEDULED', 'RETRYING');
+
+-- rebuild_state --
+-- The projection again from the history: each task's last applied event (tasks whose
+-- history retention has dropped keep their row). STARTED orders come back unsent, so
+-- the relay sends them again (runners drop repeats).
+with last as (
+    select distinct on (task_id) task_id, state, attempt, runner_id, time, detail
+    from task_events where applied
+    order by task_id, seq desc
+), failures as (
+    select distinct on (task_id) task_id, (detail->>'failures')::int as n
+    from task_events where applied and detail ? 'failures'
+    order by task_id, seq desc
+)
+update task_state s set
+    state = l.state,
+    attempt = l.attempt,
+    failures = coalesce(f.n, 0),
+    runner_id = case when l.state in ('SCHEDULED', 'STARTED', 'RETRYING') then null else l.runner_id end,
+    run_at = case l.state when 'SCHEDULED' then t.due_at
+                          when 'RETRYING' then coalesce((l.detail->>'retry_at')::timestamptz, l.time) end,
+    sent_at = null,
+    changed_at = l.time
+from last l join tasks t on t.id = l.task_id left join failures f on f.task_id = l.task_id
+where s.task_id = l.task_id;

@@ -236,6 +236,25 @@ def migrate(ctx: click.Context) -> None:
                f"schema up to date (version {version})")
 
 
+@main.command("rebuild-state")
+@click.pass_context
+def rebuild_state(ctx: click.Context) -> None:
+    """Recompute the current-state projection (task_state) from the task_events history.
+    Run it with the managers stopped."""
+    from taskmgr import store
+    from taskmgr.db import make_engine
+
+    async def go() -> int:
+        engine = make_engine(settings_of(ctx).database_url, pool_size=1, name="taskmgr-cli")
+        try:
+            async with engine.begin() as conn:
+                return await store.rebuild_state(conn)
+        finally:
+            await engine.dispose()
+
+    click.echo(f"rebuilt the state of {run(go())} tasks from task_events")
+
+
 @main.command("manager")
 @_opt("--poll-interval", env="TASKMGR_POLL_INTERVAL", type=float, default=None, help="Seconds between polls.")
 @_opt("--metrics-port", env="TASKMGR_METRICS_PORT", type=int, default=None, help="Prometheus port (0: off).")

@@ -427,7 +427,7 @@ class TaskService:
                 raise TaskNotFound(task_id)
             await store.apply_transitions(
                 session,
-                [Transition(task_id, State.RETRYING, cur.attempt, source, detail={"reason": "manual retry"})],
+                [Transition(task_id, State.RETRYING, cur.attempt, source, detail={"reason": "manual retry", "failures": 0})],
                 self._clock(),
                 current={task_id: replace(cur, failures=0)},
             )

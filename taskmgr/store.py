@@ -486,3 +486,8 @@ async def lateness_ms(conn: Conn, since: datetime) -> list[float]:
 
 async def next_run_at(conn: Conn) -> datetime | None:
     return (await _run(conn, "next_run_at")).scalar_one()  # type: ignore[no-any-return]
+
+
+async def rebuild_state(conn: Conn) -> int:
+    """Recompute task_state from task_events; returns the rows rewritten."""
+    return int((await _run(conn, "rebuild_state")).rowcount)

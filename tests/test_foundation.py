@@ -335,3 +335,33 @@ async def test_store_never_returns_rows(service: TaskService, game_type: str, en
     async with engine.connect() as conn:
         t = await store.get_type(conn, game_type)
     assert t is not None and t.payload_schema == SCHEMA
+
+
+async def test_projection_is_rebuilt_from_the_history(service: TaskService, game_type: str, engine) -> None:  # type: ignore[no-untyped-def]
+    now = datetime.now(UTC)
+    async with service.session() as session, session.begin():
+        a, b, c, d = [
+            r.id for r in await service.schedule_many(
+                session, [NewTask(game_type, {"game_id": str(i)}, due_at=now) for i in range(4)])
+        ]
+        await service.record(session, [
+            Transition(b, State.STARTED, 1, "manager"),
+            Transition(b, State.RUNNING, 1, "runner", runner_id="r1"),
+            Transition(c, State.STARTED, 1, "manager"),
+            Transition(c, State.RETRYING, 1, "manager", count_failure=True, run_at=now + timedelta(minutes=5),
+                       detail={"failures": 1, "retry_at": (now + timedelta(minutes=5)).isoformat()}),
+            Transition(d, State.STARTED, 1, "manager"),
+            Transition(d, State.FINISHED, 1, "runner", runner_id="r2"),
+        ])
+    before = {t: await service.get_task(t) for t in (a, b, c, d)}
+    async with engine.begin() as conn:
+        await conn.execute(text("update task_state set state = 'FAILED', attempt = 9, failures = 7, runner_id = 'x',"
+                                " run_at = null"))
+        assert await store.rebuild_state(conn) == 4
+    for t, was in before.items():
+        now_ = await service.get_task(t)
+        assert (now_.state, now_.attempt, now_.failures, now_.runner_id) == (
+            was.state, was.attempt, was.failures, was.runner_id), t
+    async with engine.connect() as conn:
+        run_ats = dict((await conn.execute(text("select task_id, run_at from task_state"))).all())
+    assert run_ats[a] == now and run_ats[c] == now + timedelta(minutes=5) and run_ats[b] is None
