@@ -289,8 +289,10 @@ class Harness:
         truth = {g["game_id"]: g for g in (await self.truth())["games"]}
         inv: dict[str, dict[str, Any]] = {"all games ended in time": {"ok": ended}}
         finals: dict[str, set[Any]] = defaultdict(set)
-        wrong_final, contents, phantom = [], {}, []
-        seen_scores: dict[str, set[tuple[int, int]]] = defaultdict(set)
+        wrong_final: list[str] = []
+        contents: dict[str, Any] = {}
+        phantom: list[tuple[str, Any]] = []
+        seen_scores: dict[str, set[tuple[Any, Any]]] = defaultdict(set)
         conflicting = 0
         for _, ev in self.events:
             key = str(ev.event_id)

@@ -34,15 +34,16 @@ EXIT_BAD_INPUT = 2
 # -- plumbing -----------------------------------------------------------------------
 
 
-def _opt(*names: str, env: str, **kw: Any) -> Callable[[T], T]:
+def _opt(*names: str, env: str, **kw: Any) -> Callable[[Any], Any]:
+    """An option that also reads `env` and names it in --help."""
     return click.option(*names, envvar=env, show_envvar=True, **kw)
 
 
-def output_option(f: T) -> T:
+def output_option(f: Any) -> Any:
     return click.option(
         "--output", "-o", type=OUTPUTS, default="table", show_default=True,
         envvar="TASKMGR_OUTPUT", show_envvar=True, help="Output format.",
-    )(f)  # type: ignore[return-value]
+    )(f)
 
 
 class Fail(click.ClickException):
@@ -664,31 +665,54 @@ def events_tail(ctx: click.Context, routing_key: str, count: int, timeout: float
     settings = settings_of(ctx)
 
     async def go() -> int:
+        import aio_pika
+
+        from taskmgr.messages import BadMessage
+
         got = 0
         done = asyncio.Event()
 
         async def on_event(message: Any) -> None:
             nonlocal got
-            await message.ack()
-            ev = decode_event(message.body)
+            # Deliveries are handled concurrently: count before any await, so --count N
+            # prints N events, not the N plus those already prefetched.
+            if count and got >= count:
+                return  # unacked: the temporary queue goes away with us
+            try:
+                ev = decode_event(message.body)
+            except BadMessage as exc:
+                await message.ack()
+                click.echo(f"skipped a malformed event ({message.routing_key}): {exc}", err=True)
+                return
             got += 1
+            if count and got >= count:
+                done.set()
+            await message.ack()
             row = {"time": ev.observed_at, "routing_key": message.routing_key, "event_id": ev.event_id,
                    "task_id": ev.task_id, "runner": ev.task_runner_id, "data": ev.data}
             if output == "table":
                 click.echo(f"{row['time'].isoformat(timespec='seconds')}  {row['routing_key']:<32} "
                            f"task={str(ev.task_id)[:8]} runner={ev.task_runner_id} {json.dumps(ev.data)[:100]}")
-            else:
-                emit(row, output)
-            if count and got >= count:
-                done.set()
+            elif output == "json":  # JSON Lines: one event per line, for jq and scripts
+                click.echo(json.dumps(jsonable(row), separators=(",", ":")))
+            else:  # a YAML document per event
+                click.echo("---\n" + yaml.safe_dump(jsonable(row), sort_keys=False, allow_unicode=True).rstrip())
 
-        async with Consumer(url=settings.amqp_url, topology=Topology(settings.amqp_prefix), prefetch=100,
-                            declare=False) as c:
-            await c.consume_events(routing_key, on_event)
-            click.echo(f"listening on {settings.amqp_prefix}.events for {routing_key!r}", err=True)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout or None):
-                    await done.wait()
+        exchange = Topology(settings.amqp_prefix).events
+        try:
+            async with Consumer(url=settings.amqp_url, topology=Topology(settings.amqp_prefix), prefetch=100,
+                                declare=False) as c:
+                try:
+                    await c.consume_events(routing_key, on_event)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    raise Fail(f"no exchange {exchange!r}: no manager or runner has declared it yet "
+                               "(or --amqp-prefix is wrong)") from None
+                click.echo(f"listening on {exchange} for {routing_key!r}", err=True)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout or None):
+                        await done.wait()
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            raise Fail(f"RabbitMQ: {exc!r}"[:300]) from None
         return got
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -821,6 +845,8 @@ def _lazy_bench(name: str, help_: str, params: Iterable[click.Parameter]) -> Non
 _lazy_bench("dispatch", "N tasks due at one instant: throughput and lateness to a runner process.", [
     click.Option(["--tasks"], type=int, default=10000, show_default=True),
     click.Option(["--vs"], default="", help="Peers to compare: taskiq,procrastinate,..."),
+    click.Option(["--profile"], default=None, help="Write a py-spy profile (collapsed stacks) of the manager here."),
+    click.Option(["--variant"], default="", help="Experimental dispatch: timed,pipelined,nometrics (bench/manager_variant.py)."),
 ])
 _lazy_bench("discovery", "A poll's time with N events in history against an empty history.", [
     click.Option(["--events"], type=int, default=10_000_000, show_default=True),
@@ -829,6 +855,11 @@ _lazy_bench("runner", "One runner process polling a local box-score server.", [
     click.Option(["--pollers"], type=int, default=10000, show_default=True),
     click.Option(["--interval"], type=float, default=10.0, show_default=True),
     click.Option(["--seconds"], type=float, default=30.0, show_default=True),
+    click.Option(["--etag"], type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+                 help="Serve the box score with an ETag (304s), without, or both runs."),
+])
+_lazy_bench("footprint", "Idle RSS of a manager and a runner, and of a runner holding N pollers.", [
+    click.Option(["--pollers"], type=int, default=10000, show_default=True),
 ])
 
 

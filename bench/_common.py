@@ -1,0 +1,155 @@
+# ruff: noqa: ASYNC109, ASYNC110
+"""Pieces the benchmarks share: their own database and RabbitMQ prefix, subprocesses that
+are always stopped, per-process CPU and memory from /proc, percentiles, the machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from taskmgr.migrate import asyncpg_dsn, migrate
+from taskmgr.settings import Settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(name: str, msg: str) -> None:
+    print(f"[bench {name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def with_db(url: str, db: str) -> str:
+    """The same server, another database name."""
+    head, _, tail = url.rpartition("/")
+    query = tail.partition("?")[2]
+    return f"{head}/{db}" + (f"?{query}" if query else "")
+
+
+async def fresh_database(settings: Settings, db: str, *, migrated: bool = True) -> str:
+    """Drop (with force) and create `db` on the settings' server; apply the migrations.
+    Returns its SQLAlchemy URL."""
+    url = with_db(settings.database_url, db)
+    admin = await asyncpg.connect(asyncpg_dsn(with_db(settings.database_url, "postgres")))
+    try:
+        await admin.execute(f'drop database if exists "{db}" with (force)')
+        await admin.execute(f'create database "{db}"')
+    finally:
+        await admin.close()
+    if migrated:
+        await migrate(url)
+    return url
+
+
+def new_prefix() -> str:
+    return f"bench{uuid.uuid4().hex[:8]}"
+
+
+def child_env(settings: Settings, database_url: str, prefix: str, **extra: Any) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "TASKMGR_DATABASE_URL": database_url,
+            "TASKMGR_AMQP_URL": settings.amqp_url,
+            "TASKMGR_AMQP_PREFIX": prefix,
+            "TASKMGR_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        }
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Procs:
+    """Subprocesses started by a benchmark; `stop_all` (SIGTERM, then SIGKILL) in a finally."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: Sequence[str], env: Mapping[str, str], **kw: Any) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([sys.executable, *args], env=dict(env), cwd=ROOT, **kw)
+        self.procs.append(p)
+        log(self.name, f"started pid {p.pid}: {' '.join(args)}")
+        return p
+
+    async def stop(self, p: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while p.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait()
+
+    async def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                await self.stop(p)
+        self.procs.clear()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = f.readline().split(":", 1)[1].strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "memory": mem,
+        "python": platform.python_version(),
+        "note": "PostgreSQL, RabbitMQ and every benchmark process share these cores",
+    }
+
+
+async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)

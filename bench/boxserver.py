@@ -1,0 +1,83 @@
+"""A local box-score API for `taskmgr bench runner`, run as its own process:
+
+    python -m bench.boxserver --port P [--etag]
+
+Serves a recorded NBA live box score (tests/fixtures/nba, made live: 1st quarter, so a
+poll of a game in progress and no follow-on tasks) at the NBA CDN path for any game id,
+compact JSON (~32 KB). With --etag the response has an ETag and a matching If-None-Match
+gets 304. GET /_stats: {"requests": n, "not_modified": m}. Prints "ready" when listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from aiohttp import web
+
+FIXTURE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "tests",
+    "fixtures",
+    "nba",
+    "dliu713_nba-scores-website__boxscore_0042200123.json",
+)
+
+
+def live_body() -> bytes:
+    with open(FIXTURE) as f:
+        doc = json.load(f)
+    g = doc["game"]
+    g["gameStatus"] = 2
+    g["gameStatusText"] = "Q1 5:12"
+    g["period"] = 1
+    g["gameClock"] = "PT05M12.00S"
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def app(etag: bool) -> web.Application:
+    body = live_body()
+    tag = '"bench-v1"'
+    stats = {"requests": 0, "not_modified": 0, "bytes": len(body)}
+
+    async def box(request: web.Request) -> web.Response:
+        stats["requests"] += 1
+        if etag:
+            if request.headers.get("If-None-Match") == tag:
+                stats["not_modified"] += 1
+                return web.Response(status=304, headers={"ETag": tag})
+            return web.Response(body=body, content_type="application/json", headers={"ETag": tag})
+        return web.Response(body=body, content_type="application/json")
+
+    async def get_stats(request: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    a = web.Application()
+    a.router.add_get("/_stats", get_stats)
+    a.router.add_get("/nba/static/json/liveData/boxscore/{name}", box)
+    return a
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--etag", action="store_true")
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(
+        app(args.etag),
+        host="127.0.0.1",
+        port=args.port,
+        print=lambda *_: print("ready", flush=True),
+        access_log=None,
+    )
+
+
+if __name__ == "__main__":
+    main()
