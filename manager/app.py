@@ -162,7 +162,7 @@ class TaskManager:
         s.add_job(self._job(self.dispatcher.relay_once), "interval", seconds=self.settings.recovery_interval,
                   **every)
         s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
-        s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, **every)
+        s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
         s.add_job(
             self._job(self.schedule_cron.run_once),
             CronTrigger.from_crontab(self.settings.schedule_cron, timezone=self.settings.schedule_timezone),
@@ -180,8 +180,7 @@ class TaskManager:
         return job
 
     async def _refresh_gauges(self) -> None:
-        for state, n in (await self.service.counts_by_state()).items():
-            metrics.TASKS.labels(str(state)).set(n)
+        metrics.set_tasks_by_state(await self.service.counts_by_state())
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         """Poll every TASKMGR_POLL_INTERVAL at most; sooner when the next waiting task

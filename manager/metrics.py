@@ -1,5 +1,8 @@
 """The manager's Prometheus metrics (served when TASKMGR_METRICS_PORT is set)."""
 
+from collections.abc import Mapping
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 DISPATCHED = Counter("taskmgr_dispatched_total", "Start orders confirmed by the broker")
@@ -15,3 +18,12 @@ LEADER = Gauge("taskmgr_leader", "1 while this manager holds the leadership")
 PROGRESS = Counter("taskmgr_progress_messages_total", "Progress messages handled", ["kind"])
 DEAD_LETTERED = Counter("taskmgr_dead_lettered_total", "Messages sent to the dead-letter exchange")
 RECOVERED = Counter("taskmgr_recovered_total", "Tasks dispatched again by recovery", ["reason"])
+
+
+def set_tasks_by_state(counts: Mapping[Any, int]) -> None:
+    """Set the gauge of every state, 0 where no task is: a state that emptied must not
+    keep showing its last count."""
+    from taskmgr.models import State
+
+    for state in State:
+        TASKS.labels(str(state)).set(counts.get(state, 0))

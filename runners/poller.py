@@ -20,6 +20,7 @@ from runners import metrics
 from runners.limits import HostLimiter
 from task_types.base import ChildSync, EmittedEvent, Handler, HandlerError, Outcome, PollContext
 from taskmgr.broker import BrokerError, Publisher
+from taskmgr.logs import task_fields
 from taskmgr.messages import Event, ReportStatus, StartOrder, encode
 from taskmgr.service import TaskService
 
@@ -105,6 +106,7 @@ class Poller:
         self._interval = order.interval_s
         self._written: set[str] = set()  # follow-on dedup keys already written
         self._last_sync: ChildSync | None = None
+        self._log = task_fields(order.task_id, order.root_task_id, order.attempt, deps.runner_id)
 
     @property
     def attempt(self) -> int:
@@ -139,7 +141,8 @@ class Poller:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not take the runner or other tasks down
-            log.exception("task %s attempt %s: poller crashed", self.order.task_id, self.attempt)
+            log.exception("task %s attempt %s: poller crashed", self.order.task_id, self.attempt,
+                          extra=self._log)
             self.deps.report(self.order, "failed", {"reason": f"runner error: {exc!r}", "kind": "runner"})
 
     # -- one tick ----------------------------------------------------------------------
@@ -201,7 +204,7 @@ class Poller:
         except HandlerError as exc:
             return self._failed("parse", str(exc), False)
         except Exception as exc:
-            log.exception("task %s: handler %s raised", order.task_id, order.handler)
+            log.exception("task %s: handler %s raised", order.task_id, order.handler, extra=self._log)
             return self._failed("handler", f"{type(exc).__name__}: {exc}", False)
         if events:
             try:
@@ -214,7 +217,7 @@ class Poller:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # DB errors, InvalidInput, an unknown type: events stay published
-            log.warning("task %s: follow-on write failed: %s", order.task_id, exc)
+            log.warning("task %s: follow-on write failed: %s", order.task_id, exc, extra=self._log)
             return self._failed("follow_on", f"{type(exc).__name__}: {exc}", False)
         self.state = dict(outcome.state)
         self._interval = outcome.next_interval_s or order.interval_s
@@ -292,7 +295,7 @@ class Poller:
         n = self.failures
         order = self.order
         log.info("task %s attempt %s: poll failed (%s, %d in a row): %s", order.task_id, order.attempt,
-                 kind, n, error)
+                 kind, n, error, extra=self._log)
         self.deps.report(order, "poll_error", {"error": error, "kind": kind, "consecutive": n})
         if n >= order.max_consecutive_failures:
             reason = f"{n} consecutive failed polls; the last: {kind}: {error}"

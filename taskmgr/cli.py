@@ -696,7 +696,8 @@ def events_tail(ctx: click.Context, routing_key: str, count: int, timeout: float
             elif output == "json":  # JSON Lines: one event per line, for jq and scripts
                 click.echo(json.dumps(jsonable(row), separators=(",", ":")))
             else:  # a YAML document per event
-                click.echo("---\n" + yaml.safe_dump(jsonable(row), sort_keys=False, allow_unicode=True).rstrip())
+                doc = yaml.safe_dump(jsonable(row), sort_keys=False, allow_unicode=True)
+                click.echo("---\n" + doc.rstrip())
 
         exchange = Topology(settings.amqp_prefix).events
         try:

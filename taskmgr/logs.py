@@ -1,15 +1,26 @@
 """Logging set-up: text for people, JSON (TASKMGR_LOG_FORMAT=json) for machines. Lines
-about a task carry task_id, root_task_id, task_runner_id and attempt as fields
-(passed with `extra=`), in both formats."""
+about a task carry task_id, root_task_id, task_runner_id (runner lines) and attempt as
+fields (passed with `extra=task_fields(...)`), in both formats."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
 TASK_FIELDS = ("task_id", "root_task_id", "task_runner_id", "attempt")
+
+
+def task_fields(
+    task_id: Any, root_task_id: Any, attempt: int, runner_id: str | None = None
+) -> dict[str, Any]:
+    """The `extra=` of a log line about a task (ids as strings, so JSON shows them as is)."""
+    fields: dict[str, Any] = {"task_id": str(task_id), "root_task_id": str(root_task_id), "attempt": attempt}
+    if runner_id is not None:
+        fields["task_runner_id"] = runner_id
+    return fields
 
 
 class _TextFormatter(logging.Formatter):
@@ -19,8 +30,9 @@ class _TextFormatter(logging.Formatter):
         return f"{line} [{tags}]" if tags else line
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Root logging to `stream` (default: stderr) in the chosen format."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"asctime": "time"})

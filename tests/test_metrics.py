@@ -1,0 +1,285 @@
+"""Prometheus metrics of the manager and the runner, scraped from a real /metrics
+endpoint during a real dispatch and real polls (PostgreSQL and RabbitMQ real; the sports
+API is an httpx.MockTransport). Counters are checked by their before/after deltas: the
+registry is per process and other tests move it too."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+from prometheus_client import start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from manager.app import TaskManager
+from runners import TaskRunner
+from task_types.base import BaseHandler, EmittedEvent, FollowOn, Outcome, PollContext
+from task_types.noop import NoopHandler
+from task_types.registry import Registry
+from taskmgr import store
+from taskmgr.messages import ServiceReport, encode
+from taskmgr.models import State
+from taskmgr.service import TaskService
+from taskmgr.settings import Settings
+from tests.helpers import schedule, wait_for
+
+pytestmark = [pytest.mark.usefixtures("clean"), pytest.mark.timeout(60)]
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class GameHandler(BaseHandler):
+    """Two events, one follow-on (due in an hour, so never dispatched here), done."""
+
+    name: ClassVar[str] = "obs_game"
+
+    def handle(self, ctx: PollContext, response: httpx.Response) -> Outcome:
+        return Outcome(
+            events=[EmittedEvent("score.changed", "s1", {"home": 1}), EmittedEvent("game.final", "f", {})],
+            follow_ons=[FollowOn("obs_child", {"parent": str(ctx.task_id)}, "child", delay_s=3600)],
+            done=True,
+        )
+
+
+REGISTRY = Registry({"obs_game": GameHandler(), "noop": NoopHandler()})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def metrics_url() -> Iterator[str]:
+    """This process's default registry served over HTTP, as the CLI serves it."""
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1")
+    yield f"http://127.0.0.1:{port}/metrics"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def scrape(url: str) -> Samples:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(url)
+    assert response.status_code == 200
+    return parse(response.text)
+
+
+def val(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return val(after, name, **labels) - val(before, name, **labels)
+
+
+class Gate:
+    """The sports API: every request waits for `open`; flaky.test fails its first."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.waiting = 0
+        self.flaky_calls = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.waiting += 1
+        try:
+            await self.open.wait()
+        finally:
+            self.waiting -= 1
+        if request.url.host == "flaky.test":
+            self.flaky_calls += 1
+            if self.flaky_calls == 1:
+                return httpx.Response(503)
+        return httpx.Response(200, json={"ok": True})
+
+
+@pytest.fixture
+async def game_types(service: TaskService) -> None:
+    await service.create_type({"name": "obs_game", "handler": "obs_game", "url_template": "http://{host}/g/{n}",
+                               "poll_interval_s": 0.1, "max_consecutive_failures": 3})
+    await service.create_type({"name": "obs_child", "handler": "noop"})
+
+
+async def _all_in(service: TaskService, ids: list[Any], state: State) -> bool:
+    async with service.session() as session:
+        states = await store.states_of(session, ids)
+    return len(states) == len(ids) and all(s is state for s in states.values())
+
+
+async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
+    engine: AsyncEngine, service: TaskService, settings: Settings, game_types: None, metrics_url: str
+) -> None:
+    n_ok = 5
+    before = await scrape(metrics_url)
+    api = Gate()
+    async with TaskManager(settings=settings, engine=engine) as manager, TaskRunner(
+        settings=settings, engine=engine, registry=REGISTRY, transport=httpx.MockTransport(api)
+    ) as runner:
+        stop_m, stop_r = asyncio.Event(), asyncio.Event()
+        run_m = asyncio.create_task(manager.run(stop_m))
+        run_r = asyncio.create_task(runner.run(stop_r))
+        await asyncio.wait_for(manager.is_leader.wait(), 10)
+        assert val(await scrape(metrics_url), "taskmgr_leader") == 1
+
+        ids = []
+        for host, n in [("ok.test", i) for i in range(n_ok)] + [("flaky.test", 99)]:
+            ids += await schedule(service, "obs_game", 1, payload={"host": host, "n": n})
+        n = len(ids)
+        # Every poller is parked in its first request: the gauge counts them all.
+        await runner.wait_for(lambda: len(runner.active) == n)
+        await wait_for(lambda: _ready(api.waiting == n))
+        during = await scrape(metrics_url)
+        assert delta(before, during, "taskmgr_runner_active_pollers") == n
+        assert delta(before, during, "taskmgr_claimed_total") == n
+        assert delta(before, during, "taskmgr_dispatched_total") == n
+        assert delta(before, during, "taskmgr_dispatch_lateness_seconds_count") == n
+        assert delta(before, during, "taskmgr_dispatch_lateness_seconds_bucket", le="+Inf") == n
+        await wait_for(lambda: _all_in(service, ids, State.RUNNING))
+        await manager._refresh_gauges()  # the leader's 15 s job, at once
+        running = await scrape(metrics_url)
+        assert val(running, "taskmgr_tasks", state="RUNNING") == n
+        assert val(running, "taskmgr_tasks", state="FINISHED") == 0
+
+        api.open.set()
+        await wait_for(lambda: _all_in(service, ids, State.FINISHED), timeout=20)
+        # A service report and a malformed message: two more kinds of progress.
+        await manager.publisher.publish_progress(
+            encode(ServiceReport(service="photo", task_id=ids[0], state="FINISHED", at=datetime.now(UTC)))
+        )
+        await manager.publisher.publish_progress(b"{not json")
+        await wait_for(lambda: _ready(manager.intake_counts.service_reports == 1
+                                      and manager.intake_counts.dead_lettered == 1))
+        await manager._refresh_gauges()  # the leader's 15 s job, at once
+        by_state = await scrape(metrics_url)
+        assert val(by_state, "taskmgr_tasks", state="FINISHED") == n
+        assert val(by_state, "taskmgr_tasks", state="SCHEDULED") == n  # the follow-ons, due in an hour
+        assert val(by_state, "taskmgr_tasks", state="RUNNING") == 0  # emptied: not its last count
+
+        stop_r.set()
+        await run_r
+        # The runner's last heartbeat (stopping) is handled before the manager stops.
+        await wait_for(lambda: _ready(manager.intake_counts.heartbeats >= runner.counts["heartbeats"]))
+        stop_m.set()
+        await run_m
+    after = await scrape(metrics_url)
+
+    # Manager.
+    assert val(after, "taskmgr_leader") == 0
+    assert delta(before, after, "taskmgr_claimed_total") == n
+    assert delta(before, after, "taskmgr_dispatched_total") == n
+    assert delta(before, after, "taskmgr_dispatch_lateness_seconds_count") == n
+    assert delta(before, after, "taskmgr_late_dispatches_total") == 0
+    assert delta(before, after, "taskmgr_dead_lettered_total") == 1
+    assert delta(before, after, "taskmgr_progress_messages_total", kind="service") == 1
+    beats = runner.counts["heartbeats"]
+    assert delta(before, after, "taskmgr_progress_messages_total", kind="heartbeat") == beats
+    # Reports travel several to a message: their messages are what the intake took
+    # besides the heartbeat, the service report and the malformed one.
+    report_msgs = delta(before, after, "taskmgr_progress_messages_total", kind="reports")
+    assert report_msgs == manager.intake_counts.messages - beats - 2
+    assert 1 <= report_msgs <= manager.intake_counts.reports
+    # Runner: one report of each kind per task, and the flaky host's one poll error.
+    assert delta(before, after, "taskmgr_runner_reports_total", status="running") == n
+    assert delta(before, after, "taskmgr_runner_reports_total", status="finished") == n
+    assert delta(before, after, "taskmgr_runner_reports_total", status="poll_error") == 1
+    assert manager.intake_counts.reports == 2 * n + 1
+    assert delta(before, after, "taskmgr_runner_polls_total", host="ok.test", outcome="ok") == n_ok
+    assert delta(before, after, "taskmgr_runner_polls_total", host="flaky.test", outcome="http_5xx") == 1
+    assert delta(before, after, "taskmgr_runner_polls_total", host="flaky.test", outcome="ok") == 1
+    assert delta(before, after, "taskmgr_runner_poll_duration_seconds_count") == n + 1
+    assert delta(before, after, "taskmgr_runner_tick_drift_seconds_count") == n + 1
+    assert delta(before, after, "taskmgr_runner_events_published_total") == 2 * n
+    assert delta(before, after, "taskmgr_runner_follow_ons_written_total") == n
+    assert delta(before, after, "taskmgr_runner_active_pollers") == 0
+
+
+async def _ready(value: bool) -> bool:
+    return value
+
+
+# -- the processes serve their own endpoints --------------------------------------------
+
+
+def process_env(settings: Settings, **extra: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
+    env.update(TASKMGR_DATABASE_URL=settings.database_url, TASKMGR_AMQP_URL=settings.amqp_url,
+               TASKMGR_AMQP_PREFIX=settings.amqp_prefix, TASKMGR_LOG_LEVEL="WARNING",
+               TASKMGR_HEARTBEAT_INTERVAL="0.3")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for p in started:
+        if p.returncode is None:
+            p.send_signal(signal.SIGTERM)
+    for p in started:
+        try:
+            await asyncio.wait_for(p.wait(), 15)
+        except TimeoutError:
+            p.kill()
+            await p.wait()
+
+
+async def test_manager_and_runner_processes_serve_metrics_on_their_port(
+    settings: Settings, processes: list[asyncio.subprocess.Process]
+) -> None:
+    m_port, r_port = free_port(), free_port()
+    for cmd, port in (("manager", m_port), ("runner", r_port)):
+        processes.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "taskmgr.cli", cmd, env=process_env(settings, TASKMGR_METRICS_PORT=port),
+            stdout=asyncio.subprocess.DEVNULL,
+        ))
+
+    async def scraped(port: int, name: str) -> Samples | None:
+        try:
+            samples = await scrape(f"http://127.0.0.1:{port}/metrics")
+        except httpx.TransportError:
+            return None
+        return samples if val(samples, name) == 1 else None
+
+    # The manager leads; the runner says it polls nothing yet (and heartbeats: the
+    # leader handled at least one of its heartbeats).
+    manager = await wait_for(lambda: scraped(m_port, "taskmgr_leader"), timeout=30)
+    runner = await wait_for(lambda: _scrape_or_none(r_port), timeout=30)
+    assert ("taskmgr_dispatch_lateness_seconds_count", frozenset()) in manager
+    assert val(runner, "taskmgr_runner_active_pollers") == 0
+    assert ("taskmgr_runner_events_published_total", frozenset()) in runner
+    beats = await wait_for(lambda: _heartbeats(m_port), timeout=30)
+    assert beats >= 1
+
+
+async def _scrape_or_none(port: int) -> Samples | None:
+    try:
+        return await scrape(f"http://127.0.0.1:{port}/metrics")
+    except httpx.TransportError:
+        return None
+
+
+async def _heartbeats(port: int) -> float:
+    return val(await scrape(f"http://127.0.0.1:{port}/metrics"), "taskmgr_progress_messages_total",
+               kind="heartbeat")
