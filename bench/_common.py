@@ -1,4 +1,4 @@
-# ruff: noqa: ASYNC109, ASYNC110
+# ruff: noqa: ASYNC110
 """Pieces the benchmarks share: their own database and RabbitMQ prefix, subprocesses that
 are always stopped, per-process CPU and memory from /proc, percentiles, the machine."""
 

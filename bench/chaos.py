@@ -41,11 +41,11 @@ import httpx
 from sqlalchemy import text
 
 from manager.schedule_cron import ScheduleCron
+from taskmgr import store
 from taskmgr.broker import Consumer, Topology
 from taskmgr.db import make_engine
 from taskmgr.messages import Event, decode_event
 from taskmgr.migrate import asyncpg_dsn, migrate
-from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 
@@ -83,10 +83,14 @@ class Harness:
         self.db_url = re.sub(r"/[^/]*$", f"/{CHAOS_DB}", settings.database_url)
         self.prefix = f"chaos{seed}"
         self.feed_port = free_port()
-        self.settings = settings.model_copy(update={
-            "database_url": self.db_url, "amqp_prefix": self.prefix,
-            "feed_url": f"http://127.0.0.1:{self.feed_port}", "schedule_lead_s": 0.0,
-        })
+        self.settings = settings.model_copy(
+            update={
+                "database_url": self.db_url,
+                "amqp_prefix": self.prefix,
+                "feed_url": f"http://127.0.0.1:{self.feed_port}",
+                "schedule_lead_s": 0.0,
+            }
+        )
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.counter = 0
         self.events: list[tuple[str, Event]] = []
@@ -97,22 +101,34 @@ class Harness:
 
     def env(self, role: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
-        env.update({
-            "TASKMGR_DATABASE_URL": as_role(self.db_url, role),
-            "TASKMGR_AMQP_URL": amqp_as(self.settings.amqp_url, role),
-            "TASKMGR_AMQP_PREFIX": self.prefix, "TASKMGR_FEED_URL": self.settings.feed_url,
-            "TASKMGR_POLL_INTERVAL": "0.3", "TASKMGR_RECOVERY_INTERVAL": "0.5",
-            "TASKMGR_HEARTBEAT_INTERVAL": "0.5", "TASKMGR_RUNNER_DEAD_AFTER": "3",
-            "TASKMGR_LEADER_RETRY": "0.5", "TASKMGR_LOG_LEVEL": "WARNING",
-        })
+        env.update(
+            {
+                "TASKMGR_DATABASE_URL": as_role(self.db_url, role),
+                "TASKMGR_AMQP_URL": amqp_as(self.settings.amqp_url, role),
+                "TASKMGR_AMQP_PREFIX": self.prefix,
+                "TASKMGR_FEED_URL": self.settings.feed_url,
+                "TASKMGR_POLL_INTERVAL": "0.3",
+                "TASKMGR_RECOVERY_INTERVAL": "0.5",
+                "TASKMGR_HEARTBEAT_INTERVAL": "0.5",
+                "TASKMGR_RUNNER_DEAD_AFTER": "3",
+                "TASKMGR_LEADER_RETRY": "0.5",
+                "TASKMGR_LOG_LEVEL": "WARNING",
+            }
+        )
         return env
 
     async def spawn(self, kind: str, *args: str, role: str = "postgres") -> str:
         self.counter += 1
         name = f"{kind}-{self.counter}"
         self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "taskmgr.cli", *args, env=self.env(role),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            sys.executable,
+            "-m",
+            "taskmgr.cli",
+            *args,
+            env=self.env(role),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return name
 
     async def stop_all(self) -> None:
@@ -140,7 +156,9 @@ class Harness:
             return f"SIGKILL {victim}"
         if kind == "manager":
             pid = await self.leader_pid(engine)
-            victims = [n for n in self.alive("manager") if self.procs[n].pid == pid] or self.alive("manager")[:1]
+            victims = [n for n in self.alive("manager") if self.procs[n].pid == pid] or self.alive("manager")[
+                :1
+            ]
             self.procs[victims[0]].send_signal(signal.SIGKILL)
             await self.procs[victims[0]].wait()
             await self.spawn("manager", "manager", role="taskmgr_manager")
@@ -149,8 +167,12 @@ class Harness:
             closed = await asyncio.to_thread(self.close_connections)
             return f"closed {closed} RabbitMQ connections"
         if kind == "postgres":
-            await asyncio.to_thread(subprocess.run, ["pg_ctlcluster", "--skip-systemctl-redirect", PG_MAJOR,
-                                                     "main", "restart"], check=True, capture_output=True)
+            await asyncio.to_thread(
+                subprocess.run,
+                ["pg_ctlcluster", "--skip-systemctl-redirect", PG_MAJOR, "main", "restart"],
+                check=True,
+                capture_output=True,
+            )
             return "PostgreSQL restarted"
         rates = {"error_5xx": 0.3, "malformed": 0.15, "timeout": 0.05, "timeout_s": 2.0}
         await self.set_feed_faults(rates)
@@ -159,14 +181,19 @@ class Harness:
         return f"API faults {rates}"
 
     def close_connections(self) -> int:
-        out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "user"], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["rabbitmqctl", "-q", "list_connections", "pid", "user"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         n = 0
         for line in out.splitlines():
             pid, _, user = line.partition("\t")
             if user.strip() in ("taskmgr_manager", "taskmgr_runner"):
-                r = subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "chaos"], capture_output=True,
-                                   check=False)
+                r = subprocess.run(
+                    ["rabbitmqctl", "-q", "close_connection", pid, "chaos"], capture_output=True, check=False
+                )
                 n += r.returncode == 0
         return n
 
@@ -177,10 +204,7 @@ class Harness:
     async def leader_pid(self, engine: Any) -> int | None:
         with contextlib.suppress(Exception):
             async with engine.connect() as conn:
-                name = (await conn.execute(text(
-                    "select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid"
-                    " where l.locktype = 'advisory' and l.granted and l.classid = 29805 and l.objid = 1"
-                    " and l.database = (select oid from pg_database where datname = current_database())"))).scalar()
+                name = await store.leader_name(conn)
                 return int(name.rsplit("-", 1)[1]) if name else None
         return None
 
@@ -205,9 +229,22 @@ class Harness:
         games = max(2, round(self.minutes * 2))
         period_s = 3.0
         spread = max(10.0, window - 60.0)
-        feed = await self.spawn("feed", "feed", "--port", str(self.feed_port), "--games", str(games),
-                                "--seed", str(self.seed), "--period-s", str(period_s), "--first-start-s", "5",
-                                "--spread-s", str(spread))
+        feed = await self.spawn(
+            "feed",
+            "feed",
+            "--port",
+            str(self.feed_port),
+            "--games",
+            str(games),
+            "--seed",
+            str(self.seed),
+            "--period-s",
+            str(period_s),
+            "--first-start-s",
+            "5",
+            "--spread-s",
+            str(spread),
+        )
         day = await self.wait_feed()
         for _ in range(MANAGERS):
             await self.spawn("manager", "manager", role="taskmgr_manager")
@@ -216,11 +253,16 @@ class Harness:
         schedule = [k for k in self.kinds for _ in range(max(1, round(2 * self.minutes)))]
         self.rng.shuffle(schedule)
         gap = window / (len(schedule) + 1)
-        log(f"seed {self.seed}: {games * 4} games over {window:.0f} s, {len(schedule)} faults every {gap:.1f} s")
+        log(
+            f"seed {self.seed}: {games * 4} games over {window:.0f} s,"
+            f" {len(schedule)} faults every {gap:.1f} s"
+        )
         started = time.monotonic()
         try:
-            async with Consumer(url=self.settings.amqp_url, topology=Topology(self.prefix), prefetch=1000,
-                                name="chaos") as consumer:
+            async with Consumer(
+                url=self.settings.amqp_url, topology=Topology(self.prefix), prefetch=1000, name="chaos"
+            ) as consumer:
+
                 async def on_event(m: Any) -> None:
                     await m.ack()
                     self.events.append((m.routing_key, decode_event(m.body)))
@@ -231,7 +273,9 @@ class Harness:
                     await asyncio.sleep(max(0.0, started + gap * (i + 1) - time.monotonic()))
                     what = await self.inject(kind, engine)
                     self.faults[kind] += 1
-                    self.fault_log.append({"t": round(time.monotonic() - started, 1), "kind": kind, "what": what})
+                    self.fault_log.append(
+                        {"t": round(time.monotonic() - started, 1), "kind": kind, "what": what}
+                    )
                     log(what)
                 log("faults done; waiting for the games to end")
                 ended = await self.wait_done(engine, timeout=120 + games * 4 * 5)
@@ -274,12 +318,18 @@ class Harness:
                 truth = await self.truth()
                 if all(g["status"] in ("final", "postponed", "cancelled") for g in truth["games"]):
                     async with engine.connect() as conn:
-                        open_ = (await conn.execute(text(
-                            "select count(*) from tasks t join task_state s on s.task_id = t.id"
-                            " where t.type in ('live_game', 'period_score', 'schedule')"
-                            " and s.state not in ('FINISHED', 'FAILED', 'CANCELLED')"))).scalar_one()
-                        games = (await conn.execute(text(
-                            "select count(*) from tasks where type = 'live_game'"))).scalar_one()
+                        open_ = (
+                            await conn.execute(
+                                text(
+                                    "select count(*) from tasks t join task_state s on s.task_id = t.id"
+                                    " where t.type in ('live_game', 'period_score', 'schedule')"
+                                    " and s.state not in ('FINISHED', 'FAILED', 'CANCELLED')"
+                                )
+                            )
+                        ).scalar_one()
+                        games = (
+                            await conn.execute(text("select count(*) from tasks where type = 'live_game'"))
+                        ).scalar_one()
                     if games == len(truth["games"]) and open_ == 0:
                         return True
             await asyncio.sleep(1)
@@ -304,7 +354,10 @@ class Harness:
             g = truth[gid]
             if ev.event == "game.final":
                 finals[gid].add(ev.event_id)
-                if (ev.data.get("home_score"), ev.data.get("away_score")) != (g["final"]["home"], g["final"]["away"]):
+                if (ev.data.get("home_score"), ev.data.get("away_score")) != (
+                    g["final"]["home"],
+                    g["final"]["away"],
+                ):
                     wrong_final.append(gid)
             if ev.event == "score.changed":
                 score = (ev.data.get("home_score"), ev.data.get("away_score"))
@@ -318,36 +371,64 @@ class Harness:
         inv["no event id with two contents"] = {"ok": conflicting == 0, "conflicts": conflicting}
         inv["no phantom scores"] = {"ok": not phantom, "bad": phantom[:10]}
         total = sum(len(g["score_changes"]) for g in truth.values())
-        observed = sum(len({(c["home"], c["away"]) for c in g["score_changes"]} & seen_scores[gid])
-                       for gid, g in truth.items())
-        inv["score changes observed"] = {"ok": True, "observed": observed, "of": total,
-                                         "share": round(observed / total, 3) if total else 1.0}
+        observed = sum(
+            len({(c["home"], c["away"]) for c in g["score_changes"]} & seen_scores[gid])
+            for gid, g in truth.items()
+        )
+        inv["score changes observed"] = {
+            "ok": True,
+            "observed": observed,
+            "of": total,
+            "share": round(observed / total, 3) if total else 1.0,
+        }
         async with engine.connect() as conn:
-            stuck = (await conn.execute(text(
-                "select count(*) from tasks t join task_state s on s.task_id = t.id"
-                " where t.type in ('live_game', 'period_score', 'schedule') and s.state in ('STARTED', 'RUNNING')"
-            ))).scalar_one()
-            unfinished = (await conn.execute(text(
-                "select count(*) from tasks t join task_state s on s.task_id = t.id"
-                " where t.type = 'live_game' and s.state <> 'FINISHED'"))).scalar_one()
-            double = (await conn.execute(text(
-                "select count(*) from (select task_id, attempt from task_events where state = 'STARTED'"
-                " group by 1, 2 having count(*) > 1) x"))).scalar_one()
+            stuck = (
+                await conn.execute(
+                    text(
+                        "select count(*) from tasks t join task_state s on s.task_id = t.id"
+                        " where t.type in ('live_game', 'period_score', 'schedule')"
+                        " and s.state in ('STARTED', 'RUNNING')"
+                    )
+                )
+            ).scalar_one()
+            unfinished = (
+                await conn.execute(
+                    text(
+                        "select count(*) from tasks t join task_state s on s.task_id = t.id"
+                        " where t.type = 'live_game' and s.state <> 'FINISHED'"
+                    )
+                )
+            ).scalar_one()
+            double = (
+                await conn.execute(
+                    text(
+                        "select count(*) from (select task_id, attempt from task_events"
+                        " where state = 'STARTED'"
+                        " group by 1, 2 having count(*) > 1) x"
+                    )
+                )
+            ).scalar_one()
             counts = await service.counts_by_state()
         inv["nothing left STARTED or RUNNING"] = {"ok": stuck == 0, "stuck": stuck}
         inv["every game task FINISHED"] = {"ok": unfinished == 0, "unfinished": unfinished}
         inv["no attempt started twice"] = {"ok": double == 0, "doubles": double}
         ok = all(v["ok"] for v in inv.values())
         return {
-            "seed": self.seed, "minutes": self.minutes, "games": len(truth), "events": len(self.events),
-            "faults": dict(self.faults), "fault_log": self.fault_log,
+            "seed": self.seed,
+            "minutes": self.minutes,
+            "games": len(truth),
+            "events": len(self.events),
+            "faults": dict(self.faults),
+            "fault_log": self.fault_log,
             "tasks_by_state": {str(k): v for k, v in counts.items()},
-            "invariants": inv, "ok": ok,
+            "invariants": inv,
+            "ok": ok,
         }
 
 
-async def main(settings: Settings, minutes: float = 5.0, seed: int | None = None, kinds: str = ",".join(KINDS)
-               ) -> dict[str, Any]:
+async def main(
+    settings: Settings, minutes: float = 5.0, seed: int | None = None, kinds: str = ",".join(KINDS)
+) -> dict[str, Any]:
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000)
     chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
     unknown = set(chosen) - set(KINDS)

@@ -74,8 +74,8 @@ def install(variants: set[str]) -> None:
     store.apply_transitions = _timed_async("apply_transitions", store.apply_transitions)  # type: ignore[assignment]
     store.mark_sent = _timed_async("mark_sent", store.mark_sent)  # type: ignore[assignment]
     D = dmod.Dispatcher
-    D._claim_batch = _timed_async("claim_batch_total", D._claim_batch)  # type: ignore[method-assign]
-    D._publish = _timed_async("publish", D._publish)  # type: ignore[method-assign]
+    D._claim_batch = _timed_async("claim_batch_total", D._claim_batch)  # type: ignore[method-assign,assignment]
+    D._publish = _timed_async("publish", D._publish)  # type: ignore[method-assign,assignment]
     original_poll = D.poll_once
 
     async def pipelined_poll(self: dmod.Dispatcher) -> dmod.DispatchCounts:
@@ -115,7 +115,7 @@ def install(variants: set[str]) -> None:
             )
         return counts
 
-    D.poll_once = poll_once  # type: ignore[method-assign]
+    D.poll_once = poll_once  # type: ignore[method-assign,assignment]
 
     if "fastclaim" in variants:
         import json
@@ -144,7 +144,7 @@ def install(variants: set[str]) -> None:
                 return orders + more, len(rows) + n
             return orders, len(rows)
 
-        D._claim_batch = fast_claim  # type: ignore[method-assign]
+        D._claim_batch = fast_claim  # type: ignore[method-assign,assignment]
 
     if "nometrics" in variants:
         hist = dmod.metrics.LATENESS
@@ -176,7 +176,7 @@ def install(variants: set[str]) -> None:
                     hist._sum.inc(sum(pending))  # type: ignore[attr-defined]
                     pending.clear()
 
-        D._claim_batch = claim_then_flush  # type: ignore[method-assign]
+        D._claim_batch = claim_then_flush  # type: ignore[method-assign,assignment]
 
 
 def main() -> None:

@@ -96,7 +96,9 @@ class TaskManager:
                 # The application name shows who leads in pg_stat_activity.
                 conn = await asyncpg.connect(
                     asyncpg_dsn(self.settings.database_url),
-                    server_settings={"application_name": f"taskmgr-leader-{socket.gethostname()}-{os.getpid()}"},
+                    server_settings={
+                        "application_name": f"taskmgr-leader-{socket.gethostname()}-{os.getpid()}"
+                    },
                 )
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("cannot reach PostgreSQL for leadership: %s", exc)
@@ -158,9 +160,15 @@ class TaskManager:
     def _scheduler(self) -> AsyncIOScheduler:
         s = AsyncIOScheduler(timezone="UTC")
         every = {"max_instances": 1, "coalesce": True, "misfire_grace_time": 30}
-        s.add_job(self._job(self.recovery.run_once), "interval", seconds=self.settings.recovery_interval, **every)
-        s.add_job(self._job(self.dispatcher.relay_once), "interval", seconds=self.settings.recovery_interval,
-                  **every)
+        s.add_job(
+            self._job(self.recovery.run_once), "interval", seconds=self.settings.recovery_interval, **every
+        )
+        s.add_job(
+            self._job(self.dispatcher.relay_once),
+            "interval",
+            seconds=self.settings.recovery_interval,
+            **every,
+        )
         s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
         s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
         s.add_job(

@@ -91,7 +91,14 @@ class Dispatcher:
                 tid = r["task_id"]
                 state = State(r["state"])
                 current[tid] = CurrentState(
-                    tid, state, r["attempt"], r["failures"], r["runner_id"], r["run_at"], r["type"], r["root_id"]
+                    tid,
+                    state,
+                    r["attempt"],
+                    r["failures"],
+                    r["runner_id"],
+                    r["run_at"],
+                    r["type"],
+                    r["root_id"],
                 )
                 # Lateness counts from when the task could first have started: a task
                 # scheduled with a due time already past is late only from its creation.
@@ -107,21 +114,29 @@ class Dispatcher:
                     behind_s = (now - r["run_at"]).total_seconds()  # the slot missed, by the rule
                     if policy is MisfirePolicy.SKIP and behind_s > r["misfire_grace_s"]:
                         transitions.append(
-                            Transition(tid, State.CANCELLED, r["attempt"], "manager",
-                                       detail={"reason": "misfired", "late_s": round(behind_s, 3)})
+                            Transition(
+                                tid,
+                                State.CANCELLED,
+                                r["attempt"],
+                                "manager",
+                                detail={"reason": "misfired", "late_s": round(behind_s, 3)},
+                            )
                         )
                         counts.skipped += 1
                         continue
                 attempt = r["attempt"] + 1
                 transitions.append(
-                    Transition(tid, State.STARTED, attempt, "manager", detail={"lateness_ms": round(late_s * 1000)})
+                    Transition(
+                        tid, State.STARTED, attempt, "manager", detail={"lateness_ms": round(late_s * 1000)}
+                    )
                 )
                 metrics.LATENESS.observe(max(late_s, 0.0))
                 if late_s > alert:
                     counts.late += 1
                     metrics.LATE.inc()
                     log.warning(
-                        "task started %.1f s after it was due", late_s,
+                        "task started %.1f s after it was due",
+                        late_s,
                         extra={"task_id": str(tid), "root_task_id": str(r["root_id"]), "attempt": attempt},
                     )
                 orders.append((r["pool"], _order(r, attempt, now)))
@@ -155,7 +170,8 @@ class Dispatcher:
         results = await asyncio.gather(
             *(
                 self._publisher.publish_start(
-                    pool, encode(StartBatch.model_construct(orders=chunk, sent_at=now)),
+                    pool,
+                    encode(StartBatch.model_construct(orders=chunk, sent_at=now)),
                     message_id=uuid.uuid4().hex,
                 )
                 for pool, chunk in batches
@@ -186,7 +202,9 @@ class Dispatcher:
         counts = counts or DispatchCounts()
         now = self._clock()
         async with self._engine.begin() as conn:
-            ids = await store.outbox(conn, now - timedelta(seconds=RELAY_AFTER_S), self._settings.dispatch_batch)
+            ids = await store.outbox(
+                conn, now - timedelta(seconds=RELAY_AFTER_S), self._settings.dispatch_batch
+            )
             if not ids:
                 return 0
             rows = await store.start_orders(conn, ids)

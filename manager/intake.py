@@ -162,7 +162,9 @@ class ProgressIntake:
                     counts.heartbeats += 1
                     metrics.PROGRESS.labels("heartbeat").inc()
                     counts.lost += await self._heartbeat(conn, batch, msg)
-            recorded = await store.apply_transitions(conn, batch.transitions, now, current=locked, strict=False)
+            recorded = await store.apply_transitions(
+                conn, batch.transitions, now, current=locked, strict=False
+            )
         counts.applied += sum(1 for t in recorded if t.applied)
         counts.stale += sum(1 for t in recorded if t.detail.get("stale"))
         return batch
@@ -178,7 +180,9 @@ class ProgressIntake:
                 state=t.state,
                 attempt=t.attempt,
                 failures=c.failures + (1 if t.count_failure else 0),
-                runner_id=None if t.state in (State.STARTED, State.RETRYING) else (t.runner_id or c.runner_id),
+                runner_id=None
+                if t.state in (State.STARTED, State.RETRYING)
+                else (t.runner_id or c.runner_id),
             )
 
     async def _runner_report(self, conn: Any, batch: _Batch, msg: RunnerReports, r: Report) -> None:
@@ -195,8 +199,12 @@ class ProgressIntake:
             and not (c.state is State.RUNNING and c.runner_id not in (None, rid))
         )
         if not current:
-            self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid,
-                                        {**detail, "stale": True}, applied=False))
+            self._add(
+                batch,
+                Transition(
+                    r.task_id, c.state, r.attempt, "runner", rid, {**detail, "stale": True}, applied=False
+                ),
+            )
             if r.status in ("running", "poll_error"):
                 batch.stops.append((rid, Stop(task_id=r.task_id, attempt=r.attempt, reason="stale attempt")))
             return
@@ -208,34 +216,79 @@ class ProgressIntake:
             self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
         elif r.status == "finished":
             if tt is not None and tt.required_services:
-                await store.upsert_service(conn, task_id=r.task_id, service=RUNNER_SERVICE, attempt=r.attempt,
-                                           state="FINISHED", detail=r.detail, now=batch.now)
-                self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid,
-                                            {**detail, "waiting_for": list(tt.required_services)}, applied=False))
+                await store.upsert_service(
+                    conn,
+                    task_id=r.task_id,
+                    service=RUNNER_SERVICE,
+                    attempt=r.attempt,
+                    state="FINISHED",
+                    detail=r.detail,
+                    now=batch.now,
+                )
+                self._add(
+                    batch,
+                    Transition(
+                        r.task_id,
+                        c.state,
+                        r.attempt,
+                        "runner",
+                        rid,
+                        {**detail, "waiting_for": list(tt.required_services)},
+                        applied=False,
+                    ),
+                )
                 await self._derive(conn, batch, r.task_id, tt)
             else:
                 self._add(batch, Transition(r.task_id, State.FINISHED, r.attempt, "runner", rid, detail))
         elif r.status == "failed":
             self._fail(batch, c, r.attempt, "runner", rid, detail, tt)
         else:  # handback, rejected: give it to another runner now, not a failure
-            self._add(batch, Transition(r.task_id, State.RETRYING, r.attempt, "runner", rid, detail,
-                                        run_at=batch.now))
+            self._add(
+                batch,
+                Transition(r.task_id, State.RETRYING, r.attempt, "runner", rid, detail, run_at=batch.now),
+            )
 
     def _fail(
-        self, batch: _Batch, c: CurrentState, attempt: int, source: str, rid: str | None,
-        detail: dict[str, Any], tt: TaskType | None,
+        self,
+        batch: _Batch,
+        c: CurrentState,
+        attempt: int,
+        source: str,
+        rid: str | None,
+        detail: dict[str, Any],
+        tt: TaskType | None,
     ) -> None:
         failures = c.failures + 1
         max_attempts = tt.max_attempts if tt else 1
         if failures >= max_attempts:
-            self._add(batch, Transition(c.task_id, State.FAILED, attempt, source, rid,
-                                        {**detail, "failures": failures, "final": True}, count_failure=True))
+            self._add(
+                batch,
+                Transition(
+                    c.task_id,
+                    State.FAILED,
+                    attempt,
+                    source,
+                    rid,
+                    {**detail, "failures": failures, "final": True},
+                    count_failure=True,
+                ),
+            )
             return
         delay = backoff_s(failures, tt.backoff_base_s if tt else 1.0, tt.backoff_max_s if tt else 60.0)
         run_at = batch.now + timedelta(seconds=delay)
-        self._add(batch, Transition(c.task_id, State.RETRYING, attempt, source, rid,
-                                    {**detail, "failures": failures, "retry_at": run_at.isoformat()},
-                                    run_at=run_at, count_failure=True))
+        self._add(
+            batch,
+            Transition(
+                c.task_id,
+                State.RETRYING,
+                attempt,
+                source,
+                rid,
+                {**detail, "failures": failures, "retry_at": run_at.isoformat()},
+                run_at=run_at,
+                count_failure=True,
+            ),
+        )
 
     # -- outside services ------------------------------------------------------------
 
@@ -248,11 +301,22 @@ class ProgressIntake:
         detail = {"service": s.service, "service_state": s.state, "at": s.at.isoformat(), **s.detail}
         source = f"service:{s.service}"
         if attempt != c.attempt or c.state.terminal:
-            self._add(batch, Transition(s.task_id, c.state, attempt, source, None, {**detail, "stale": True},
-                                        applied=False))
+            self._add(
+                batch,
+                Transition(
+                    s.task_id, c.state, attempt, source, None, {**detail, "stale": True}, applied=False
+                ),
+            )
             return
-        await store.upsert_service(conn, task_id=s.task_id, service=s.service, attempt=attempt,
-                                   state=s.state, detail=s.detail, now=batch.now)
+        await store.upsert_service(
+            conn,
+            task_id=s.task_id,
+            service=s.service,
+            attempt=attempt,
+            state=s.state,
+            detail=s.detail,
+            now=batch.now,
+        )
         self._add(batch, Transition(s.task_id, c.state, attempt, source, None, detail, applied=False))
         tt = batch.types.get(c.type)
         if tt is not None and s.service in tt.required_services:
@@ -264,7 +328,9 @@ class ProgressIntake:
         c = batch.cur[task_id]
         if c.state not in ACTIVE:
             return
-        rows = {k: v for k, v in (await store.services_of(conn, task_id)).items() if v["attempt"] == c.attempt}
+        rows = {
+            k: v for k, v in (await store.services_of(conn, task_id)).items() if v["attempt"] == c.attempt
+        }
         runner = rows.get(RUNNER_SERVICE)
         if runner is None or runner["state"] != "FINISHED":
             return
@@ -283,19 +349,29 @@ class ProgressIntake:
         """Record the runner as alive and compare what it holds with what we think it
         holds: it is told to stop what is no longer its own; what it silently dropped is
         dispatched again."""
-        await store.upsert_runner(conn, runner_id=h.runner_id, pool=h.pool, host=h.host, pid=h.pid,
-                                  tasks=len(h.tasks), now=batch.now)
+        await store.upsert_runner(
+            conn,
+            runner_id=h.runner_id,
+            pool=h.pool,
+            host=h.host,
+            pid=h.pid,
+            tasks=len(h.tasks),
+            now=batch.now,
+        )
         if h.stopping:
             await store.stop_runner(conn, h.runner_id, batch.now)
         held = dict(h.tasks)
         for task_id, attempt in h.tasks:
             c = batch.cur.get(task_id)
-            ours = c is not None and c.attempt == attempt and (
-                c.state is State.STARTED or (c.state is State.RUNNING and c.runner_id == h.runner_id)
+            ours = (
+                c is not None
+                and c.attempt == attempt
+                and (c.state is State.STARTED or (c.state is State.RUNNING and c.runner_id == h.runner_id))
             )
             if not ours:
-                batch.stops.append((h.runner_id, Stop(task_id=task_id, attempt=attempt,
-                                                      reason="not this runner's attempt")))
+                batch.stops.append(
+                    (h.runner_id, Stop(task_id=task_id, attempt=attempt, reason="not this runner's attempt"))
+                )
         lost = 0
         grace = timedelta(seconds=2 * self._settings.heartbeat_interval)
         for row in await store.runner_holdings(conn, h.runner_id):
@@ -311,9 +387,18 @@ class ProgressIntake:
                 batch.cur[tid] = batch.locked[tid] = (await store.lock_states(conn, [tid]))[tid]
             c = batch.cur[tid]
             if c.state is State.RUNNING and c.runner_id == h.runner_id:
-                self._add(batch, Transition(tid, State.RETRYING, c.attempt, "manager", None,
-                                            {"reason": f"runner {h.runner_id} no longer holds it"},
-                                            run_at=batch.now))
+                self._add(
+                    batch,
+                    Transition(
+                        tid,
+                        State.RETRYING,
+                        c.attempt,
+                        "manager",
+                        None,
+                        {"reason": f"runner {h.runner_id} no longer holds it"},
+                        run_at=batch.now,
+                    ),
+                )
                 metrics.RECOVERED.labels("dropped").inc()
                 lost += 1
         return lost

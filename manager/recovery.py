@@ -45,15 +45,24 @@ class Recovery:
             if dead:
                 ids = await store.tasks_of_runners(conn, dead)
                 counts.from_dead_runners = await self._redispatch(
-                    conn, ids, now, lambda c: c.runner_id in dead, "runner_dead",
+                    conn,
+                    ids,
+                    now,
+                    lambda c: c.runner_id in dead,
+                    "runner_dead",
                     lambda c: f"runner {c.runner_id} stopped heartbeating",
                 )
-                log.warning("runners declared dead: %s (%d tasks dispatched again)", dead,
-                            counts.from_dead_runners)
+                log.warning(
+                    "runners declared dead: %s (%d tasks dispatched again)", dead, counts.from_dead_runners
+                )
         async with self._engine.begin() as conn:
             ids = await store.start_timeouts(conn, now, RECOVERY_BATCH)
             counts.start_timeouts = await self._redispatch(
-                conn, ids, now, lambda c: c.state is State.STARTED, "start_timeout",
+                conn,
+                ids,
+                now,
+                lambda c: c.state is State.STARTED,
+                "start_timeout",
                 lambda c: "no runner took the start order within the type's start_timeout_s",
             )
         return counts
@@ -65,8 +74,15 @@ class Recovery:
             return 0
         current = await store.lock_states(conn, ids)
         transitions = [
-            Transition(c.task_id, State.RETRYING, c.attempt, "manager", None,
-                       {"reason": reason(c), "recovery": reason_label}, run_at=now)
+            Transition(
+                c.task_id,
+                State.RETRYING,
+                c.attempt,
+                "manager",
+                None,
+                {"reason": reason(c), "recovery": reason_label},
+                run_at=now,
+            )
             for c in current.values()
             if c.state in (State.STARTED, State.RUNNING) and still(c)
         ]

@@ -141,8 +141,9 @@ class Poller:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not take the runner or other tasks down
-            log.exception("task %s attempt %s: poller crashed", self.order.task_id, self.attempt,
-                          extra=self._log)
+            log.exception(
+                "task %s attempt %s: poller crashed", self.order.task_id, self.attempt, extra=self._log
+            )
             self.deps.report(self.order, "failed", {"reason": f"runner error: {exc!r}", "kind": "runner"})
 
     # -- one tick ----------------------------------------------------------------------
@@ -294,8 +295,15 @@ class Poller:
         self.failures += 1
         n = self.failures
         order = self.order
-        log.info("task %s attempt %s: poll failed (%s, %d in a row): %s", order.task_id, order.attempt,
-                 kind, n, error, extra=self._log)
+        log.info(
+            "task %s attempt %s: poll failed (%s, %d in a row): %s",
+            order.task_id,
+            order.attempt,
+            kind,
+            n,
+            error,
+            extra=self._log,
+        )
         self.deps.report(order, "poll_error", {"error": error, "kind": kind, "consecutive": n})
         if n >= order.max_consecutive_failures:
             reason = f"{n} consecutive failed polls; the last: {kind}: {error}"

@@ -185,8 +185,11 @@ class TaskRunner:
                 beat = tg.create_task(self._heartbeat_loop(), name=f"{self.runner_id}-heartbeat")
                 await self._consumer.consume_control(self.runner_id, self._on_control)
                 await self._consumer.consume_start(self.settings.pool, self._on_start)
-                log.info("runner %s: taking tasks from %s", self.runner_id,
-                         self.topology.start_queue(self.settings.pool))
+                log.info(
+                    "runner %s: taking tasks from %s",
+                    self.runner_id,
+                    self.topology.start_queue(self.settings.pool),
+                )
                 self._notify()
                 await stop.wait()
                 beat.cancel()
@@ -214,8 +217,11 @@ class TaskRunner:
                 await flusher
                 await self._send_heartbeat(stopping=True)
         except TimeoutError:
-            log.error("runner %s: could not publish its handbacks in time; the manager will notice "
-                      "the missing heartbeats instead", self.runner_id)
+            log.error(
+                "runner %s: could not publish its handbacks in time; the manager will notice "
+                "the missing heartbeats instead",
+                self.runner_id,
+            )
             self._reports.abandon("runner shut down")
         log.info("runner %s: stopped, handed back %d tasks", self.runner_id, len(held))
 
@@ -262,8 +268,12 @@ class TaskRunner:
                 async with asyncio.timeout(START_CONFIRM_TIMEOUT_S):
                     await asyncio.gather(*(asyncio.shield(f) for f in waits))
             except (TimeoutError, BrokerError) as exc:
-                log.warning("runner %s: reports for start message %s not confirmed (%r); leaving it "
-                            "unacked", self.runner_id, message.message_id, exc)
+                log.warning(
+                    "runner %s: reports for start message %s not confirmed (%r); leaving it unacked",
+                    self.runner_id,
+                    message.message_id,
+                    exc,
+                )
                 return
             await _settle(message.ack())
             self.counts["start_acked"] += 1
@@ -286,8 +296,13 @@ class TaskRunner:
                     # Its "running" was never confirmed: say it again.
                     rr = current.running_report = self._report(current.order, "running", confirm=True)
                 return rr
-            log.info("task %s: attempt %d replaces attempt %d", tid, order.attempt, current.attempt,
-                     extra=task_fields(tid, order.root_task_id, order.attempt, self.runner_id))
+            log.info(
+                "task %s: attempt %d replaces attempt %d",
+                tid,
+                order.attempt,
+                current.attempt,
+                extra=task_fields(tid, order.root_task_id, order.attempt, self.runner_id),
+            )
             self._stop_poller(current)
         elif self._ended.get(tid, 0) >= order.attempt:
             self.counts["duplicate_orders"] += 1
@@ -361,9 +376,15 @@ class TaskRunner:
                 return
             poller = self._pollers.get(stop.task_id)
             if poller is not None and poller.attempt <= stop.attempt:
-                log.info("task %s attempt %d: stopped (%s)", stop.task_id, poller.attempt, stop.reason,
-                         extra=task_fields(stop.task_id, poller.order.root_task_id, poller.attempt,
-                                           self.runner_id))
+                log.info(
+                    "task %s attempt %d: stopped (%s)",
+                    stop.task_id,
+                    poller.attempt,
+                    stop.reason,
+                    extra=task_fields(
+                        stop.task_id, poller.order.root_task_id, poller.attempt, self.runner_id
+                    ),
+                )
                 self._stop_poller(poller)
                 self.counts["stopped"] += 1
             else:
@@ -481,8 +502,9 @@ async def run_runner(settings: Settings, stop: asyncio.Event) -> None:
     engine = make_engine(settings.database_url, name="taskmgr-runner")
     try:
         async with TaskRunner(settings=settings, engine=engine, registry=Registry.default()) as runner:
-            log.info("runner %s: pool %s, up to %d tasks", runner.runner_id, settings.pool,
-                     settings.concurrency)
+            log.info(
+                "runner %s: pool %s, up to %d tasks", runner.runner_id, settings.pool, settings.concurrency
+            )
             await runner.run(stop)
     finally:
         await engine.dispose()

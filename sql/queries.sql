@@ -270,3 +270,9 @@ update task_state s set
     changed_at = l.time
 from last l join tasks t on t.id = l.task_id left join failures f on f.task_id = l.task_id
 where s.task_id = l.task_id;
+
+-- leader_name --
+-- The application name of the leader's lock connection (taskmgr-leader-<host>-<pid>).
+select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid
+where l.locktype = 'advisory' and l.granted and l.classid = :classid and l.objid = :objid
+  and l.objsubid = 2 and l.database = (select oid from pg_database where datname = current_database());

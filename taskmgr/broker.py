@@ -159,7 +159,9 @@ class Publisher:
             mandatory=True,
         )
 
-    async def publish_many(self, items: Sequence[tuple[str, str, bytes, Mapping[str, Any] | None, str]]) -> None:
+    async def publish_many(
+        self, items: Sequence[tuple[str, str, bytes, Mapping[str, Any] | None, str]]
+    ) -> None:
         """Publish (exchange kind, routing key, body, headers, message id) items with all
         confirms in flight at once: the round trips overlap."""
         exchanges = {"events": self._ex["events"], "control": self._ex["control"]}

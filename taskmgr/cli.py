@@ -41,8 +41,14 @@ def _opt(*names: str, env: str, **kw: Any) -> Callable[[Any], Any]:
 
 def output_option(f: Any) -> Any:
     return click.option(
-        "--output", "-o", type=OUTPUTS, default="table", show_default=True,
-        envvar="TASKMGR_OUTPUT", show_envvar=True, help="Output format.",
+        "--output",
+        "-o",
+        type=OUTPUTS,
+        default="table",
+        show_default=True,
+        envvar="TASKMGR_OUTPUT",
+        show_envvar=True,
+        help="Output format.",
     )(f)
 
 
@@ -147,7 +153,9 @@ def parse_json_arg(value: str | None, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadInput(f"{what}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise BadInput(
+            f"{what}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
 
 
 def load_file(path: str) -> Any:
@@ -189,8 +197,13 @@ def parse_time(value: str | None, what: str) -> datetime | None:
 @_opt("--amqp-url", env="TASKMGR_AMQP_URL", default=None, help="RabbitMQ URL.")
 @_opt("--amqp-prefix", env="TASKMGR_AMQP_PREFIX", default=None, help="Prefix of exchange and queue names.")
 @_opt("--log-level", env="TASKMGR_LOG_LEVEL", default=None, help="DEBUG, INFO, WARNING, ERROR.")
-@_opt("--log-format", env="TASKMGR_LOG_FORMAT", type=click.Choice(["text", "json"]), default=None,
-      help="Log line format.")
+@_opt(
+    "--log-format",
+    env="TASKMGR_LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Log line format.",
+)
 @click.pass_context
 def main(ctx: click.Context, **overrides: Any) -> None:
     """taskmgr: a task manager for live sports data (TimescaleDB + RabbitMQ)."""
@@ -233,8 +246,11 @@ def migrate(ctx: click.Context) -> None:
     settings = settings_of(ctx)
     applied = run(do_migrate(settings.database_url))
     version = run(current_version(settings.database_url))
-    click.echo(f"applied {', '.join(applied)}; schema version {version}" if applied else
-               f"schema up to date (version {version})")
+    click.echo(
+        f"applied {', '.join(applied)}; schema version {version}"
+        if applied
+        else f"schema up to date (version {version})"
+    )
 
 
 @main.command("rebuild-state")
@@ -274,7 +290,9 @@ def manager_cmd(ctx: click.Context, poll_interval: float | None, metrics_port: i
 @_opt("--concurrency", env="TASKMGR_CONCURRENCY", type=int, default=None, help="Most pollers at once.")
 @_opt("--metrics-port", env="TASKMGR_METRICS_PORT", type=int, default=None, help="Prometheus port (0: off).")
 @click.pass_context
-def runner_cmd(ctx: click.Context, pool: str | None, concurrency: int | None, metrics_port: int | None) -> None:
+def runner_cmd(
+    ctx: click.Context, pool: str | None, concurrency: int | None, metrics_port: int | None
+) -> None:
     """Run an always-on TaskRunner for one pool."""
     from runners import run_runner
 
@@ -295,8 +313,16 @@ def _metrics(settings: Settings) -> None:
 
 # -- task types ----------------------------------------------------------------------
 
-TYPE_COLUMNS = ["name", "handler", "pool", "poll_interval_s", "max_attempts", "required_services",
-                "misfire_policy", "deleted_at"]
+TYPE_COLUMNS = [
+    "name",
+    "handler",
+    "pool",
+    "poll_interval_s",
+    "max_attempts",
+    "required_services",
+    "misfire_policy",
+    "deleted_at",
+]
 
 
 def _type_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -456,9 +482,21 @@ def tasks() -> None:
 @click.option("--ends-at", default=None, help="Stop after this ISO time.")
 @output_option
 @click.pass_context
-def tasks_create(ctx: click.Context, type_: str, payload: str, due: str | None, in_s: float | None,
-                 dedup_key: str | None, parent: str | None, every: float | None, cron: str | None,
-                 timezone: str, ends_after: int | None, ends_at: str | None, output: str) -> None:
+def tasks_create(
+    ctx: click.Context,
+    type_: str,
+    payload: str,
+    due: str | None,
+    in_s: float | None,
+    dedup_key: str | None,
+    parent: str | None,
+    every: float | None,
+    cron: str | None,
+    timezone: str,
+    ends_after: int | None,
+    ends_at: str | None,
+    output: str,
+) -> None:
     """Schedule a task of TYPE."""
     body = parse_json_arg(payload, "--payload")
     due_at = parse_time(due, "--due")
@@ -466,15 +504,29 @@ def tasks_create(ctx: click.Context, type_: str, payload: str, due: str | None, 
         due_at = datetime.now(UTC) + timedelta(seconds=in_s)
     rec = None
     if every is not None or cron is not None:
-        rec = {"every_s": every, "cron": cron, "timezone": timezone, "ends_after": ends_after, "ends_at": ends_at}
+        rec = {
+            "every_s": every,
+            "cron": cron,
+            "timezone": timezone,
+            "ends_after": ends_after,
+            "ends_at": ends_at,
+        }
         rec = {k: v for k, v in rec.items() if v is not None}
     parent_id = parse_uuid(parent, "--parent") if parent else None
 
     async def go() -> Any:
         async with _service(settings_of(ctx)) as svc:
             async with svc.session() as session, session.begin():
-                done = await svc.schedule(session, type_, body, due_at=due_at, dedup_key=dedup_key,
-                                          parent_id=parent_id, recurrence=rec, created_by="cli")
+                done = await svc.schedule(
+                    session,
+                    type_,
+                    body,
+                    due_at=due_at,
+                    dedup_key=dedup_key,
+                    parent_id=parent_id,
+                    recurrence=rec,
+                    created_by="cli",
+                )
             return await svc.get_task(done.id), done.created
 
     task, created = run(go())
@@ -499,8 +551,14 @@ def tasks_get(ctx: click.Context, task_id: str, output: str) -> None:
 
 @tasks.command("list")
 @click.option("--type", "type_", default=None)
-@click.option("--state", type=click.Choice(["SCHEDULED", "STARTED", "RUNNING", "RETRYING", "FINISHED", "FAILED",
-                                            "CANCELLED"], case_sensitive=False), default=None)
+@click.option(
+    "--state",
+    type=click.Choice(
+        ["SCHEDULED", "STARTED", "RUNNING", "RETRYING", "FINISHED", "FAILED", "CANCELLED"],
+        case_sensitive=False,
+    ),
+    default=None,
+)
 @click.option("--root", default=None, help="Only the tree under this root task.")
 @click.option("--due-from", default=None, help="ISO time (inclusive).")
 @click.option("--due-to", default=None, help="ISO time (exclusive).")
@@ -508,8 +566,17 @@ def tasks_get(ctx: click.Context, task_id: str, output: str) -> None:
 @click.option("--after", default=None, help="Cursor from the previous page (printed on stderr).")
 @output_option
 @click.pass_context
-def tasks_list(ctx: click.Context, type_: str | None, state: str | None, root: str | None, due_from: str | None,
-               due_to: str | None, limit: int, after: str | None, output: str) -> None:
+def tasks_list(
+    ctx: click.Context,
+    type_: str | None,
+    state: str | None,
+    root: str | None,
+    due_from: str | None,
+    due_to: str | None,
+    limit: int,
+    after: str | None,
+    output: str,
+) -> None:
     """List tasks by due time; page with --after CURSOR."""
     from taskmgr.models import State
 
@@ -521,10 +588,13 @@ def tasks_list(ctx: click.Context, type_: str | None, state: str | None, root: s
     async def go() -> Any:
         async with _service(settings_of(ctx)) as svc:
             return await svc.list_tasks(
-                type=type_, state=State(state.upper()) if state else None,
+                type=type_,
+                state=State(state.upper()) if state else None,
                 root_id=parse_uuid(root, "--root") if root else None,
-                due_from=parse_time(due_from, "--due-from"), due_to=parse_time(due_to, "--due-to"),
-                after=cursor, limit=limit,
+                due_from=parse_time(due_from, "--due-from"),
+                due_to=parse_time(due_to, "--due-to"),
+                after=cursor,
+                limit=limit,
             )
 
     rows = run(go())
@@ -613,9 +683,15 @@ def audit(ctx: click.Context, root_id: str, output: str) -> None:
     for e in events:
         by_task.setdefault(e.task_id, []).append(e)
     tree = [
-        {"id": t.id, "type": t.type, "parent_id": t.parent_id, "state": t.state, "attempt": t.attempt,
-         "changes": " > ".join(e.state.value for e in by_task.get(t.id, []) if e.applied),
-         "events": [asdict(e) for e in by_task.get(t.id, [])]}
+        {
+            "id": t.id,
+            "type": t.type,
+            "parent_id": t.parent_id,
+            "state": t.state,
+            "attempt": t.attempt,
+            "changes": " > ".join(e.state.value for e in by_task.get(t.id, []) if e.applied),
+            "events": [asdict(e) for e in by_task.get(t.id, [])],
+        }
         for t in tasks_
     ]
     emit(tree, output, ["id", "type", "parent_id", "state", "attempt", "changes"])
@@ -634,10 +710,14 @@ def logs_cmd(ctx: click.Context, task_id: str, output: str) -> None:
             return await svc.history(tid)
 
     rows = [
-        {"time": e.time, "attempt": e.attempt, "runner_id": e.runner_id,
-         "what": e.detail.get("report") or e.state.value,
-         "error": e.detail.get("error") or e.detail.get("reason") or "",
-         "detail": e.detail}
+        {
+            "time": e.time,
+            "attempt": e.attempt,
+            "runner_id": e.runner_id,
+            "what": e.detail.get("report") or e.state.value,
+            "error": e.detail.get("error") or e.detail.get("reason") or "",
+            "detail": e.detail,
+        }
         for e in run(go())
     ]
     emit(rows, output, ["time", "attempt", "runner_id", "what", "error"])
@@ -652,7 +732,9 @@ def events() -> None:
 
 
 @events.command("tail")
-@click.option("--routing-key", default="#", show_default=True, help="Binding pattern, e.g. 'live_game.score.*'.")
+@click.option(
+    "--routing-key", default="#", show_default=True, help="Binding pattern, e.g. 'live_game.score.*'."
+)
 @click.option("--count", type=int, default=0, help="Stop after this many events (0: run until Ctrl-C).")
 @click.option("--timeout", type=float, default=0, help="Stop after this many seconds (0: never).")
 @output_option
@@ -688,11 +770,19 @@ def events_tail(ctx: click.Context, routing_key: str, count: int, timeout: float
             if count and got >= count:
                 done.set()
             await message.ack()
-            row = {"time": ev.observed_at, "routing_key": message.routing_key, "event_id": ev.event_id,
-                   "task_id": ev.task_id, "runner": ev.task_runner_id, "data": ev.data}
+            row = {
+                "time": ev.observed_at,
+                "routing_key": message.routing_key,
+                "event_id": ev.event_id,
+                "task_id": ev.task_id,
+                "runner": ev.task_runner_id,
+                "data": ev.data,
+            }
             if output == "table":
-                click.echo(f"{row['time'].isoformat(timespec='seconds')}  {row['routing_key']:<32} "
-                           f"task={str(ev.task_id)[:8]} runner={ev.task_runner_id} {json.dumps(ev.data)[:100]}")
+                click.echo(
+                    f"{row['time'].isoformat(timespec='seconds')}  {row['routing_key']:<32} "
+                    f"task={str(ev.task_id)[:8]} runner={ev.task_runner_id} {json.dumps(ev.data)[:100]}"
+                )
             elif output == "json":  # JSON Lines: one event per line, for jq and scripts
                 click.echo(json.dumps(jsonable(row), separators=(",", ":")))
             else:  # a YAML document per event
@@ -701,13 +791,16 @@ def events_tail(ctx: click.Context, routing_key: str, count: int, timeout: float
 
         exchange = Topology(settings.amqp_prefix).events
         try:
-            async with Consumer(url=settings.amqp_url, topology=Topology(settings.amqp_prefix), prefetch=100,
-                                declare=False) as c:
+            async with Consumer(
+                url=settings.amqp_url, topology=Topology(settings.amqp_prefix), prefetch=100, declare=False
+            ) as c:
                 try:
                     await c.consume_events(routing_key, on_event)
                 except aio_pika.exceptions.ChannelNotFoundEntity:
-                    raise Fail(f"no exchange {exchange!r}: no manager or runner has declared it yet "
-                               "(or --amqp-prefix is wrong)") from None
+                    raise Fail(
+                        f"no exchange {exchange!r}: no manager or runner has declared it yet "
+                        "(or --amqp-prefix is wrong)"
+                    ) from None
                 click.echo(f"listening on {exchange} for {routing_key!r}", err=True)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout or None):
@@ -721,8 +814,13 @@ def events_tail(ctx: click.Context, routing_key: str, count: int, timeout: float
 
 
 @main.command("check")
-@click.option("--runners/--no-runners", "need_runners", default=True, show_default=True,
-              help="Require at least one heartbeating runner.")
+@click.option(
+    "--runners/--no-runners",
+    "need_runners",
+    default=True,
+    show_default=True,
+    help="Require at least one heartbeating runner.",
+)
 @output_option
 @click.pass_context
 def check(ctx: click.Context, need_runners: bool, output: str) -> None:
@@ -730,7 +828,11 @@ def check(ctx: click.Context, need_runners: bool, output: str) -> None:
     from taskmgr.health import check_health
 
     results = run(check_health(settings_of(ctx), need_runners=need_runners))
-    emit([{"check": k, "ok": ok, "detail": d} for k, (ok, d) in results.items()], output, ["check", "ok", "detail"])
+    emit(
+        [{"check": k, "ok": ok, "detail": d} for k, (ok, d) in results.items()],
+        output,
+        ["check", "ok", "detail"],
+    )
     if not all(ok for ok, _ in results.values()):
         sys.exit(EXIT_FAILURE)
 
@@ -776,21 +878,46 @@ def providers_parse(provider: str, kind: str, file: str) -> None:
 @_opt("--port", env="TASKMGR_FEED_PORT", type=int, default=8765, show_default=True)
 @_opt("--seed", env="TASKMGR_FEED_SEED", type=int, default=1, show_default=True)
 @_opt("--games", env="TASKMGR_FEED_GAMES", type=int, default=2, show_default=True, help="Games per provider.")
-@_opt("--period-s", env="TASKMGR_FEED_PERIOD_S", type=float, default=8.0, show_default=True,
-      help="Real seconds per period.")
+@_opt(
+    "--period-s",
+    env="TASKMGR_FEED_PERIOD_S",
+    type=float,
+    default=8.0,
+    show_default=True,
+    help="Real seconds per period.",
+)
 @_opt("--first-start-s", env="TASKMGR_FEED_FIRST_START_S", type=float, default=10.0, show_default=True)
 @_opt("--spread-s", env="TASKMGR_FEED_SPREAD_S", type=float, default=50.0, show_default=True)
-@_opt("--faults", env="TASKMGR_FEED_FAULTS", default=None, help="JSON of fault rates, e.g. '{\"error_5xx\": 0.05}'.")
-def feed(host: str, port: int, seed: int, games: int, period_s: float, first_start_s: float, spread_s: float,
-         faults: str | None) -> None:
+@_opt(
+    "--faults",
+    env="TASKMGR_FEED_FAULTS",
+    default=None,
+    help="JSON of fault rates, e.g. '{\"error_5xx\": 0.05}'.",
+)
+def feed(
+    host: str,
+    port: int,
+    seed: int,
+    games: int,
+    period_s: float,
+    first_start_s: float,
+    spread_s: float,
+    faults: str | None,
+) -> None:
     """Serve the simulated sports feed (every provider's real JSON shape, accelerated)."""
     from task_types.feed import Faults, FeedConfig
     from task_types.feed import main as feed_main
 
     extra = parse_json_arg(faults, "--faults") or {}
     try:
-        config = FeedConfig(seed=seed, games_per_provider=games, period_s=period_s,
-                            first_start_s=first_start_s, spread_s=spread_s, faults=Faults(**extra))
+        config = FeedConfig(
+            seed=seed,
+            games_per_provider=games,
+            period_s=period_s,
+            first_start_s=first_start_s,
+            spread_s=spread_s,
+            faults=Faults(**extra),
+        )
     except TypeError as exc:
         raise BadInput(f"--faults: {exc}") from None
     feed_main(config, host, port)
@@ -806,8 +933,9 @@ def demo(ctx: click.Context, minutes: float, keep_running: bool, games: int, pro
     """The live demo: feed, manager, two runners, a day of games, events in the terminal."""
     from taskmgr.demo import run_demo
 
-    code = run_demo(settings_of(ctx), minutes=None if keep_running else minutes, games=games,
-                    provider_urls=provider_urls)
+    code = run_demo(
+        settings_of(ctx), minutes=None if keep_running else minutes, games=games, provider_urls=provider_urls
+    )
     sys.exit(code)
 
 
@@ -843,33 +971,60 @@ def _lazy_bench(name: str, help_: str, params: Iterable[click.Parameter]) -> Non
         click.echo(json.dumps(result))
 
 
-_lazy_bench("dispatch", "N tasks due at one instant: throughput and lateness to a runner process.", [
-    click.Option(["--tasks"], type=int, default=10000, show_default=True),
-    click.Option(["--vs"], default="", help="Peers to compare: taskiq,procrastinate,..."),
-    click.Option(["--profile"], default=None, help="Write a py-spy profile (collapsed stacks) of the manager here."),
-    click.Option(["--variant"], default="", help="Experimental dispatch: timed,pipelined,nometrics (bench/manager_variant.py)."),
-])
-_lazy_bench("discovery", "A poll's time with N events in history against an empty history.", [
-    click.Option(["--events"], type=int, default=10_000_000, show_default=True),
-])
-_lazy_bench("runner", "One runner process polling a local box-score server.", [
-    click.Option(["--pollers"], type=int, default=10000, show_default=True),
-    click.Option(["--interval"], type=float, default=10.0, show_default=True),
-    click.Option(["--seconds"], type=float, default=30.0, show_default=True),
-    click.Option(["--etag"], type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
-                 help="Serve the box score with an ETag (304s), without, or both runs."),
-])
-_lazy_bench("footprint", "Idle RSS of a manager and a runner, and of a runner holding N pollers.", [
-    click.Option(["--pollers"], type=int, default=10000, show_default=True),
-])
-
+_lazy_bench(
+    "dispatch",
+    "N tasks due at one instant: throughput and lateness to a runner process.",
+    [
+        click.Option(["--tasks"], type=int, default=10000, show_default=True),
+        click.Option(["--vs"], default="", help="Peers to compare: taskiq,procrastinate,..."),
+        click.Option(
+            ["--profile"], default=None, help="Write a py-spy profile (collapsed stacks) of the manager here."
+        ),
+        click.Option(
+            ["--variant"],
+            default="",
+            help="Experimental dispatch: timed,pipelined,nometrics (bench/manager_variant.py).",
+        ),
+    ],
+)
+_lazy_bench(
+    "discovery",
+    "A poll's time with N events in history against an empty history.",
+    [
+        click.Option(["--events"], type=int, default=10_000_000, show_default=True),
+    ],
+)
+_lazy_bench(
+    "runner",
+    "One runner process polling a local box-score server.",
+    [
+        click.Option(["--pollers"], type=int, default=10000, show_default=True),
+        click.Option(["--interval"], type=float, default=10.0, show_default=True),
+        click.Option(["--seconds"], type=float, default=30.0, show_default=True),
+        click.Option(
+            ["--etag"],
+            type=click.Choice(["both", "on", "off"]),
+            default="both",
+            show_default=True,
+            help="Serve the box score with an ETag (304s), without, or both runs.",
+        ),
+    ],
+)
+_lazy_bench(
+    "footprint",
+    "Idle RSS of a manager and a runner, and of a runner holding N pollers.",
+    [
+        click.Option(["--pollers"], type=int, default=10000, show_default=True),
+    ],
+)
 
 
 @bench.command("chaos")
 @click.option("--minutes", type=float, default=5.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Replay a run (printed in its output).")
-@click.option("--kinds", default="runner,manager,broker,postgres,api", show_default=True,
-              help="Fault kinds to inject.")
+@click.option(
+    "--kinds", default="runner,manager,broker,postgres,api", show_default=True, help="Fault kinds to inject."
+)
 @click.pass_context
 def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str) -> None:
     """A game day under faults; checks the invariants against the feed's ground truth.

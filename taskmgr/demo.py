@@ -51,11 +51,17 @@ class Demo:
         admin = re.sub(r"/[^/]*$", "/postgres", asyncpg_dsn(settings.database_url))
         self.admin_dsn = admin
         demo_url = re.sub(r"/[^/]*$", f"/{DEMO_DB}", settings.database_url)
-        self.settings = settings.model_copy(update={
-            "database_url": demo_url, "amqp_prefix": DEMO_PREFIX,
-            "feed_url": f"http://127.0.0.1:{FEED_PORT}", "provider_urls": provider_urls,
-            "schedule_lead_s": 0.0, "heartbeat_interval": 2.0, "runner_dead_after": 8.0,
-        })
+        self.settings = settings.model_copy(
+            update={
+                "database_url": demo_url,
+                "amqp_prefix": DEMO_PREFIX,
+                "feed_url": f"http://127.0.0.1:{FEED_PORT}",
+                "provider_urls": provider_urls,
+                "schedule_lead_s": 0.0,
+                "heartbeat_interval": 2.0,
+                "runner_dead_after": 8.0,
+            }
+        )
         self.games = games
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.logdir = Path(tempfile.mkdtemp(prefix="taskmgr-demo-"))
@@ -65,15 +71,28 @@ class Demo:
 
     def env(self) -> dict[str, str]:
         s = self.settings
-        return {**os.environ, "TASKMGR_DATABASE_URL": s.database_url, "TASKMGR_AMQP_URL": s.amqp_url,
-                "TASKMGR_AMQP_PREFIX": s.amqp_prefix, "TASKMGR_FEED_URL": s.feed_url,
-                "TASKMGR_PROVIDER_URLS": s.provider_urls, "TASKMGR_HEARTBEAT_INTERVAL": "2",
-                "TASKMGR_RUNNER_DEAD_AFTER": "8", "TASKMGR_POLL_INTERVAL": "0.5"}
+        return {
+            **os.environ,
+            "TASKMGR_DATABASE_URL": s.database_url,
+            "TASKMGR_AMQP_URL": s.amqp_url,
+            "TASKMGR_AMQP_PREFIX": s.amqp_prefix,
+            "TASKMGR_FEED_URL": s.feed_url,
+            "TASKMGR_PROVIDER_URLS": s.provider_urls,
+            "TASKMGR_HEARTBEAT_INTERVAL": "2",
+            "TASKMGR_RUNNER_DEAD_AFTER": "8",
+            "TASKMGR_POLL_INTERVAL": "0.5",
+        }
 
     async def start(self, name: str, *args: str) -> None:
-        log = open(self.logdir / f"{name}.log", "wb")
+        log = open(self.logdir / f"{name}.log", "wb")  # noqa: ASYNC230 - once per process
         self.procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "taskmgr.cli", *args, env=self.env(), stdout=log, stderr=log,
+            sys.executable,
+            "-m",
+            "taskmgr.cli",
+            *args,
+            env=self.env(),
+            stdout=log,
+            stderr=log,
         )
 
     async def stop_all(self) -> None:
@@ -121,11 +140,18 @@ class Demo:
             score = f"p{d.get('period')} {d.get('away')}-{d.get('home')}"
         elif "home_score" in d or "away_score" in d:
             score = f"{d.get('away_score')}-{d.get('home_score')}"
-        colour = {"game.final": "bold green", "game.started": "cyan", "period.ended": "magenta",
-                  "game.postponed": "yellow", "score.changed": "white"}.get(ev.event, "dim")
+        colour = {
+            "game.final": "bold green",
+            "game.started": "cyan",
+            "period.ended": "magenta",
+            "game.postponed": "yellow",
+            "score.changed": "white",
+        }.get(ev.event, "dim")
         when = ev.observed_at.astimezone().strftime("%H:%M:%S")
-        console.print(f"{when} [{colour}]{routing_key:<32}[/] {game:<24} {score:<8} "
-                      f"runner={ev.task_runner_id[-8:]} event={str(ev.event_id)[:8]}")
+        console.print(
+            f"{when} [{colour}]{routing_key:<32}[/] {game:<24} {score:<8} "
+            f"runner={ev.task_runner_id[-8:]} event={str(ev.event_id)[:8]}"
+        )
         if ev.event == "game.final":
             self.finals[game] = d
 
@@ -145,10 +171,22 @@ class Demo:
         await self.start("runner-2", "runner", "--pool", "default")
         if not self.settings.provider_urls:
             # The games start 15 s to 60 s after the feed does.
-            await self.start("feed", "feed", "--port", str(FEED_PORT), "--games", str(self.games),
-                             "--first-start-s", "15", "--spread-s", "45")
+            await self.start(
+                "feed",
+                "feed",
+                "--port",
+                str(FEED_PORT),
+                "--games",
+                str(self.games),
+                "--first-start-s",
+                "15",
+                "--spread-s",
+                "45",
+            )
             day = await self.wait_feed()
-            console.print(f"simulated feed on {self.settings.feed_url}: {self.games} games per provider, day {day}")
+            console.print(
+                f"simulated feed on {self.settings.feed_url}: {self.games} games per provider, day {day}"
+            )
         else:
             day = datetime.now(UTC).date()
         started = time.monotonic()
@@ -156,7 +194,10 @@ class Demo:
         topo = Topology(DEMO_PREFIX)
         result = 1
         try:
-            async with Consumer(url=self.settings.amqp_url, topology=topo, prefetch=500, name="demo") as consumer:
+            async with Consumer(
+                url=self.settings.amqp_url, topology=topo, prefetch=500, name="demo"
+            ) as consumer:
+
                 async def handle(message: Any) -> None:
                     await message.ack()
                     self.on_event(message.routing_key, message.body)
@@ -165,20 +206,27 @@ class Demo:
                 from manager.schedule_cron import ScheduleCron
 
                 n = await ScheduleCron(service=service, settings=self.settings).run_once(day)
-                console.print(f"seeded {n} daily schedule tasks for {day}: the runners fetch each league's "
-                              "schedule and write one game task per game")
+                console.print(
+                    f"seeded {n} daily schedule tasks for {day}: the runners fetch each league's "
+                    "schedule and write one game task per game"
+                )
                 last = 0.0
                 while deadline is None or time.monotonic() < deadline:
                     await asyncio.sleep(0.5)
                     for name, p in self.procs.items():
                         if p.returncode is not None:
-                            raise RuntimeError(f"{name} exited with {p.returncode}; see {self.logdir}/{name}.log")
+                            raise RuntimeError(
+                                f"{name} exited with {p.returncode}; see {self.logdir}/{name}.log"
+                            )
                     if time.monotonic() - last >= STATUS_EVERY_S:
                         last = time.monotonic()
                         counts = await self.counts(service)
-                        line = "  ".join(f"{s.value.lower()}={counts.get(s, 0)}" for s in State if counts.get(s))
-                        console.print(f"[dim]-- {int(last - started):>3}s  tasks: {line}  "
-                                      f"finals: {len(self.finals)}[/]")
+                        line = "  ".join(
+                            f"{s.value.lower()}={counts.get(s, 0)}" for s in State if counts.get(s)
+                        )
+                        console.print(
+                            f"[dim]-- {int(last - started):>3}s  tasks: {line}  finals: {len(self.finals)}[/]"
+                        )
                     if await self.all_games_done(engine):
                         result = 0
                         break
@@ -196,7 +244,9 @@ class Demo:
         async with engine.connect() as conn:
             rows = await store.counts_by_type_and_state(conn)
         games = sum(n for t, _, n in rows if t == "live_game")
-        open_ = sum(n for t, s, n in rows if t in ("live_game", "period_score", "schedule") and not s.terminal)
+        open_ = sum(
+            n for t, s, n in rows if t in ("live_game", "period_score", "schedule") and not s.terminal
+        )
         return games > 0 and open_ == 0
 
     async def summary(self, engine: Any, service: TaskService, elapsed: float) -> None:
@@ -224,10 +274,14 @@ class Demo:
         console.print(ev)
         if lateness:
             q = statistics.quantiles(lateness, n=100) if len(lateness) > 1 else [lateness[0]] * 99
-            console.print(f"dispatch lateness (due -> STARTED) over {len(lateness)} starts: "
-                          f"p50 {q[49]:.0f} ms, p99 {q[98]:.0f} ms")
-        console.print(f"elapsed {elapsed:.0f} s; logs in {self.logdir}; inspect with "
-                      f"TASKMGR_DATABASE_URL={self.settings.database_url} taskmgr tasks list")
+            console.print(
+                f"dispatch lateness (due -> STARTED) over {len(lateness)} starts: "
+                f"p50 {q[49]:.0f} ms, p99 {q[98]:.0f} ms"
+            )
+        console.print(
+            f"elapsed {elapsed:.0f} s; logs in {self.logdir}; inspect with "
+            f"TASKMGR_DATABASE_URL={self.settings.database_url} taskmgr tasks list"
+        )
         console.print(json.dumps({"games_final": len(self.finals), "events": dict(self.events)}))
 
 

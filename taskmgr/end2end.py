@@ -25,12 +25,24 @@ async def run_end2end(settings: Settings, *, count: int, deadline_s: float, prog
         try:
             await service.get_type(E2E_TYPE)
         except TaskTypeNotFound:
-            await service.create_type({"name": E2E_TYPE, "handler": "noop", "url_template": E2E_URL,
-                                       "poll_interval_s": 1, "max_attempts": 3})
+            await service.create_type(
+                {
+                    "name": E2E_TYPE,
+                    "handler": "noop",
+                    "url_template": E2E_URL,
+                    "poll_interval_s": 1,
+                    "max_attempts": 3,
+                }
+            )
         started = time.monotonic()
         async with service.session() as session, session.begin():
-            ids = [s.id for s in await service.schedule_many(
-                session, [NewTask(E2E_TYPE, {"provider": "nba"}, created_by="end2end") for _ in range(count)])]
+            ids = [
+                s.id
+                for s in await service.schedule_many(
+                    session,
+                    [NewTask(E2E_TYPE, {"provider": "nba"}, created_by="end2end") for _ in range(count)],
+                )
+            ]
         done: dict[State, int] = {}
         bar: Any = None
         if progress:

@@ -38,7 +38,10 @@ async def check_health(settings: Settings, *, need_runners: bool = True) -> dict
                     leader = await store.leader_present(conn)
                     since = utcnow() - timedelta(seconds=settings.runner_dead_after)
                     runners = await store.active_runners(conn, since)
-            results["database"] = (version is not None, f"schema version {version}" if version else "not migrated")
+            results["database"] = (
+                version is not None,
+                f"schema version {version}" if version else "not migrated",
+            )
             results["leader"] = (leader, "a manager leads" if leader else "no manager holds the leadership")
             if need_runners:
                 results["runners"] = (bool(runners), f"{len(runners)} heartbeating")
@@ -59,12 +62,16 @@ async def system_status(settings: Settings) -> dict[str, Any]:
         async with engine.connect() as conn:
             types = await store.list_types(conn)
             counts = await store.counts_by_state(conn)
-            runners = await store.active_runners(conn, utcnow() - timedelta(seconds=settings.runner_dead_after))
+            runners = await store.active_runners(
+                conn, utcnow() - timedelta(seconds=settings.runner_dead_after)
+            )
             leader = await store.leader_present(conn)
         return {
             "schema_version": version,
-            "task_types": {t.name: {"handler": t.handler, "pool": t.pool, "poll_interval_s": t.poll_interval_s}
-                           for t in types},
+            "task_types": {
+                t.name: {"handler": t.handler, "pool": t.pool, "poll_interval_s": t.poll_interval_s}
+                for t in types
+            },
             "tasks_by_state": {str(k): v for k, v in sorted(counts.items())},
             "leader_present": leader,
             "runners": [{"id": r["id"], "pool": r["pool"], "tasks": r["tasks"]} for r in runners],

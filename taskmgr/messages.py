@@ -179,30 +179,37 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
         schemas[name] = schema
 
     def msg(name: str, summary: str) -> dict[str, Any]:
-        return {"name": name, "summary": summary, "contentType": "application/json",
-                "payload": {"$ref": f"#/components/schemas/{name}"}}
+        return {
+            "name": name,
+            "summary": summary,
+            "contentType": "application/json",
+            "payload": {"$ref": f"#/components/schemas/{name}"},
+        }
 
     channels = {
         "start": {
             "address": f"{prefix}.start.{{pool}}",
             "description": "Durable queue per runner pool. Persistent messages, publisher confirms; runners "
-                           "ack after registering and reporting RUNNING for every order.",
+            "ack after registering and reporting RUNNING for every order.",
             "parameters": {"pool": {"description": "The task type's runner pool."}},
             "messages": {"StartBatch": {"$ref": "#/components/messages/StartBatch"}},
         },
         "events": {
             "address": f"{prefix}.events",
-            "description": "Topic exchange; routing key `<task_type>.<event>` (e.g. live_game.score.changed). "
-                           "Headers repeat task_id, root_task_id, task_runner_id, event_id; message_id is "
-                           "the event_id, stable across repeats.",
+            "description": "Topic exchange; routing key `<task_type>.<event>` "
+            "(e.g. live_game.score.changed). "
+            "Headers repeat task_id, root_task_id, task_runner_id, event_id; message_id is "
+            "the event_id, stable across repeats.",
             "messages": {"Event": {"$ref": "#/components/messages/Event"}},
         },
         "progress": {
             "address": f"{prefix}.progress",
             "description": "Durable queue into the manager: runner reports, heartbeats, outside services' "
-                           "reports. Unparseable messages go to the dead-letter exchange.",
-            "messages": {n: {"$ref": f"#/components/messages/{n}"}
-                         for n in ("RunnerReports", "Heartbeat", "ServiceReport")},
+            "reports. Unparseable messages go to the dead-letter exchange.",
+            "messages": {
+                n: {"$ref": f"#/components/messages/{n}"}
+                for n in ("RunnerReports", "Heartbeat", "ServiceReport")
+            },
         },
         "control": {
             "address": f"{prefix}.control",
@@ -212,7 +219,7 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
         "dead": {
             "address": f"{prefix}.dlx",
             "description": "Fanout dead-letter exchange (queue "
-                           f"{prefix}.dead); header x-taskmgr-reason says why.",
+            f"{prefix}.dead); header x-taskmgr-reason says why.",
             "messages": {},
         },
     }
@@ -226,8 +233,12 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
     }
     return {
         "asyncapi": "3.0.0",
-        "info": {"title": "taskmgr messages", "version": "1.0.0",
-                 "description": "RabbitMQ contracts between the Task Manager, TaskRunners and downstream services."},
+        "info": {
+            "title": "taskmgr messages",
+            "version": "1.0.0",
+            "description": "RabbitMQ contracts between the Task Manager, TaskRunners and "
+            "downstream services.",
+        },
         "defaultContentType": "application/json",
         "channels": channels,
         "operations": {

@@ -29,9 +29,7 @@ ACTIVE = frozenset({State.STARTED, State.RUNNING})
 # The state machine. FAILED -> RETRYING is an operator's manual retry.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.SCHEDULED: frozenset({State.STARTED, State.CANCELLED}),
-    State.STARTED: frozenset(
-        {State.RUNNING, State.RETRYING, State.FINISHED, State.FAILED, State.CANCELLED}
-    ),
+    State.STARTED: frozenset({State.RUNNING, State.RETRYING, State.FINISHED, State.FAILED, State.CANCELLED}),
     State.RUNNING: frozenset({State.RETRYING, State.FINISHED, State.FAILED, State.CANCELLED}),
     State.RETRYING: frozenset({State.STARTED, State.FAILED, State.CANCELLED}),
     State.FINISHED: frozenset(),

@@ -30,9 +30,7 @@ def parse(value: Mapping[str, Any] | Recurrence | None) -> Recurrence | None:
     every, cron = value.get("every_s"), value.get("cron")
     if (every is None) == (cron is None):
         raise InvalidInput("recurrence", "give exactly one of every_s and cron")
-    if every is not None and (
-        not isinstance(every, int | float) or isinstance(every, bool) or not every > 0
-    ):
+    if every is not None and (not isinstance(every, int | float) or isinstance(every, bool) or not every > 0):
         raise InvalidInput("recurrence.every_s", f"must be a positive number of seconds, got {every!r}")
     tz = value.get("timezone", "UTC")
     try:

@@ -265,9 +265,7 @@ class TaskService:
             )
         return await self.write_rows(session, rows, now)
 
-    async def write_rows(
-        self, conn: Any, rows: Sequence[dict[str, Any]], now: datetime
-    ) -> list[Scheduled]:
+    async def write_rows(self, conn: Any, rows: Sequence[dict[str, Any]], now: datetime) -> list[Scheduled]:
         """Write tasks already checked (by `schedule_many`, or copies of a checked task
         such as the next occurrence of a recurrence): tasks, their state, SCHEDULED events."""
         parents = {r["parent_id"] for r in rows if r["parent_id"] and r["root_id"] == r["id"]}
@@ -373,7 +371,11 @@ class TaskService:
                         session,
                         [
                             Transition(
-                                row["id"], State.SCHEDULED, 0, "schedule", applied=False,
+                                row["id"],
+                                State.SCHEDULED,
+                                0,
+                                "schedule",
+                                applied=False,
                                 detail={"moved_from": row["due_at"].isoformat(), "due_at": due.isoformat()},
                             )
                         ],
@@ -385,8 +387,13 @@ class TaskService:
             for key, row in existing.items():
                 if key not in wanted and row["state"] == State.SCHEDULED:
                     cancels.append(
-                        Transition(row["id"], State.CANCELLED, 0, "schedule",
-                                   detail={"reason": "no longer in the schedule (postponed or dropped)"})
+                        Transition(
+                            row["id"],
+                            State.CANCELLED,
+                            0,
+                            "schedule",
+                            detail={"reason": "no longer in the schedule (postponed or dropped)"},
+                        )
                     )
             await self.schedule_many(session, new)
             await store.apply_transitions(session, cancels, now, strict=False)
@@ -394,7 +401,9 @@ class TaskService:
 
     # -- state changes -----------------------------------------------------------------
 
-    async def record(self, session: Any, transitions: Sequence[Transition], *, strict: bool = True) -> list[Transition]:
+    async def record(
+        self, session: Any, transitions: Sequence[Transition], *, strict: bool = True
+    ) -> list[Transition]:
         """Append state changes through the state machine (in the caller's transaction)."""
         return await store.apply_transitions(session, transitions, self._clock(), strict=strict)
 
@@ -409,13 +418,23 @@ class TaskService:
                 raise IllegalTransition(task_id, cur.state, State.CANCELLED)
             await store.apply_transitions(
                 session,
-                [Transition(task_id, State.CANCELLED, cur.attempt, source, cur.runner_id,
-                            {"reason": reason or "cancelled"})],
+                [
+                    Transition(
+                        task_id,
+                        State.CANCELLED,
+                        cur.attempt,
+                        source,
+                        cur.runner_id,
+                        {"reason": reason or "cancelled"},
+                    )
+                ],
                 self._clock(),
                 current={task_id: cur},
             )
             if cur.state in (State.STARTED, State.RUNNING):
-                msg = json.dumps({"task_id": str(task_id), "attempt": cur.attempt, "runner_id": cur.runner_id})
+                msg = json.dumps(
+                    {"task_id": str(task_id), "attempt": cur.attempt, "runner_id": cur.runner_id}
+                )
                 await session.execute(text("select pg_notify(:c, :m)"), {"c": CANCEL_CHANNEL, "m": msg})
         return await self.get_task(task_id)
 
@@ -427,7 +446,15 @@ class TaskService:
                 raise TaskNotFound(task_id)
             await store.apply_transitions(
                 session,
-                [Transition(task_id, State.RETRYING, cur.attempt, source, detail={"reason": "manual retry", "failures": 0})],
+                [
+                    Transition(
+                        task_id,
+                        State.RETRYING,
+                        cur.attempt,
+                        source,
+                        detail={"reason": "manual retry", "failures": 0},
+                    )
+                ],
                 self._clock(),
                 current={task_id: replace(cur, failures=0)},
             )

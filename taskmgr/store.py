@@ -359,9 +359,7 @@ async def counts_by_state(conn: Conn, *, type: str | None = None) -> dict[State,
 async def counts_per_bucket(
     conn: Conn, bucket: timedelta, since: datetime, until: datetime
 ) -> list[tuple[datetime, State, int]]:
-    rows = await _run(
-        conn, "counts_per_bucket", {"bucket": bucket, "since": since, "until": until}
-    )
+    rows = await _run(conn, "counts_per_bucket", {"bucket": bucket, "since": since, "until": until})
     return [(r.bucket, State(r.state), r.n) for r in rows]
 
 
@@ -491,3 +489,9 @@ async def next_run_at(conn: Conn) -> datetime | None:
 async def rebuild_state(conn: Conn) -> int:
     """Recompute task_state from task_events; returns the rows rewritten."""
     return int((await _run(conn, "rebuild_state")).rowcount)
+
+
+async def leader_name(conn: Conn) -> str | None:
+    """Who leads: its lock connection's application name, taskmgr-leader-<host>-<pid>."""
+    classid, objid = LEADER_LOCK
+    return (await _run(conn, "leader_name", {"classid": classid, "objid": objid})).scalar()  # type: ignore[no-any-return]

@@ -3,7 +3,6 @@ once and truncated between tests; each test gets its own RabbitMQ names."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import uuid
@@ -82,8 +81,6 @@ def settings(database_url: str, topology: broker.Topology) -> Settings:
         heartbeat_interval=0.3,
         runner_dead_after=2.0,
     )
-
-
 
 
 @pytest.fixture

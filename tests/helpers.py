@@ -16,7 +16,9 @@ from taskmgr.messages import StartBatch, decode_start
 from taskmgr.service import NewTask, TaskService
 
 
-async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, every: float = 0.05) -> Any:
+async def wait_for(
+    predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, every: float = 0.05
+) -> Any:
     """Poll an async predicate until it is truthy; fail after `timeout` seconds."""
     async with asyncio.timeout(timeout):
         while True:
@@ -26,8 +28,15 @@ async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.
             await asyncio.sleep(every)
 
 
-async def schedule(service: TaskService, type_: str, n: int, *, due_at: datetime | None = None,
-                   payload: dict[str, Any] | None = None, **kw: Any) -> list[uuid.UUID]:
+async def schedule(
+    service: TaskService,
+    type_: str,
+    n: int,
+    *,
+    due_at: datetime | None = None,
+    payload: dict[str, Any] | None = None,
+    **kw: Any,
+) -> list[uuid.UUID]:
     async with service.session() as session, session.begin():
         done = await service.schedule_many(
             session, [NewTask(type_, payload or {}, due_at=due_at, **kw) for _ in range(n)]

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from manager.app import TaskManager
 from manager.schedule_cron import ScheduleCron
 from task_types.feed import FeedConfig, start_feed
+from taskmgr import store
 from taskmgr.broker import Consumer, Topology
 from taskmgr.messages import decode_event
 from taskmgr.models import State
@@ -33,13 +34,19 @@ def env_of(settings: Settings, role: str, **extra: Any) -> dict[str, str]:
     """The environment of a `taskmgr` process running as `role` (its database role and
     RabbitMQ user, sql/0003 and scripts/setup.sh)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
-    env.update({
-        "TASKMGR_DATABASE_URL": as_role(settings.database_url, role),
-        "TASKMGR_AMQP_URL": amqp_as(settings.amqp_url, role),
-        "TASKMGR_AMQP_PREFIX": settings.amqp_prefix, "TASKMGR_LOG_LEVEL": "INFO",
-        "TASKMGR_POLL_INTERVAL": "0.2", "TASKMGR_RECOVERY_INTERVAL": "0.5", "TASKMGR_HEARTBEAT_INTERVAL": "0.3",
-        "TASKMGR_RUNNER_DEAD_AFTER": "2", "TASKMGR_LEADER_RETRY": "0.3",
-    })
+    env.update(
+        {
+            "TASKMGR_DATABASE_URL": as_role(settings.database_url, role),
+            "TASKMGR_AMQP_URL": amqp_as(settings.amqp_url, role),
+            "TASKMGR_AMQP_PREFIX": settings.amqp_prefix,
+            "TASKMGR_LOG_LEVEL": "INFO",
+            "TASKMGR_POLL_INTERVAL": "0.2",
+            "TASKMGR_RECOVERY_INTERVAL": "0.5",
+            "TASKMGR_HEARTBEAT_INTERVAL": "0.3",
+            "TASKMGR_RUNNER_DEAD_AFTER": "2",
+            "TASKMGR_LEADER_RETRY": "0.3",
+        }
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -49,9 +56,15 @@ class Procs:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(self, env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-        p = await asyncio.create_subprocess_exec(sys.executable, "-m", "taskmgr.cli", *args, env=env,
-                                                 stdout=asyncio.subprocess.DEVNULL,
-                                                 stderr=asyncio.subprocess.PIPE)
+        p = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "taskmgr.cli",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
         self.procs.append(p)
         return p
 
@@ -70,13 +83,9 @@ async def procs() -> AsyncIterator[Procs]:
 
 
 async def leader_pid(engine) -> int | None:  # type: ignore[no-untyped-def]
-    """The OS pid of the manager holding the leadership lock (from its connection's
-    application name, taskmgr-leader-<host>-<pid>)."""
+    """The OS pid of the manager holding the leadership lock."""
     async with engine.connect() as conn:
-        name = (await conn.execute(text(
-            "select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid"
-            " where l.locktype = 'advisory' and l.granted and l.classid = 29805 and l.objid = 1"
-            " and l.database = (select oid from pg_database where datname = current_database())"))).scalar()
+        name = await store.leader_name(conn)
     return int(name.rsplit("-", 1)[1]) if name else None
 
 
@@ -92,7 +101,9 @@ async def test_leader_killed_mid_dispatch_standby_takes_over(engine, service, se
 
     async def started() -> int:
         async with engine.connect() as conn:
-            return (await conn.execute(text("select count(*) from task_events where state = 'STARTED'"))).scalar_one()
+            return (
+                await conn.execute(text("select count(*) from task_events where state = 'STARTED'"))
+            ).scalar_one()
 
     await wait_for(lambda: _gt(started(), 2000), timeout=30, every=0.02)
     # The leader is the manager whose database session holds the lock; find its process.
@@ -105,21 +116,32 @@ async def test_leader_killed_mid_dispatch_standby_takes_over(engine, service, se
 
     async def all_sent() -> bool:
         async with engine.connect() as conn:
-            left = (await conn.execute(text(
-                "select count(*) from task_state where state <> 'STARTED' or sent_at is null"))).scalar_one()
+            left = (
+                await conn.execute(
+                    text("select count(*) from task_state where state <> 'STARTED' or sent_at is null")
+                )
+            ).scalar_one()
         return left == 0
 
     await wait_for(all_sent, timeout=60, every=0.2)
     async with engine.connect() as conn:
-        per_task = (await conn.execute(text(
-            "select count(*) filter (where c <> 1), count(*) from"
-            " (select task_id, count(*) c from task_events where state = 'STARTED' and attempt = 1 group by 1) x"
-        ))).one()
+        per_task = (
+            await conn.execute(
+                text(
+                    "select count(*) filter (where c <> 1), count(*) from"
+                    " (select task_id, count(*) c from task_events"
+                    " where state = 'STARTED' and attempt = 1 group by 1) x"
+                )
+            )
+        ).one()
         attempts = (await conn.execute(text("select max(attempt) from task_state"))).scalar_one()
     assert per_task == (0, n), "every task has exactly one STARTED for attempt 1"
     assert attempts == 1
-    orders = start_orders(await drain(settings.amqp_url, Topology(settings.amqp_prefix).start_queue("default"),
-                                      expect=n, timeout=30))
+    orders = start_orders(
+        await drain(
+            settings.amqp_url, Topology(settings.amqp_prefix).start_queue("default"), expect=n, timeout=30
+        )
+    )
     assert {t for t, _ in orders} == set(ids), "every claimed task reached the queue"
     # Repeats are possible only for orders in flight at the kill (the relay's at-least-once).
     assert len(orders) - n <= 1000
@@ -135,17 +157,32 @@ async def fast_types(service: TaskService, sports_types: None) -> None:
         await service.update_type(name, poll_interval_s=0.2, request_timeout_s=2.0)
 
 
-async def test_runner_killed_mid_game_its_games_finish_on_the_other(engine, service, settings, procs, fast_types) -> None:  # type: ignore[no-untyped-def]
-    feed = await start_feed(FeedConfig(seed=11, games_per_provider=2, first_start_s=1, spread_s=2, period_s=2.5,
-                                       intermission_s=0.3, providers=("nba", "nhl")))
-    settings = settings.model_copy(update={"feed_url": feed.url, "schedule_lead_s": 0.0,
-                                           "leagues": "nba:nba,nhl:nhl"})
+async def test_runner_killed_mid_game_its_games_finish_on_the_other(
+    engine, service, settings, procs, fast_types
+) -> None:  # type: ignore[no-untyped-def]
+    feed = await start_feed(
+        FeedConfig(
+            seed=11,
+            games_per_provider=2,
+            first_start_s=1,
+            spread_s=2,
+            period_s=2.5,
+            intermission_s=0.3,
+            providers=("nba", "nhl"),
+        )
+    )
+    settings = settings.model_copy(
+        update={"feed_url": feed.url, "schedule_lead_s": 0.0, "leagues": "nba:nba,nhl:nhl"}
+    )
     env = env_of(settings, "taskmgr_runner", TASKMGR_FEED_URL=feed.url)
     events: list[Any] = []
     stop = asyncio.Event()
     try:
-        async with Consumer(url=settings.amqp_url, topology=Topology(settings.amqp_prefix), prefetch=500) as c, \
-                TaskManager(settings=settings, engine=engine) as manager:
+        async with (
+            Consumer(url=settings.amqp_url, topology=Topology(settings.amqp_prefix), prefetch=500) as c,
+            TaskManager(settings=settings, engine=engine) as manager,
+        ):
+
             async def on_event(m: Any) -> None:
                 await m.ack()
                 events.append(decode_event(m.body))
@@ -190,10 +227,15 @@ async def test_runner_killed_mid_game_its_games_finish_on_the_other(engine, serv
     assert set(finals) == set(truth) and all(len(ids) == 1 for ids in finals.values())
 
 
-async def test_sigterm_hands_tasks_back_and_exits_within_10_s(engine, service, settings, procs, fast_types) -> None:  # type: ignore[no-untyped-def]
-    feed = await start_feed(FeedConfig(seed=3, games_per_provider=2, first_start_s=0, spread_s=1, period_s=60,
-                                       providers=("nba",)))
-    settings = settings.model_copy(update={"feed_url": feed.url, "schedule_lead_s": 0.0, "leagues": "nba:nba"})
+async def test_sigterm_hands_tasks_back_and_exits_within_10_s(
+    engine, service, settings, procs, fast_types
+) -> None:  # type: ignore[no-untyped-def]
+    feed = await start_feed(
+        FeedConfig(seed=3, games_per_provider=2, first_start_s=0, spread_s=1, period_s=60, providers=("nba",))
+    )
+    settings = settings.model_copy(
+        update={"feed_url": feed.url, "schedule_lead_s": 0.0, "leagues": "nba:nba"}
+    )
     env = env_of(settings, "taskmgr_runner", TASKMGR_FEED_URL=feed.url)
     stop = asyncio.Event()
     try:

@@ -22,8 +22,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture
 def cli(settings: Settings):  # type: ignore[no-untyped-def]
-    env = {"TASKMGR_DATABASE_URL": settings.database_url, "TASKMGR_AMQP_URL": settings.amqp_url,
-           "TASKMGR_AMQP_PREFIX": settings.amqp_prefix, "TASKMGR_LOG_LEVEL": "WARNING"}
+    env = {
+        "TASKMGR_DATABASE_URL": settings.database_url,
+        "TASKMGR_AMQP_URL": settings.amqp_url,
+        "TASKMGR_AMQP_PREFIX": settings.amqp_prefix,
+        "TASKMGR_LOG_LEVEL": "WARNING",
+    }
 
     def invoke(*args: str, input: str | None = None) -> Result:
         return CliRunner().invoke(main, list(args), env=env, input=input, catch_exceptions=False)
@@ -39,8 +43,10 @@ def out(result: Result, fmt: str) -> Any:
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
 def test_types_commands(cli, fmt: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     spec = tmp_path / "box.yaml"
-    spec.write_text("name: box\nhandler: noop\npoll_interval_s: 2\npayload_schema:\n  type: object\n"
-                    "  required: [game_id]\n")
+    spec.write_text(
+        "name: box\nhandler: noop\npoll_interval_s: 2\npayload_schema:\n  type: object\n"
+        "  required: [game_id]\n"
+    )
     added = out(cli("types", "add", "-f", str(spec), "-o", fmt), fmt)
     assert (added["name"], added["poll_interval_s"]) == ("box", 2)
     out(cli("types", "add", "quick", "--handler", "noop", "--required-service", "photo", "-o", fmt), fmt)
@@ -63,11 +69,22 @@ def test_table_output_is_the_default(cli) -> None:  # type: ignore[no-untyped-de
 
 @pytest.mark.parametrize("fmt", ["table", "json", "yaml"])
 def test_tasks_commands(cli, fmt: str) -> None:  # type: ignore[no-untyped-def]
-    cli("types", "add", "box", "--handler", "noop", "--payload-schema",
-        '{"type": "object", "required": ["game_id"]}')
-    created = out(cli("tasks", "create", "box", "-p", '{"game_id": "g1"}', "--in", "3600", "-o", "json"), "json")
+    cli(
+        "types",
+        "add",
+        "box",
+        "--handler",
+        "noop",
+        "--payload-schema",
+        '{"type": "object", "required": ["game_id"]}',
+    )
+    created = out(
+        cli("tasks", "create", "box", "-p", '{"game_id": "g1"}', "--in", "3600", "-o", "json"), "json"
+    )
     tid = created["id"]
-    child = out(cli("tasks", "create", "box", "-p", '{"game_id": "g1"}', "--parent", tid, "-o", "json"), "json")
+    child = out(
+        cli("tasks", "create", "box", "-p", '{"game_id": "g1"}', "--parent", tid, "-o", "json"), "json"
+    )
     assert child["root_id"] == tid
     if fmt == "table":
         assert tid[:8] in cli("tasks", "get", tid).stdout
@@ -108,7 +125,10 @@ def test_paging_with_the_cursor(cli) -> None:  # type: ignore[no-untyped-def]
         (("tasks", "get", "not-a-uuid"), "is not a UUID"),
         (("tasks", "create", "box", "-p", "{bad json"), "--payload: not valid JSON"),
         (("tasks", "create", "box", "-p", '{"x": 1}'), "payload: 'game_id' is a required property"),
-        (("tasks", "create", "box", "-p", '{"game_id": "1"}', "--due", "2026-01-01T10:00"), "needs a timezone"),
+        (
+            ("tasks", "create", "box", "-p", '{"game_id": "1"}', "--due", "2026-01-01T10:00"),
+            "needs a timezone",
+        ),
         (("tasks", "create", "box", "-p", '{"game_id": "1"}', "--cron", "99 * * * *"), "recurrence.cron"),
         (("types", "add", "-f", "/nonexistent.yaml"), "No such file"),
         (("types", "add", "Bad Name", "--handler", "noop"), "name"),
@@ -116,7 +136,15 @@ def test_paging_with_the_cursor(cli) -> None:  # type: ignore[no-untyped-def]
     ],
 )
 def test_bad_input_is_one_line_on_stderr_and_writes_nothing(cli, args: tuple[str, ...], message: str) -> None:  # type: ignore[no-untyped-def]
-    cli("types", "add", "box", "--handler", "noop", "--payload-schema", '{"type": "object", "required": ["game_id"]}')
+    cli(
+        "types",
+        "add",
+        "box",
+        "--handler",
+        "noop",
+        "--payload-schema",
+        '{"type": "object", "required": ["game_id"]}',
+    )
     result = cli(*args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
@@ -158,7 +186,10 @@ def test_check_fails_without_a_leader_and_without_rabbitmq(cli, settings: Settin
     assert result.exit_code == 1
     checks = {c["check"]: c for c in json.loads(result.stdout)}
     assert checks["database"]["ok"] and checks["broker"]["ok"] and not checks["leader"]["ok"]
-    env = {"TASKMGR_DATABASE_URL": settings.database_url, "TASKMGR_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    env = {
+        "TASKMGR_DATABASE_URL": settings.database_url,
+        "TASKMGR_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+    }
     down = CliRunner().invoke(main, ["check", "--no-runners", "-o", "json"], env=env)
     assert down.exit_code == 1
     assert not {c["check"]: c for c in json.loads(down.stdout)}["broker"]["ok"]
@@ -173,8 +204,11 @@ def test_providers_parse(cli) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_help_names_environment_variables() -> None:
-    result = subprocess.run([sys.executable, "-m", "taskmgr.cli", "manager", "--help"], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "taskmgr.cli", "manager", "--help"], capture_output=True, text=True, check=True
+    )
     assert "TASKMGR_POLL_INTERVAL" in result.stdout and "TASKMGR_METRICS_PORT" in result.stdout
-    top = subprocess.run([sys.executable, "-m", "taskmgr.cli", "--help"], capture_output=True, text=True, check=True)
+    top = subprocess.run(
+        [sys.executable, "-m", "taskmgr.cli", "--help"], capture_output=True, text=True, check=True
+    )
     assert "TASKMGR_DATABASE_URL" in top.stdout

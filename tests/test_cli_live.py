@@ -43,17 +43,27 @@ class Ran:
 
 def cli_env(settings: Settings, **extra: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
-    env.update(TASKMGR_DATABASE_URL=settings.database_url, TASKMGR_AMQP_URL=settings.amqp_url,
-               TASKMGR_AMQP_PREFIX=settings.amqp_prefix, TASKMGR_LOG_LEVEL="WARNING",
-               TASKMGR_RUNNER_DEAD_AFTER=str(settings.runner_dead_after))
+    env.update(
+        TASKMGR_DATABASE_URL=settings.database_url,
+        TASKMGR_AMQP_URL=settings.amqp_url,
+        TASKMGR_AMQP_PREFIX=settings.amqp_prefix,
+        TASKMGR_LOG_LEVEL="WARNING",
+        TASKMGR_RUNNER_DEAD_AFTER=str(settings.runner_dead_after),
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 async def spawn(settings: Settings, *args: str, **env: Any) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "taskmgr.cli", *args, cwd=ROOT, env=cli_env(settings, **env),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "taskmgr.cli",
+        *args,
+        cwd=ROOT,
+        env=cli_env(settings, **env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -97,9 +107,14 @@ async def live(
         out.manager = await stack.enter_async_context(TaskManager(settings=settings, engine=engine))
         procs: list[tuple[str, Any]] = [("manager", out.manager)]
         if runner:
-            out.runner = await stack.enter_async_context(TaskRunner(
-                settings=settings, engine=engine, registry=Registry.default(), base_urls=base_urls or None,
-            ))
+            out.runner = await stack.enter_async_context(
+                TaskRunner(
+                    settings=settings,
+                    engine=engine,
+                    registry=Registry.default(),
+                    base_urls=base_urls or None,
+                )
+            )
             procs.append(("runner", out.runner))
         for name, proc in procs:
             out.stops[name] = asyncio.Event()
@@ -122,8 +137,14 @@ async def _true(value: bool) -> bool:
 def _event(routing_key: str, n: int) -> tuple[str, Event]:
     task_type, _, name = routing_key.partition(".")
     return routing_key, Event(
-        event_id=uuid.uuid4(), event=name, task_type=task_type, task_id=uuid.uuid4(),
-        root_task_id=uuid.uuid4(), task_runner_id="runner-tail", attempt=1, observed_at=datetime.now(UTC),
+        event_id=uuid.uuid4(),
+        event=name,
+        task_type=task_type,
+        task_id=uuid.uuid4(),
+        root_task_id=uuid.uuid4(),
+        task_runner_id="runner-tail",
+        attempt=1,
+        observed_at=datetime.now(UTC),
         data={"n": n},
     )
 
@@ -143,20 +164,40 @@ async def _until_listening(proc: asyncio.subprocess.Process) -> str:
 async def test_events_tail_prints_the_events_its_pattern_binds(
     settings: Settings, topology: broker.Topology, fmt: str
 ) -> None:
-    events = [_event(k, i) for i, k in enumerate(
-        ["live_game.period.ended", "other.score.changed", "live_game.score.changed",
-         "live_game.score.corrected", "live_game.score.changed"]
-    )]
+    events = [
+        _event(k, i)
+        for i, k in enumerate(
+            [
+                "live_game.period.ended",
+                "other.score.changed",
+                "live_game.score.changed",
+                "live_game.score.corrected",
+                "live_game.score.changed",
+            ]
+        )
+    ]
     async with Publisher(url=settings.amqp_url, topology=topology) as pub:  # declares the events exchange
-        proc = await spawn(settings, "events", "tail", "--routing-key", "live_game.score.*", "--count", "2",
-                           "-o", fmt, "--timeout", "30")
+        proc = await spawn(
+            settings,
+            "events",
+            "tail",
+            "--routing-key",
+            "live_game.score.*",
+            "--count",
+            "2",
+            "-o",
+            fmt,
+            "--timeout",
+            "30",
+        )
         try:
             assert f"{topology.prefix}.events for 'live_game.score.*'" in await _until_listening(proc)
             # The ones the pattern does not bind come first: had they reached the
             # queue, they would be printed first.
             for key, ev in events:
-                await pub.publish_event(key, encode(ev), message_id=str(ev.event_id),
-                                        headers={"task_id": str(ev.task_id)})
+                await pub.publish_event(
+                    key, encode(ev), message_id=str(ev.event_id), headers={"task_id": str(ev.task_id)}
+                )
             out, _ = await asyncio.wait_for(proc.communicate(), 20)
         finally:
             if proc.returncode is None:

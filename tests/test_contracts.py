@@ -35,9 +35,17 @@ def test_messages_validate_against_the_document() -> None:
     doc = yaml.safe_load(DOC.read_text())
     registry_doc = {"components": doc["components"]}
     now = datetime.now(UTC)
-    event = Event(event_id=uuid.uuid4(), event="score.changed", task_type="live_game", task_id=uuid.uuid4(),
-                  root_task_id=uuid.uuid4(), task_runner_id="r1", attempt=1, observed_at=now,
-                  data={"home_score": 3})
+    event = Event(
+        event_id=uuid.uuid4(),
+        event="score.changed",
+        task_type="live_game",
+        task_id=uuid.uuid4(),
+        root_task_id=uuid.uuid4(),
+        task_runner_id="r1",
+        attempt=1,
+        observed_at=now,
+        data={"home_score": 3},
+    )
     hb = Heartbeat(runner_id="r1", pool="default", at=now, tasks=[(uuid.uuid4(), 2)])
     for name, message in (("Event", event), ("Heartbeat", hb)):
         schema = {**doc["components"]["schemas"][name], **registry_doc}

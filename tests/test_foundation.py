@@ -149,14 +149,28 @@ BAD_SCHEDULES = [
     (dict(type="game", payload={"game_id": "1", "period": 0}), InvalidInput, "payload.period"),
     (dict(type="game", payload={"game_id": "1", "x": 1}), InvalidInput, "payload"),
     (dict(type="game", payload={"game_id": "1"}, due_at=datetime(2026, 1, 1)), InvalidInput, "due_at"),
-    (dict(type="game", payload={"game_id": "1"}, recurrence={"cron": "61 * * * *"}), InvalidInput,
-     "recurrence.cron"),
-    (dict(type="game", payload={"game_id": "1"}, recurrence={"every_s": -1}), InvalidInput,
-     "recurrence.every_s"),
-    (dict(type="game", payload={"game_id": "1"}, recurrence={"cron": "0 9 * * *", "timezone": "Mars/Base"}),
-     InvalidInput, "recurrence.timezone"),
-    (dict(type="game", payload={"game_id": "1"}, recurrence={"every_s": 5, "cron": "* * * * *"}),
-     InvalidInput, "recurrence"),
+    (
+        dict(type="game", payload={"game_id": "1"}, recurrence={"cron": "61 * * * *"}),
+        InvalidInput,
+        "recurrence.cron",
+    ),
+    (
+        dict(type="game", payload={"game_id": "1"}, recurrence={"every_s": -1}),
+        InvalidInput,
+        "recurrence.every_s",
+    ),
+    (
+        dict(
+            type="game", payload={"game_id": "1"}, recurrence={"cron": "0 9 * * *", "timezone": "Mars/Base"}
+        ),
+        InvalidInput,
+        "recurrence.timezone",
+    ),
+    (
+        dict(type="game", payload={"game_id": "1"}, recurrence={"every_s": 5, "cron": "* * * * *"}),
+        InvalidInput,
+        "recurrence",
+    ),
 ]
 
 
@@ -179,7 +193,9 @@ async def test_bad_schedule_is_a_clear_error_and_writes_nothing(
     assert (counts["tasks"], counts["task_state"], counts["task_events"]) == (0, 0, 0)
 
 
-async def test_deleted_type_refuses_new_tasks(service: TaskService, game_type: str, database_url: str) -> None:
+async def test_deleted_type_refuses_new_tasks(
+    service: TaskService, game_type: str, database_url: str
+) -> None:
     await service.delete_type(game_type)
     with pytest.raises(TaskTypeNotFound, match="was deleted"):
         async with service.session() as session, session.begin():
@@ -223,7 +239,9 @@ async def test_state_machine(service: TaskService, game_type: str) -> None:
         await service.cancel(tid)
 
 
-async def test_illegal_transition_is_kept_unapplied_when_not_strict(service: TaskService, game_type: str) -> None:
+async def test_illegal_transition_is_kept_unapplied_when_not_strict(
+    service: TaskService, game_type: str
+) -> None:
     async with service.session() as session, session.begin():
         tid = (await service.schedule(session, game_type, {"game_id": "1"}, due_at=NOW)).id
     async with service.session() as session, session.begin():
@@ -267,7 +285,9 @@ async def test_trees_audit_and_counts(service: TaskService, game_type: str) -> N
     await service.cancel(other)
     assert await service.counts_by_state() == {State.SCHEDULED: 3, State.CANCELLED: 1}
     now = datetime.now(UTC)
-    buckets = await service.counts_per_bucket("1 minute", now - timedelta(minutes=5), now + timedelta(minutes=1))
+    buckets = await service.counts_per_bucket(
+        "1 minute", now - timedelta(minutes=5), now + timedelta(minutes=1)
+    )
     assert sum(n for _, s, n in buckets if s == State.SCHEDULED) == 4
     assert sum(n for _, s, n in buckets if s == State.CANCELLED) == 1
     with pytest.raises(InvalidInput, match="bucket"):
@@ -296,7 +316,9 @@ async def test_projection_matches_history(service: TaskService, game_type: str, 
     async with service.session() as session, session.begin():
         ids = [
             r.id
-            for r in await service.schedule_many(session, [NewTask(game_type, {"game_id": str(i)}) for i in range(3)])
+            for r in await service.schedule_many(
+                session, [NewTask(game_type, {"game_id": str(i)}) for i in range(3)]
+            )
         ]
         await service.record(session, [Transition(ids[0], State.STARTED, 1, "manager")])
     await service.cancel(ids[1])
@@ -322,9 +344,10 @@ async def test_rabbitmq_smoke(topology) -> None:  # type: ignore[no-untyped-def]
         await message.ack()
         got.set_result(message.body)
 
-    async with Publisher(url=AMQP_URL, topology=topology) as pub, Consumer(
-        url=AMQP_URL, topology=topology, prefetch=1
-    ) as con:
+    async with (
+        Publisher(url=AMQP_URL, topology=topology) as pub,
+        Consumer(url=AMQP_URL, topology=topology, prefetch=1) as con,
+    ):
         await con.consume_start("default", on_message)
         await pub.publish_start("default", b'{"hello": 1}', message_id="m1")
         async with asyncio.timeout(5):
@@ -341,27 +364,47 @@ async def test_projection_is_rebuilt_from_the_history(service: TaskService, game
     now = datetime.now(UTC)
     async with service.session() as session, session.begin():
         a, b, c, d = [
-            r.id for r in await service.schedule_many(
-                session, [NewTask(game_type, {"game_id": str(i)}, due_at=now) for i in range(4)])
+            r.id
+            for r in await service.schedule_many(
+                session, [NewTask(game_type, {"game_id": str(i)}, due_at=now) for i in range(4)]
+            )
         ]
-        await service.record(session, [
-            Transition(b, State.STARTED, 1, "manager"),
-            Transition(b, State.RUNNING, 1, "runner", runner_id="r1"),
-            Transition(c, State.STARTED, 1, "manager"),
-            Transition(c, State.RETRYING, 1, "manager", count_failure=True, run_at=now + timedelta(minutes=5),
-                       detail={"failures": 1, "retry_at": (now + timedelta(minutes=5)).isoformat()}),
-            Transition(d, State.STARTED, 1, "manager"),
-            Transition(d, State.FINISHED, 1, "runner", runner_id="r2"),
-        ])
+        await service.record(
+            session,
+            [
+                Transition(b, State.STARTED, 1, "manager"),
+                Transition(b, State.RUNNING, 1, "runner", runner_id="r1"),
+                Transition(c, State.STARTED, 1, "manager"),
+                Transition(
+                    c,
+                    State.RETRYING,
+                    1,
+                    "manager",
+                    count_failure=True,
+                    run_at=now + timedelta(minutes=5),
+                    detail={"failures": 1, "retry_at": (now + timedelta(minutes=5)).isoformat()},
+                ),
+                Transition(d, State.STARTED, 1, "manager"),
+                Transition(d, State.FINISHED, 1, "runner", runner_id="r2"),
+            ],
+        )
     before = {t: await service.get_task(t) for t in (a, b, c, d)}
     async with engine.begin() as conn:
-        await conn.execute(text("update task_state set state = 'FAILED', attempt = 9, failures = 7, runner_id = 'x',"
-                                " run_at = null"))
+        await conn.execute(
+            text(
+                "update task_state set state = 'FAILED', attempt = 9, failures = 7, runner_id = 'x',"
+                " run_at = null"
+            )
+        )
         assert await store.rebuild_state(conn) == 4
     for t, was in before.items():
         now_ = await service.get_task(t)
         assert (now_.state, now_.attempt, now_.failures, now_.runner_id) == (
-            was.state, was.attempt, was.failures, was.runner_id), t
+            was.state,
+            was.attempt,
+            was.failures,
+            was.runner_id,
+        ), t
     async with engine.connect() as conn:
         run_ats = dict((await conn.execute(text("select task_id, run_at from task_state"))).all())
     assert run_ats[a] == now and run_ats[c] == now + timedelta(minutes=5) and run_ats[b] is None

@@ -42,46 +42,58 @@ async def task_id(service) -> uuid.UUID:  # type: ignore[no-untyped-def]
         ("taskmgr_manager", "update task_events set state = 'FINISHED'"),
         ("taskmgr_manager", "delete from task_events"),
         ("taskmgr_manager", "update task_types set poll_interval_s = 1"),
-        ("taskmgr_reader", "insert into task_events (task_id, state, attempt, source)"
-                           " values (gen_random_uuid(), 'SCHEDULED', 0, 'x')"),
+        (
+            "taskmgr_reader",
+            "insert into task_events (task_id, state, attempt, source)"
+            " values (gen_random_uuid(), 'SCHEDULED', 0, 'x')",
+        ),
         ("taskmgr_reader", "update task_state set attempt = 9"),
         ("postgres", "update task_events set state = 'FINISHED'"),
         ("postgres", "delete from task_events"),
     ],
 )
-async def test_history_and_types_are_out_of_reach(database_url: str, task_id: uuid.UUID, role: str,
-                                                  statement: str) -> None:
+async def test_history_and_types_are_out_of_reach(
+    database_url: str, task_id: uuid.UUID, role: str, statement: str
+) -> None:
     conn = await asyncpg.connect(asyncpg_dsn(as_role(database_url, role)))
     try:
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied|append-only"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=r"permission denied|append-only"):
             await conn.execute(statement)
     finally:
         await conn.close()
 
 
 async def test_runner_role_writes_follow_ons_and_reads_types(database_url: str, service, task_id) -> None:  # type: ignore[no-untyped-def]
-    from taskmgr.service import TaskService
     from task_types.base import FollowOn
+    from taskmgr.service import TaskService
 
     engine = make_engine(as_role(database_url, "taskmgr_runner"))
     try:
         runner_service = TaskService(engine=engine)
         done = await runner_service.schedule_follow_ons(
-            {"task_id": task_id, "root_task_id": task_id}, [FollowOn("box", {}, "child-1")])
+            {"task_id": task_id, "root_task_id": task_id}, [FollowOn("box", {}, "child-1")]
+        )
         assert done[0].created
         again = await runner_service.schedule_follow_ons(
-            {"task_id": task_id, "root_task_id": task_id}, [FollowOn("box", {}, "child-1")])
+            {"task_id": task_id, "root_task_id": task_id}, [FollowOn("box", {}, "child-1")]
+        )
         assert not again[0].created
     finally:
         await engine.dispose()
     assert (await service.get_task(done[0].id)).root_id == task_id
 
 
-async def test_manager_role_runs_retention_through_the_function(database_url: str, settings: Settings,
-                                                                 engine, task_id) -> None:  # type: ignore[no-untyped-def]
+async def test_manager_role_runs_retention_through_the_function(
+    database_url: str, settings: Settings, engine, task_id
+) -> None:  # type: ignore[no-untyped-def]
     async with engine.begin() as conn:
-        await conn.execute(text("insert into task_events (time, task_id, state, attempt, source)"
-                                " values (now() - interval '90 days', :t, 'SCHEDULED', 0, 'test')"), {"t": task_id})
+        await conn.execute(
+            text(
+                "insert into task_events (time, task_id, state, attempt, source)"
+                " values (now() - interval '90 days', :t, 'SCHEDULED', 0, 'test')"
+            ),
+            {"t": task_id},
+        )
     manager_engine = make_engine(as_role(database_url, "taskmgr_manager"))
     try:
         assert await Retention(engine=manager_engine, settings=settings).run_once() == 1
@@ -98,6 +110,7 @@ async def test_downstream_consumer_reads_events_only(settings: Settings, topolog
         await pub.ensure_pool("default")
         got: asyncio.Queue[bytes] = asyncio.Queue()
         async with Consumer(url=consumer_url, topology=topology, prefetch=10, declare=False) as c:
+
             async def on_event(m: aio_pika.abc.AbstractIncomingMessage) -> None:
                 await m.ack()
                 await got.put(m.body)
@@ -138,8 +151,9 @@ async def test_runner_user_cannot_take_the_managers_queue(settings: Settings, to
         await conn.close()
 
 
-async def test_dispatch_and_polling_run_under_their_roles(database_url: str, settings: Settings, service,
-                                                          topology: Topology) -> None:  # type: ignore[no-untyped-def]
+async def test_dispatch_and_polling_run_under_their_roles(
+    database_url: str, settings: Settings, service, topology: Topology
+) -> None:  # type: ignore[no-untyped-def]
     """A manager as taskmgr_manager and a runner as taskmgr_runner (database and broker)
     take a task from due to FINISHED."""
     import httpx
@@ -148,19 +162,31 @@ async def test_dispatch_and_polling_run_under_their_roles(database_url: str, set
     from runners import TaskRunner
     from task_types.registry import Registry
 
-    await service.create_type({"name": "ping", "handler": "noop", "url_template": "http://api.test/ping",
-                               "poll_interval_s": 0.1})
+    await service.create_type(
+        {"name": "ping", "handler": "noop", "url_template": "http://api.test/ping", "poll_interval_s": 0.1}
+    )
     [tid] = await schedule(service, "ping", 1, due_at=datetime.now(UTC) + timedelta(seconds=0.5))
     m_engine = make_engine(as_role(database_url, "taskmgr_manager"))
     r_engine = make_engine(as_role(database_url, "taskmgr_runner"))
     transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"ok": True}))
     stop = asyncio.Event()
     try:
-        async with TaskManager(settings=settings.model_copy(
-                update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_manager")}), engine=m_engine) as m, \
-                TaskRunner(settings=settings.model_copy(
-                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_runner")}), engine=r_engine,
-                    registry=Registry.default(with_entry_points=False), transport=transport) as r:
+        async with (
+            TaskManager(
+                settings=settings.model_copy(
+                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_manager")}
+                ),
+                engine=m_engine,
+            ) as m,
+            TaskRunner(
+                settings=settings.model_copy(
+                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_runner")}
+                ),
+                engine=r_engine,
+                registry=Registry.default(with_entry_points=False),
+                transport=transport,
+            ) as r,
+        ):
             runs = [asyncio.create_task(m.run(stop)), asyncio.create_task(r.run(stop))]
             async with asyncio.timeout(20):
                 while (await service.get_task(tid)).state.value != "FINISHED":

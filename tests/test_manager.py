@@ -47,15 +47,17 @@ async def publisher(settings: Settings, topology: broker.Topology):  # type: ign
 
 @pytest.fixture
 async def poll_type(service: TaskService) -> str:
-    await service.create_type({"name": "poll", "handler": "noop", "max_attempts": 3,
-                               "backoff_base_s": 1, "backoff_max_s": 8})
+    await service.create_type(
+        {"name": "poll", "handler": "noop", "max_attempts": 3, "backoff_base_s": 1, "backoff_max_s": 8}
+    )
     return "poll"
 
 
 def dispatcher(engine, publisher, settings, clock=None) -> Dispatcher:  # type: ignore[no-untyped-def]
     kw = {"clock": clock} if clock else {}
-    return Dispatcher(engine=engine, publisher=publisher, service=TaskService(engine=engine, **kw),
-                      settings=settings, **kw)
+    return Dispatcher(
+        engine=engine, publisher=publisher, service=TaskService(engine=engine, **kw), settings=settings, **kw
+    )
 
 
 async def events_of(engine, task_id) -> list[tuple[str, int, bool]]:  # type: ignore[no-untyped-def]
@@ -68,7 +70,11 @@ async def events_of(engine, task_id) -> list[tuple[str, int, bool]]:  # type: ig
 
 
 async def test_poll_once_claims_due_tasks_and_sends_start_orders(
-    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     now = datetime.now(UTC)
     due = await schedule(service, poll_type, 3, due_at=now - timedelta(seconds=1))
@@ -87,29 +93,44 @@ async def test_poll_once_claims_due_tasks_and_sends_start_orders(
 
 
 async def test_three_overlapping_dispatchers_claim_each_task_once(
-    engine, service, settings, topology, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    settings,
+    topology,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     """Even three leaders at once (a false takeover) claim and send each task once."""
     n = 5000
     ids = await schedule(service, poll_type, n, due_at=datetime.now(UTC) - timedelta(seconds=1))
     small = settings.model_copy(update={"dispatch_batch": 700})
-    async with Publisher(url=settings.amqp_url, topology=topology) as p1, Publisher(
-        url=settings.amqp_url, topology=topology
-    ) as p2, Publisher(url=settings.amqp_url, topology=topology) as p3:
+    async with (
+        Publisher(url=settings.amqp_url, topology=topology) as p1,
+        Publisher(url=settings.amqp_url, topology=topology) as p2,
+        Publisher(url=settings.amqp_url, topology=topology) as p3,
+    ):
         results = await asyncio.gather(*(dispatcher(engine, p, small).poll_once() for p in (p1, p2, p3)))
     assert sum(r.claimed for r in results) == n
     assert sum(1 for r in results if r.claimed) >= 2, "the three dispatchers should have overlapped"
     orders = start_orders(await drain(settings.amqp_url, topology.start_queue("default"), expect=n))
     assert len(orders) == n and set(orders) == {(t, 1) for t in ids}
     async with engine.connect() as conn:
-        started = (await conn.execute(text(
-            "select task_id, count(*) from task_events where state = 'STARTED' and attempt = 1 group by task_id"
-        ))).all()
+        started = (
+            await conn.execute(
+                text(
+                    "select task_id, count(*) from task_events"
+                    " where state = 'STARTED' and attempt = 1 group by task_id"
+                )
+            )
+        ).all()
     assert len(started) == n and all(c == 1 for _, c in started)
 
 
 async def test_failed_publish_stays_in_outbox_and_is_relayed_once(
-    engine, service, settings, topology, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    settings,
+    topology,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     """The RabbitMQ connection is closed under the manager mid-dispatch: the claimed
     tasks stay in the outbox and reach the queue once the connection is back."""
@@ -119,7 +140,9 @@ async def test_failed_publish_stays_in_outbox_and_is_relayed_once(
         await pub.ensure_pool("default")
         closed = subprocess.run(
             ["rabbitmqctl", "-q", "close_connection", await _connection_pid(name), "test closes it"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert closed.returncode == 0, closed.stderr
         counts = await dispatcher(engine, pub, settings).poll_once()
@@ -136,8 +159,12 @@ async def test_failed_publish_stays_in_outbox_and_is_relayed_once(
 
 async def _connection_pid(name: str) -> str:
     async def find() -> str | None:
-        out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for line in out.splitlines():
             if f"{name}-publish" in line:
                 return line.split("\t")[0]
@@ -147,7 +174,11 @@ async def _connection_pid(name: str) -> str:
 
 
 async def test_retries_with_backoff_then_failed(
-    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     clock = Clock(datetime.now(UTC))
     [tid] = await schedule(service, poll_type, 1, due_at=clock.now - timedelta(seconds=1))
@@ -156,7 +187,9 @@ async def test_retries_with_backoff_then_failed(
     retry_delays = []
     for attempt in (1, 2, 3):
         assert (await disp.poll_once()).claimed == 1
-        await intake.apply([_reports("r1", (tid, attempt, "running")), _reports("r1", (tid, attempt, "failed"))])
+        await intake.apply(
+            [_reports("r1", (tid, attempt, "running")), _reports("r1", (tid, attempt, "failed"))]
+        )
         task = await service.get_task(tid)
         if attempt < 3:
             assert (task.state, task.failures) == (State.RETRYING, attempt)
@@ -170,8 +203,18 @@ async def test_retries_with_backoff_then_failed(
     # Exponential with jitter: base 1 s -> [0.5, 1], then [1, 2].
     assert 0.5 <= retry_delays[0] <= 1 and 1 <= retry_delays[1] <= 2
     states = [s for s, _, applied in await events_of(engine, tid) if applied]
-    assert states == ["SCHEDULED", "STARTED", "RUNNING", "RETRYING", "STARTED", "RUNNING", "RETRYING",
-                      "STARTED", "RUNNING", "FAILED"]
+    assert states == [
+        "SCHEDULED",
+        "STARTED",
+        "RUNNING",
+        "RETRYING",
+        "STARTED",
+        "RUNNING",
+        "RETRYING",
+        "STARTED",
+        "RUNNING",
+        "FAILED",
+    ]
 
 
 def test_backoff_is_capped() -> None:
@@ -180,12 +223,19 @@ def test_backoff_is_capped() -> None:
 
 def _reports(runner: str, *items: tuple[uuid.UUID, int, str]) -> RunnerReports:
     now = datetime.now(UTC)
-    return RunnerReports(runner_id=runner, pool="default",
-                         reports=[Report(task_id=t, attempt=a, status=s, at=now) for t, a, s in items])
+    return RunnerReports(
+        runner_id=runner,
+        pool="default",
+        reports=[Report(task_id=t, attempt=a, status=s, at=now) for t, a, s in items],
+    )
 
 
 async def test_dead_runner_tasks_are_dispatched_again_and_stale_reports_change_nothing(
-    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     clock = Clock(datetime.now(UTC))
     ids = await schedule(service, poll_type, 3, due_at=clock.now - timedelta(seconds=1))
@@ -210,11 +260,19 @@ async def test_dead_runner_tasks_are_dispatched_again_and_stale_reports_change_n
         task = await service.get_task(t)
         assert (task.state, task.attempt, task.runner_id) == (State.RUNNING, 2, "r2")
     last = (await service.history(ids[0]))[-1]
-    assert (last.applied, last.attempt, last.detail["stale"], last.detail["report"]) == (False, 1, True, "finished")
+    assert (last.applied, last.attempt, last.detail["stale"], last.detail["report"]) == (
+        False,
+        1,
+        True,
+        "finished",
+    )
 
 
 async def test_start_order_nobody_takes_is_dispatched_again(
-    engine, service, publisher, settings  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,  # type: ignore[no-untyped-def]
 ) -> None:
     await service.create_type({"name": "quick", "handler": "noop", "start_timeout_s": 5})
     clock = Clock(datetime.now(UTC))
@@ -228,7 +286,11 @@ async def test_start_order_nobody_takes_is_dispatched_again(
 
 
 async def test_heartbeat_reconciles_what_a_runner_holds(
-    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     clock = Clock(datetime.now(UTC))
     a, b, c = await schedule(service, poll_type, 3, due_at=clock.now)
@@ -250,9 +312,14 @@ async def test_heartbeat_reconciles_what_a_runner_holds(
 
 
 async def test_required_services_decide_the_overall_state(
-    engine, service, publisher, settings  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,  # type: ignore[no-untyped-def]
 ) -> None:
-    await service.create_type({"name": "photos", "handler": "noop", "required_services": ["photo", "caption"]})
+    await service.create_type(
+        {"name": "photos", "handler": "noop", "required_services": ["photo", "caption"]}
+    )
     clock = Clock(datetime.now(UTC))
     ok, bad = await schedule(service, "photos", 2, due_at=clock.now)
     intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
@@ -261,18 +328,30 @@ async def test_required_services_decide_the_overall_state(
     def svc(task: uuid.UUID, name: str, state: str) -> ServiceReport:
         return ServiceReport(service=name, task_id=task, state=state, at=clock.now)
 
-    await intake.apply([_reports("r1", (ok, 1, "running"), (bad, 1, "running")), svc(ok, "photo", "FINISHED")])
+    await intake.apply(
+        [_reports("r1", (ok, 1, "running"), (bad, 1, "running")), svc(ok, "photo", "FINISHED")]
+    )
     await intake.apply([_reports("r1", (ok, 1, "finished"), (bad, 1, "finished"))])
     assert (await service.get_task(ok)).state == State.RUNNING, "caption has not reported yet"
-    await intake.apply([svc(ok, "caption", "FINISHED"), svc(bad, "caption", "FINISHED"), svc(bad, "photo", "FAILED")])
+    await intake.apply(
+        [svc(ok, "caption", "FINISHED"), svc(bad, "caption", "FINISHED"), svc(bad, "photo", "FAILED")]
+    )
     assert (await service.get_task(ok)).state == State.FINISHED
     failed = await service.get_task(bad)
     assert failed.state == State.FAILED
-    assert (await service.history(bad))[-1].detail == {"services_failed": ["photo"], "services_finished": ["caption"]}
+    assert (await service.history(bad))[-1].detail == {
+        "services_failed": ["photo"],
+        "services_finished": ["caption"],
+    }
 
 
 async def test_cancel_before_and_during_a_run(
-    engine, service, publisher, settings, topology, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    topology,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     clock = Clock(datetime.now(UTC))
     before, during = await schedule(service, poll_type, 2, due_at=clock.now + timedelta(seconds=5))
@@ -286,6 +365,7 @@ async def test_cancel_before_and_during_a_run(
     # A running task's cancel reaches its runner as a Stop on its control queue.
     got: asyncio.Queue[bytes] = asyncio.Queue()
     async with broker.Consumer(url=settings.amqp_url, topology=topology, prefetch=10) as consumer:
+
         async def on_stop(m: aio_pika.abc.AbstractIncomingMessage) -> None:
             await m.ack()
             await got.put(m.body)
@@ -306,7 +386,11 @@ async def test_cancel_before_and_during_a_run(
 
 
 async def test_malformed_and_unknown_progress_messages_are_dead_lettered(
-    engine, service, settings, topology, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    settings,
+    topology,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     async with TaskManager(settings=settings, engine=engine) as manager:
         stop = asyncio.Event()
@@ -340,11 +424,18 @@ async def _ready(value: bool) -> bool:
 
 
 async def test_manager_dispatches_on_wakeup_and_one_leads(
-    engine, service, settings, topology, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    settings,
+    topology,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     slow = settings.model_copy(update={"poll_interval": 30.0})
     stop = asyncio.Event()
-    async with TaskManager(settings=slow, engine=engine) as m1, TaskManager(settings=slow, engine=engine) as m2:
+    async with (
+        TaskManager(settings=slow, engine=engine) as m1,
+        TaskManager(settings=slow, engine=engine) as m2,
+    ):
         runs = [asyncio.create_task(m.run(stop)) for m in (m1, m2)]
         await wait_for(lambda: _ready(m1.is_leader.is_set() or m2.is_leader.is_set()))
         assert await leader_present(engine)
@@ -354,7 +445,9 @@ async def test_manager_dispatches_on_wakeup_and_one_leads(
         await asyncio.sleep(0.3)  # let the leader's first (empty) poll pass
         # Due now: the NOTIFY at commit wakes the leader long before its 30 s poll.
         await schedule(service, poll_type, 5)
-        orders = start_orders(await drain(settings.amqp_url, topology.start_queue("default"), expect=5, timeout=5))
+        orders = start_orders(
+            await drain(settings.amqp_url, topology.start_queue("default"), expect=5, timeout=5)
+        )
         assert len(orders) == 5
         await wait_for(lambda: _ready(leader.dispatched.claimed == 5))
         stop.set()
@@ -363,12 +456,19 @@ async def test_manager_dispatches_on_wakeup_and_one_leads(
 
 
 async def test_recurring_interval_task_schedules_its_next_occurrence(
-    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     clock = Clock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
     async with service.session() as s, s.begin():
-        first = (await service.schedule(s, poll_type, {}, due_at=clock.now,
-                                        recurrence={"every_s": 60, "ends_after": 3})).id
+        first = (
+            await service.schedule(
+                s, poll_type, {}, due_at=clock.now, recurrence={"every_s": 60, "ends_after": 3}
+            )
+        ).id
     disp = dispatcher(engine, publisher, settings, clock)
     dues = []
     for _ in range(4):
@@ -382,21 +482,38 @@ async def test_recurring_interval_task_schedules_its_next_occurrence(
 
 
 async def test_cron_recurrence_keeps_local_time_across_dst(
-    engine, service, publisher, settings, poll_type  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
     """09:30 in New York every day across the March 2026 change (8 March)."""
     ny = ZoneInfo("America/New_York")
     clock = Clock(datetime(2026, 3, 6, 9, 30, tzinfo=ny).astimezone(UTC))
     async with service.session() as s, s.begin():
-        first = (await service.schedule(s, poll_type, {}, due_at=clock.now,
-                                        recurrence={"cron": "30 9 * * *", "timezone": "America/New_York"})).id
+        first = (
+            await service.schedule(
+                s,
+                poll_type,
+                {},
+                due_at=clock.now,
+                recurrence={"cron": "30 9 * * *", "timezone": "America/New_York"},
+            )
+        ).id
     disp = dispatcher(engine, publisher, settings, clock)
     for _ in range(4):
         await disp.poll_once()
         clock.advance(24 * 3600)
     tasks = await service.list_tasks(root_id=first, limit=10)
     local = [t.due_at.astimezone(ny) for t in tasks]
-    assert [(d.day, d.hour, d.minute) for d in local] == [(6, 9, 30), (7, 9, 30), (8, 9, 30), (9, 9, 30), (10, 9, 30)]
+    assert [(d.day, d.hour, d.minute) for d in local] == [
+        (6, 9, 30),
+        (7, 9, 30),
+        (8, 9, 30),
+        (9, 9, 30),
+        (10, 9, 30),
+    ]
     utc_hours = [t.due_at.astimezone(UTC).hour for t in tasks]
     assert utc_hours == [14, 14, 13, 13, 13]
 
@@ -406,10 +523,18 @@ async def test_cron_recurrence_keeps_local_time_across_dst(
     [("coalesce", 1, 11), ("catch_up", 1, 1), ("skip", 0, 11)],
 )
 async def test_misfire_policies_after_a_manager_outage(
-    engine, service, publisher, settings, policy, expected_runs, expected_next_minute  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    policy,
+    expected_runs,
+    expected_next_minute,  # type: ignore[no-untyped-def]
 ) -> None:
     """Every minute from 12:00; the manager is down until 12:10:30."""
-    await service.create_type({"name": "tick", "handler": "noop", "misfire_policy": policy, "misfire_grace_s": 30})
+    await service.create_type(
+        {"name": "tick", "handler": "noop", "misfire_policy": policy, "misfire_grace_s": 30}
+    )
     start = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     async with service.session() as s, s.begin():
         first = (await service.schedule(s, "tick", {}, due_at=start, recurrence={"every_s": 60})).id
@@ -425,7 +550,12 @@ async def test_misfire_policies_after_a_manager_outage(
 
 
 async def test_lateness_is_recorded_and_alerted(
-    engine, service, publisher, settings, poll_type, caplog  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,
+    caplog,  # type: ignore[no-untyped-def]
 ) -> None:
     now = datetime.now(UTC)
     [late] = await schedule(service, poll_type, 1, due_at=now)
@@ -434,29 +564,41 @@ async def test_lateness_is_recorded_and_alerted(
     # The manager gets to them 30 s after `late` was due (an outage, say).
     counts = await dispatcher(engine, publisher, settings, Clock(now + timedelta(seconds=30))).poll_once()
     assert (counts.claimed, counts.late) == (3, 2)
-    started = {t: [e for e in await service.history(t) if e.state == State.STARTED][0]
-               for t in (late, ontime, backdated)}
+    started = {
+        t: next(e for e in await service.history(t) if e.state == State.STARTED)
+        for t in (late, ontime, backdated)
+    }
     assert 29_000 <= started[late].detail["lateness_ms"] <= 30_000
     assert started[ontime].detail["lateness_ms"] == 0
     # Scheduled with a due time already past: late only from its creation.
     assert 29_000 <= started[backdated].detail["lateness_ms"] <= 30_000
-    assert any("after it was due" in r.getMessage() and getattr(r, "task_id", None) == str(late)
-               for r in caplog.records)
+    assert any(
+        "after it was due" in r.getMessage() and getattr(r, "task_id", None) == str(late)
+        for r in caplog.records
+    )
 
 
 async def test_retention_drops_old_chunks_only(engine, service, settings, poll_type) -> None:  # type: ignore[no-untyped-def]
     [tid] = await schedule(service, poll_type, 1)
     async with engine.begin() as conn:
-        await conn.execute(text(
-            "insert into task_events (time, task_id, state, attempt, source) values"
-            " (now() - interval '90 days', :t, 'SCHEDULED', 0, 'test'),"
-            " (now() - interval '60 days', :t, 'SCHEDULED', 0, 'test')"), {"t": tid})
-    dropped = await Retention(engine=engine, settings=settings.model_copy(update={"retention_days": 30})).run_once()
+        await conn.execute(
+            text(
+                "insert into task_events (time, task_id, state, attempt, source) values"
+                " (now() - interval '90 days', :t, 'SCHEDULED', 0, 'test'),"
+                " (now() - interval '60 days', :t, 'SCHEDULED', 0, 'test')"
+            ),
+            {"t": tid},
+        )
+    dropped = await Retention(
+        engine=engine, settings=settings.model_copy(update={"retention_days": 30})
+    ).run_once()
     assert dropped == 2
     assert [s for s, _, _ in await events_of(engine, tid)] == ["SCHEDULED"]
 
 
-async def test_dispatch_lateness_counts_are_per_attempt(engine, service, publisher, settings, poll_type) -> None:  # type: ignore[no-untyped-def]
+async def test_dispatch_lateness_counts_are_per_attempt(
+    engine, service, publisher, settings, poll_type
+) -> None:  # type: ignore[no-untyped-def]
     ids = await schedule(service, poll_type, 10)
     await dispatcher(engine, publisher, settings).poll_once()
     async with engine.connect() as conn:

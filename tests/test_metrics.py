@@ -116,8 +116,15 @@ class Gate:
 
 @pytest.fixture
 async def game_types(service: TaskService) -> None:
-    await service.create_type({"name": "obs_game", "handler": "obs_game", "url_template": "http://{host}/g/{n}",
-                               "poll_interval_s": 0.1, "max_consecutive_failures": 3})
+    await service.create_type(
+        {
+            "name": "obs_game",
+            "handler": "obs_game",
+            "url_template": "http://{host}/g/{n}",
+            "poll_interval_s": 0.1,
+            "max_consecutive_failures": 3,
+        }
+    )
     await service.create_type({"name": "obs_child", "handler": "noop"})
 
 
@@ -133,9 +140,12 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
     n_ok = 5
     before = await scrape(metrics_url)
     api = Gate()
-    async with TaskManager(settings=settings, engine=engine) as manager, TaskRunner(
-        settings=settings, engine=engine, registry=REGISTRY, transport=httpx.MockTransport(api)
-    ) as runner:
+    async with (
+        TaskManager(settings=settings, engine=engine) as manager,
+        TaskRunner(
+            settings=settings, engine=engine, registry=REGISTRY, transport=httpx.MockTransport(api)
+        ) as runner,
+    ):
         stop_m, stop_r = asyncio.Event(), asyncio.Event()
         run_m = asyncio.create_task(manager.run(stop_m))
         run_r = asyncio.create_task(runner.run(stop_r))
@@ -168,8 +178,11 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
             encode(ServiceReport(service="photo", task_id=ids[0], state="FINISHED", at=datetime.now(UTC)))
         )
         await manager.publisher.publish_progress(b"{not json")
-        await wait_for(lambda: _ready(manager.intake_counts.service_reports == 1
-                                      and manager.intake_counts.dead_lettered == 1))
+        await wait_for(
+            lambda: _ready(
+                manager.intake_counts.service_reports == 1 and manager.intake_counts.dead_lettered == 1
+            )
+        )
         await manager._refresh_gauges()  # the leader's 15 s job, at once
         by_state = await scrape(metrics_url)
         assert val(by_state, "taskmgr_tasks", state="FINISHED") == n
@@ -223,9 +236,13 @@ async def _ready(value: bool) -> bool:
 
 def process_env(settings: Settings, **extra: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
-    env.update(TASKMGR_DATABASE_URL=settings.database_url, TASKMGR_AMQP_URL=settings.amqp_url,
-               TASKMGR_AMQP_PREFIX=settings.amqp_prefix, TASKMGR_LOG_LEVEL="WARNING",
-               TASKMGR_HEARTBEAT_INTERVAL="0.3")
+    env.update(
+        TASKMGR_DATABASE_URL=settings.database_url,
+        TASKMGR_AMQP_URL=settings.amqp_url,
+        TASKMGR_AMQP_PREFIX=settings.amqp_prefix,
+        TASKMGR_LOG_LEVEL="WARNING",
+        TASKMGR_HEARTBEAT_INTERVAL="0.3",
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -250,10 +267,16 @@ async def test_manager_and_runner_processes_serve_metrics_on_their_port(
 ) -> None:
     m_port, r_port = free_port(), free_port()
     for cmd, port in (("manager", m_port), ("runner", r_port)):
-        processes.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "taskmgr.cli", cmd, env=process_env(settings, TASKMGR_METRICS_PORT=port),
-            stdout=asyncio.subprocess.DEVNULL,
-        ))
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "taskmgr.cli",
+                cmd,
+                env=process_env(settings, TASKMGR_METRICS_PORT=port),
+                stdout=asyncio.subprocess.DEVNULL,
+            )
+        )
 
     async def scraped(port: int, name: str) -> Samples | None:
         try:
@@ -281,5 +304,6 @@ async def _scrape_or_none(port: int) -> Samples | None:
 
 
 async def _heartbeats(port: int) -> float:
-    return val(await scrape(f"http://127.0.0.1:{port}/metrics"), "taskmgr_progress_messages_total",
-               kind="heartbeat")
+    return val(
+        await scrape(f"http://127.0.0.1:{port}/metrics"), "taskmgr_progress_messages_total", kind="heartbeat"
+    )

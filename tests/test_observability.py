@@ -67,8 +67,16 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
     """A late dispatch (the manager's warning) and a failing API (the runner's poll
     errors): each line names the task, its root, the attempt and, from a runner, the
     runner, as JSON fields."""
-    await service.create_type({"name": "flaky", "handler": "noop", "url_template": "http://down.test/{n}",
-                               "poll_interval_s": 0.05, "max_consecutive_failures": 2, "max_attempts": 1})
+    await service.create_type(
+        {
+            "name": "flaky",
+            "handler": "noop",
+            "url_template": "http://down.test/{n}",
+            "poll_interval_s": 0.05,
+            "max_consecutive_failures": 2,
+            "max_attempts": 1,
+        }
+    )
     now = datetime.now(UTC)
     (root,) = await schedule(service, "flaky", 1, payload={"n": 1}, due_at=now + timedelta(hours=1))
     (child,) = await schedule(service, "flaky", 1, payload={"n": 2}, due_at=now, parent_id=root)
@@ -78,13 +86,20 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
         return httpx.Response(503)
 
     later = now + timedelta(seconds=30)  # the dispatcher's clock: 30 s after the due time
-    async with Publisher(url=settings.amqp_url, topology=_topology(settings)) as pub, TaskRunner(
-        settings=settings, engine=engine, registry=Registry({"noop": NoopHandler()}),
-        transport=httpx.MockTransport(api), runner_id="runner-logs",
-    ) as runner:
+    async with (
+        Publisher(url=settings.amqp_url, topology=_topology(settings)) as pub,
+        TaskRunner(
+            settings=settings,
+            engine=engine,
+            registry=Registry({"noop": NoopHandler()}),
+            transport=httpx.MockTransport(api),
+            runner_id="runner-logs",
+        ) as runner,
+    ):
         late_service = TaskService(engine=engine, clock=lambda: later)
-        disp = Dispatcher(engine=engine, publisher=pub, service=late_service, settings=settings,
-                          clock=lambda: later)
+        disp = Dispatcher(
+            engine=engine, publisher=pub, service=late_service, settings=settings, clock=lambda: later
+        )
         assert (await disp.poll_once()).claimed == 1
         stop = asyncio.Event()
         run = asyncio.create_task(runner.run(stop))
@@ -99,12 +114,20 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
     late = [x for x in got if x["name"] == "manager.dispatch" and "after it was due" in x["message"]]
     assert len(late) == 1
     assert (late[0]["levelname"], late[0]["task_id"], late[0]["root_task_id"], late[0]["attempt"]) == (
-        "WARNING", str(child), str(root), 1)
+        "WARNING",
+        str(child),
+        str(root),
+        1,
+    )
     polls = [x for x in got if x["name"] == "runners.poller" and "poll failed" in x["message"]]
     assert len(polls) == 2
     for x in polls:
         assert (x["task_id"], x["root_task_id"], x["task_runner_id"], x["attempt"]) == (
-            str(child), str(root), "runner-logs", 1)
+            str(child),
+            str(root),
+            "runner-logs",
+            1,
+        )
     # Every line that talks about a task carries its fields.
     about = [x for x in got if any(str(t) in x["message"] or x.get("task_id") == str(t) for t in roots)]
     assert len(about) >= 3
@@ -134,8 +157,10 @@ def test_text_log_lines_show_the_task_fields_too() -> None:
         root.handlers[:], level = saved
         root.setLevel(level)
     first, second = buf.getvalue().splitlines()
-    assert first.endswith(f"poll failed [task_id={uuid.UUID(int=1)} root_task_id={uuid.UUID(int=2)} "
-                          "task_runner_id=r-1 attempt=3]")
+    assert first.endswith(
+        f"poll failed [task_id={uuid.UUID(int=1)} root_task_id={uuid.UUID(int=2)} "
+        "task_runner_id=r-1 attempt=3]"
+    )
     assert second.endswith("manager.app: no task here")
 
 
@@ -146,8 +171,13 @@ def registered_names() -> set[str]:
     """Every series name the code's metrics can expose (a labelled metric with no child
     yet shows no sample, so the names come from each family's type)."""
     assert manager.metrics.LEADER and runners.metrics.POLLS  # imported: registered
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
-                "summary": ("", "_count", "_sum", "_created"), "gauge": ("",), "info": ("_info",)}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "summary": ("", "_count", "_sum", "_created"),
+        "gauge": ("",),
+        "info": ("_info",),
+    }
     names: set[str] = set()
     for family in REGISTRY.collect():
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
@@ -155,8 +185,21 @@ def registered_names() -> set[str]:
     return names
 
 
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
-                   "bool", "offset", "inf", "nan"}
+PROMQL_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -170,7 +213,7 @@ def metric_names(expr: str) -> set[str]:
     found = set()
     for m in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", s):  # not the unit of 5m or 1e3
         word = m.group()
-        if re.match(r"\s*\(", s[m.end():]) or word.lower() in PROMQL_KEYWORDS:
+        if re.match(r"\s*\(", s[m.end() :]) or word.lower() in PROMQL_KEYWORDS:
             continue
         found.add(word)
     return found
@@ -213,8 +256,12 @@ def test_dashboard_has_the_operators_panels(dashboard: dict[str, Any]) -> None:
         assert titles, f"no panel titled with {words!r}"
         assert any(all(n in exprs[t] for n in needles) for t in titles), f"panels {titles} lack {needles}"
 
-    panel("dispatch lateness", "taskmgr_dispatch_lateness_seconds_bucket", "histogram_quantile(0.5,",
-          "histogram_quantile(0.99,")
+    panel(
+        "dispatch lateness",
+        "taskmgr_dispatch_lateness_seconds_bucket",
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.99,",
+    )
     panel("dispatch rate", "rate(taskmgr_dispatched_total")
     panel("active pollers", "taskmgr_runner_active_pollers")
     panel("poll errors host", "taskmgr_runner_polls_total", "by (host", 'outcome!~"ok|not_modified"')
@@ -234,11 +281,19 @@ def test_dashboard_promql_uses_only_registered_metrics(dashboard: dict[str, Any]
             assert not unknown, f"{p['title']}: {sorted(unknown)} are not registered by the code"
             used |= names
     # And the issue's metrics are all on the dashboard.
-    for name in ("taskmgr_dispatched_total", "taskmgr_dispatch_lateness_seconds_bucket", "taskmgr_tasks",
-                 "taskmgr_leader", "taskmgr_progress_messages_total", "taskmgr_dead_lettered_total",
-                 "taskmgr_runner_active_pollers", "taskmgr_runner_polls_total",
-                 "taskmgr_runner_poll_duration_seconds_bucket", "taskmgr_runner_events_published_total",
-                 "taskmgr_runner_follow_ons_written_total"):
+    for name in (
+        "taskmgr_dispatched_total",
+        "taskmgr_dispatch_lateness_seconds_bucket",
+        "taskmgr_tasks",
+        "taskmgr_leader",
+        "taskmgr_progress_messages_total",
+        "taskmgr_dead_lettered_total",
+        "taskmgr_runner_active_pollers",
+        "taskmgr_runner_polls_total",
+        "taskmgr_runner_poll_duration_seconds_bucket",
+        "taskmgr_runner_events_published_total",
+        "taskmgr_runner_follow_ons_written_total",
+    ):
         assert name in used, name
 
 
@@ -257,8 +312,10 @@ def test_prometheus_scrapes_the_manager_and_runner_services() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     env = compose["x-taskmgr"]["environment"]
     assert env["TASKMGR_METRICS_PORT"] == "9100"
-    assert "./docs/observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in (
-        compose["services"]["prometheus"]["volumes"])
+    assert (
+        "./docs/observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+        in (compose["services"]["prometheus"]["volumes"])
+    )
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
@@ -268,8 +325,12 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
     assert mounts["./docs/observability/grafana/dashboards"] == "/var/lib/grafana/dashboards"
     prov = OBS / "grafana" / "provisioning"
     (ds,) = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())["datasources"]
-    assert (ds["type"], ds["url"], ds["uid"], ds["access"]) == ("prometheus", "http://prometheus:9090",
-                                                               "prometheus", "proxy")
+    assert (ds["type"], ds["url"], ds["uid"], ds["access"]) == (
+        "prometheus",
+        "http://prometheus:9090",
+        "prometheus",
+        "proxy",
+    )
     (provider,) = yaml.safe_load((prov / "dashboards" / "taskmgr.yaml").read_text())["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"

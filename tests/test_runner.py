@@ -145,8 +145,9 @@ class FakeManager:
         self._notify()
 
     async def on_event(self, message: broker.Message) -> None:
-        self.events.append((message.routing_key or "", message.message_id, dict(message.headers),
-                            decode_event(message.body)))
+        self.events.append(
+            (message.routing_key or "", message.message_id, dict(message.headers), decode_event(message.body))
+        )
         await message.ack()
         self._notify()
 
@@ -538,8 +539,11 @@ async def test_per_host_concurrency_and_rate_limits(
     ) as run:
         await manager.start(*orders)
         await run.runner.wait_for(
-            lambda: api.on_host("api.test") >= 20 and api.on_host("one.test") >= 8
-            and api.on_host("rated.test") >= 8
+            lambda: (
+                api.on_host("api.test") >= 20
+                and api.on_host("one.test") >= 8
+                and api.on_host("rated.test") >= 8
+            )
         )
     assert api.max_in_flight["api.test"] == 2
     assert api.max_in_flight["one.test"] == 1
@@ -570,7 +574,6 @@ def test_retry_after_parsing() -> None:
     assert _retry_after(resp("Tue, 24 Nov 2020 18:00:00 GMT")) == 0.0
     assert _retry_after(resp("soon")) is None
     assert _retry_after(httpx.Response(429)) is None
-
 
 
 # -- the default (aiohttp) transport against a real local server -----------------------
@@ -612,9 +615,11 @@ async def test_default_transport_against_a_local_server(
             task = asyncio.create_task(runner.run(stop))
             await manager.start(good, slow_o, down)
             await manager.wait(
-                lambda: manager.of(good.task_id, "finished")
-                and manager.of(slow_o.task_id, "failed")
-                and manager.of(down.task_id, "failed")
+                lambda: (
+                    manager.of(good.task_id, "finished")
+                    and manager.of(slow_o.task_id, "failed")
+                    and manager.of(down.task_id, "failed")
+                )
             )
             stop.set()
             await task

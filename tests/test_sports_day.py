@@ -9,7 +9,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -51,8 +51,13 @@ class World:
 @contextlib.asynccontextmanager
 async def world(engine, settings: Settings, config: FeedConfig, runners: int = 2) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
     feed = await start_feed(config)
-    settings = settings.model_copy(update={"feed_url": feed.url, "schedule_lead_s": 0.0, "leagues":
-                                           "nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl"})
+    settings = settings.model_copy(
+        update={
+            "feed_url": feed.url,
+            "schedule_lead_s": 0.0,
+            "leagues": "nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl",
+        }
+    )
     service = TaskService(engine=engine)
     for name in ("live_game", "period_score", "stat_correction", "schedule"):
         await service.update_type(name, **FAST)
@@ -61,7 +66,8 @@ async def world(engine, settings: Settings, config: FeedConfig, runners: int = 2
     registry = Registry.default(with_entry_points=False)
     async with contextlib.AsyncExitStack() as stack:
         consumer = await stack.enter_async_context(
-            Consumer(url=settings.amqp_url, topology=_topo(settings), prefetch=500))
+            Consumer(url=settings.amqp_url, topology=_topo(settings), prefetch=500)
+        )
 
         async def on_event(message: Any) -> None:
             await message.ack()
@@ -72,7 +78,8 @@ async def world(engine, settings: Settings, config: FeedConfig, runners: int = 2
         tasks = [asyncio.create_task(manager.run(stop))]
         for _ in range(runners):
             r = await stack.enter_async_context(
-                TaskRunner(settings=settings, engine=engine, registry=registry, base_urls=feed.base_urls()))
+                TaskRunner(settings=settings, engine=engine, registry=registry, base_urls=feed.base_urls())
+            )
             tasks.append(asyncio.create_task(r.run(stop)))
         try:
             yield w
@@ -97,8 +104,14 @@ async def games_done(engine) -> bool:  # type: ignore[no-untyped-def]
 
 
 def fast_day(**kw: Any) -> FeedConfig:
-    base = {"seed": 7, "games_per_provider": 2, "first_start_s": 1.0, "spread_s": 3.0, "period_s": 1.2,
-            "intermission_s": 0.3}
+    base = {
+        "seed": 7,
+        "games_per_provider": 2,
+        "first_start_s": 1.0,
+        "spread_s": 3.0,
+        "period_s": 1.2,
+        "intermission_s": 0.3,
+    }
     return FeedConfig(**{**base, **kw})
 
 
@@ -115,12 +128,19 @@ async def test_a_simulated_day_end_to_end(engine, settings) -> None:  # type: ig
         finals = {ev.event_id for ev in events[game_id] if ev.event == "game.final"}
         assert len(finals) == 1, f"{game_id}: {len(finals)} final event ids"
         final = next(ev for ev in events[game_id] if ev.event == "game.final")
-        assert (final.data["home_score"], final.data["away_score"]) == (g["final"]["home"], g["final"]["away"])
+        assert (final.data["home_score"], final.data["away_score"]) == (
+            g["final"]["home"],
+            g["final"]["away"],
+        )
         # Every score the feed showed was emitted (as one of the observations).
-        seen = {(ev.data.get("home_score"), ev.data.get("away_score")) for ev in events[game_id]
-                if ev.event == "score.changed"}
-        assert (g["final"]["home"], g["final"]["away"]) in seen | {(final.data["home_score"],
-                                                                      final.data["away_score"])}
+        seen = {
+            (ev.data.get("home_score"), ev.data.get("away_score"))
+            for ev in events[game_id]
+            if ev.event == "score.changed"
+        }
+        assert (g["final"]["home"], g["final"]["away"]) in seen | {
+            (final.data["home_score"], final.data["away_score"])
+        }
         # An event id never stands for two different observations.
         by_id: dict[uuid.UUID, Any] = {}
         for ev in events[game_id]:
@@ -155,7 +175,9 @@ async def test_daily_seed_twice_moved_and_postponed_games(engine, settings) -> N
         # One game moves 30 minutes later, one is postponed.
         moved, postponed = sorted(g for g, t in first.items() if t.payload["provider"] == "nba")
         async with httpx.AsyncClient() as client:
-            r = await client.post(f"{w.feed.url}/_faults", json={"moved": {moved: 1800}, "postponed": [postponed]})
+            r = await client.post(
+                f"{w.feed.url}/_faults", json={"moved": {moved: 1800}, "postponed": [postponed]}
+            )
             assert r.status_code == 200
         await cron.run_once(w.feed.day.day)
         await wait_for(lambda: _schedules_done(w.service, 12), timeout=30)
@@ -182,8 +204,9 @@ async def test_faults_during_games_are_survived_and_recorded(engine, settings) -
 
     config = fast_day(providers=("nba", "nhl"), faults=Faults(**faults), period_s=1.5)
     async with world(engine, settings, config) as w:
-        await ScheduleCron(service=w.service, settings=w.settings.model_copy(
-            update={"leagues": "nba:nba,nhl:nhl"})).run_once(w.feed.day.day)
+        await ScheduleCron(
+            service=w.service, settings=w.settings.model_copy(update={"leagues": "nba:nba,nhl:nhl"})
+        ).run_once(w.feed.day.day)
         await wait_for(lambda: games_done(engine), timeout=120, every=0.3)
         truth = {g["game_id"]: g for g in w.feed.truth()["games"]}
     games = await w.service.list_tasks(type="live_game", limit=100)
@@ -194,8 +217,13 @@ async def test_faults_during_games_are_survived_and_recorded(engine, settings) -
         g = truth[t.payload["game_id"]]
         finals = [ev for ev in events[g["game_id"]] if ev.event == "game.final"]
         assert len({ev.event_id for ev in finals}) == 1
-        assert (finals[0].data["home_score"], finals[0].data["away_score"]) == (g["final"]["home"],
-                                                                                  g["final"]["away"])
-        errors |= {e.detail.get("kind", "") for e in await w.service.history(t.id)
-                   if e.detail.get("report") == "poll_error"}
+        assert (finals[0].data["home_score"], finals[0].data["away_score"]) == (
+            g["final"]["home"],
+            g["final"]["away"],
+        )
+        errors |= {
+            e.detail.get("kind", "")
+            for e in await w.service.history(t.id)
+            if e.detail.get("report") == "poll_error"
+        }
     assert {"http_5xx", "parse"} <= errors, errors
