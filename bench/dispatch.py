@@ -47,7 +47,7 @@ from bench._common import (
     percentile,
     wait_for,
 )
-from taskmgr import broker
+from taskmgr import broker, store
 from taskmgr.db import make_engine
 from taskmgr.service import NewTask, TaskService
 from taskmgr.settings import Settings
@@ -156,17 +156,7 @@ async def run_taskmgr(
 
         async def leads() -> bool:
             async with engine.connect() as conn:
-                return bool(
-                    (
-                        await conn.execute(
-                            text(
-                                "select count(*) from pg_stat_activity where datname = :db "
-                                "and application_name like 'taskmgr-leader-%'"
-                            ),
-                            {"db": DB},
-                        )
-                    ).scalar()
-                )
+                return await store.leader_present(conn)
 
         await wait_for(leads, 30, "the manager to lead")
         # Warm-up: a few orders through the whole path.

@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 import httpx
-from sqlalchemy import text
 
 from bench._common import (
     Procs,
@@ -33,7 +32,7 @@ from bench._common import (
     wait_for,
 )
 from bench.runner import free_port, run_pollers
-from taskmgr import broker
+from taskmgr import broker, store
 from taskmgr.db import make_engine
 from taskmgr.settings import Settings
 
@@ -58,17 +57,7 @@ async def main(settings: Settings, pollers: int = 10000, **_: Any) -> dict[str, 
 
         async def leads() -> bool:
             async with engine.connect() as conn:
-                return bool(
-                    (
-                        await conn.execute(
-                            text(
-                                "select count(*) from pg_stat_activity where datname = :db "
-                                "and application_name like 'taskmgr-leader-%'"
-                            ),
-                            {"db": DB},
-                        )
-                    ).scalar()
-                )
+                return await store.leader_present(conn)
 
         await wait_for(leads, 30, "the manager to lead")
         c0 = cpu_seconds(manager.pid)
