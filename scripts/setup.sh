@@ -147,7 +147,8 @@ make_venv() {
 
 if [ "${TASKMGR_SETUP_SKIP_SYSTEM:-0}" != 1 ]; then
   start_postgres
-  timescaledb_installed || install_timescaledb
+  # Installing postgresql-server-dev upgrades the server package, which may stop it.
+  timescaledb_installed || { install_timescaledb; start_postgres; }
   preload_timescaledb
   start_rabbitmq
   rabbit_users
