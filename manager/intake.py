@@ -41,7 +41,10 @@ RUNNER_SERVICE = "runner"  # the runner's own result, kept beside the outside se
 ACTIVE = (State.STARTED, State.RUNNING)
 
 
-def backoff_s(failures: int, base_s: float, max_s: float, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+_RNG = random.Random()
+
+
+def backoff_s(failures: int, base_s: float, max_s: float, rng: random.Random = _RNG) -> float:
     """Exponential backoff with jitter: half fixed, half random, so retries of many
     tasks that failed together spread out."""
     delay = min(max_s, base_s * 2 ** max(0, failures - 1))
