@@ -928,13 +928,29 @@ def feed(
 @click.option("--keep-running", is_flag=True, help="Run until Ctrl-C.")
 @click.option("--games", type=int, default=2, show_default=True, help="Simulated games per provider.")
 @click.option("--provider-urls", default="", help="Real provider base URLs (default: the simulated feed).")
+@click.option("--period-s", type=float, default=8.0, show_default=True, help="Simulated seconds per period.")
+@click.option("--spread-s", type=float, default=45.0, show_default=True, help="The games start over this.")
 @click.pass_context
-def demo(ctx: click.Context, minutes: float, keep_running: bool, games: int, provider_urls: str) -> None:
-    """The live demo: feed, manager, two runners, a day of games, events in the terminal."""
+def demo(
+    ctx: click.Context,
+    minutes: float,
+    keep_running: bool,
+    games: int,
+    provider_urls: str,
+    period_s: float,
+    spread_s: float,
+) -> None:
+    """The live demo: feed, manager, two runners, a day of games, events in the terminal.
+    Exit 0 when every game ended, 1 otherwise."""
     from taskmgr.demo import run_demo
 
     code = run_demo(
-        settings_of(ctx), minutes=None if keep_running else minutes, games=games, provider_urls=provider_urls
+        settings_of(ctx),
+        minutes=None if keep_running else minutes,
+        games=games,
+        provider_urls=provider_urls,
+        period_s=period_s,
+        spread_s=spread_s,
     )
     sys.exit(code)
 

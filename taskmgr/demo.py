@@ -47,7 +47,17 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 class Demo:
-    def __init__(self, settings: Settings, *, games: int, provider_urls: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        games: int,
+        provider_urls: str,
+        period_s: float = 8.0,
+        spread_s: float = 45.0,
+    ) -> None:
+        self.period_s = period_s
+        self.spread_s = spread_s
         admin = re.sub(r"/[^/]*$", "/postgres", asyncpg_dsn(settings.database_url))
         self.admin_dsn = admin
         demo_url = re.sub(r"/[^/]*$", f"/{DEMO_DB}", settings.database_url)
@@ -170,7 +180,7 @@ class Demo:
         await self.start("runner-1", "runner", "--pool", "default")
         await self.start("runner-2", "runner", "--pool", "default")
         if not self.settings.provider_urls:
-            # The games start 15 s to 60 s after the feed does.
+            # The games start 15 s after the feed does, spread over --spread-s.
             await self.start(
                 "feed",
                 "feed",
@@ -181,7 +191,9 @@ class Demo:
                 "--first-start-s",
                 "15",
                 "--spread-s",
-                "45",
+                str(self.spread_s),
+                "--period-s",
+                str(self.period_s),
             )
             day = await self.wait_feed()
             console.print(
@@ -282,11 +294,21 @@ class Demo:
             f"elapsed {elapsed:.0f} s; logs in {self.logdir}; inspect with "
             f"TASKMGR_DATABASE_URL={self.settings.database_url} taskmgr tasks list"
         )
-        console.print(json.dumps({"games_final": len(self.finals), "events": dict(self.events)}))
+        # One line of JSON for scripts: never wrapped.
+        totals = {"games_final": len(self.finals), "events": dict(self.events)}
+        console.print(json.dumps(totals), soft_wrap=True)
 
 
-def run_demo(settings: Settings, *, minutes: float | None, games: int, provider_urls: str) -> int:
-    demo = Demo(settings, games=games, provider_urls=provider_urls)
+def run_demo(
+    settings: Settings,
+    *,
+    minutes: float | None,
+    games: int,
+    provider_urls: str,
+    period_s: float = 8.0,
+    spread_s: float = 45.0,
+) -> int:
+    demo = Demo(settings, games=games, provider_urls=provider_urls, period_s=period_s, spread_s=spread_s)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(demo.run(minutes))
     return 1
