@@ -141,8 +141,8 @@ class ProgressIntake:
                 ids.update(r.task_id for r in msg.reports)
             elif isinstance(msg, ServiceReport):
                 ids.add(msg.task_id)
-            else:
-                ids.update(t for t, _ in msg.tasks)
+            # A heartbeat's tasks are only read (a runner may hold ten thousand): the
+            # few that change state are locked when they do.
         async with self._engine.begin() as conn:
             locked = await store.lock_states(conn, ids)
             types: dict[str, TaskType] = {}
@@ -364,12 +364,14 @@ class ProgressIntake:
         if h.stopping:
             await store.stop_runner(conn, h.runner_id, batch.now)
         held = dict(h.tasks)
+        unread = [t for t in held if t not in batch.cur]
+        seen = await store.current_attempts(conn, unread) if unread else {}
         for task_id, attempt in h.tasks:
-            c = batch.cur.get(task_id)
+            c = batch.cur.get(task_id) or seen.get(task_id)
             ours = (
                 c is not None
                 and c.attempt == attempt
-                and (c.state is State.STARTED or (c.state is State.RUNNING and c.runner_id == h.runner_id))
+                and (c.state == State.STARTED or (c.state == State.RUNNING and c.runner_id == h.runner_id))
             )
             if not ours:
                 batch.stops.append(

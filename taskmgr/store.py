@@ -23,6 +23,7 @@ from taskmgr.models import (
     MisfirePolicy,
     State,
     Task,
+    TaskAttempt,
     TaskEvent,
     TaskType,
     Transition,
@@ -397,9 +398,9 @@ async def runner_holdings(conn: Conn, runner_id: str) -> list[Mapping[str, Any]]
     return [r._mapping for r in await _run(conn, "runner_holdings", {"runner_id": runner_id})]
 
 
-async def current_attempts(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
+async def current_attempts(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, TaskAttempt]:
     rows = await _run(conn, "current_attempts", {"ids": list(ids)})
-    return {r.task_id: r._mapping for r in rows}
+    return {r.task_id: TaskAttempt(r.task_id, State(r.state), r.attempt, r.runner_id) for r in rows}
 
 
 async def start_timeouts(conn: Conn, now: datetime, limit: int) -> list[uuid.UUID]:
