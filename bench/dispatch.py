@@ -1,6 +1,6 @@
 # ruff: noqa: ASYNC110, ASYNC220, ASYNC230, ASYNC240
-"""`taskmgr bench dispatch --tasks 10000 [--vs taskiq,procrastinate]`: N no-op tasks due
-at one instant; how fast do their start orders reach the worker side?
+"""`taskmgr bench dispatch --tasks 10000 [--vs taskiq,procrastinate,apscheduler,celery]`: N no-op
+tasks due at one instant; how fast do their start orders reach the worker side?
 
 What runs where (separate OS processes, one 2-core machine with PostgreSQL and RabbitMQ):
 
