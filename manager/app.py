@@ -120,9 +120,6 @@ class TaskManager:
             await _wait(stop, self.settings.leader_retry)
 
     async def _lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
-        log.info("%s leads", self.name)
-        self.is_leader.set()
-        metrics.LEADER.set(1)
         await conn.add_listener(WAKEUP_CHANNEL, lambda *_: self._wakeup.set())
         await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
         scheduler = self._scheduler()
@@ -133,6 +130,11 @@ class TaskManager:
             async with consumer, asyncio.TaskGroup() as tg:
                 await consumer.consume_progress(self._inbox.put)
                 scheduler.start()
+                # Leading from here: listening, consuming and scheduled (a cancel's
+                # NOTIFY before the LISTEN would be lost).
+                log.info("%s leads", self.name)
+                self.is_leader.set()
+                metrics.LEADER.set(1)
                 stopper = tg.create_task(stop.wait())
                 loops = [
                     tg.create_task(self._dispatch_loop(stop)),

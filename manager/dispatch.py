@@ -77,72 +77,98 @@ class Dispatcher:
         return counts
 
     async def _claim_batch(self, counts: DispatchCounts) -> tuple[list[tuple[str, StartOrder]], int]:
+        """One transaction: the due one-off tasks in one statement (store.start_due), then,
+        with what is left of the batch, the due recurring ones. Returns the orders and
+        the number of tasks claimed (skipped misfires included)."""
         now = self._clock()
-        alert = self._settings.lateness_alert
+        limit = self._settings.dispatch_batch
         async with self._engine.begin() as conn:
-            rows = await store.claim_due(conn, now, self._settings.dispatch_batch)
-            if not rows:
-                return [], 0
-            current: dict[uuid.UUID, CurrentState] = {}
-            transitions: list[Transition] = []
-            orders: list[tuple[str, StartOrder]] = []
-            next_rows: list[dict[str, Any]] = []
-            for r in rows:
-                tid = r["task_id"]
-                state = State(r["state"])
-                current[tid] = CurrentState(
-                    tid,
-                    state,
-                    r["attempt"],
-                    r["failures"],
-                    r["runner_id"],
-                    r["run_at"],
-                    r["type"],
-                    r["root_id"],
+            started = await store.start_due(conn, now, limit)
+            orders = [(r["pool"], _order(r, r["attempt"], now)) for r in started]
+            for r in started:
+                self._observe_lateness(
+                    r["task_id"], r["root_id"], r["attempt"], float(r["lateness_ms"]) / 1000, counts
                 )
-                # Lateness counts from when the task could first have started: a task
-                # scheduled with a due time already past is late only from its creation.
-                late_s = (now - max(r["run_at"], r["created_at"])).total_seconds()
-                policy = MisfirePolicy(r["misfire_policy"])
-                rule = recur.parse(r["recurrence"]) if r["recurrence"] else None
-                if rule is not None and state is State.SCHEDULED:
-                    nxt = recur.next_occurrence(
-                        rule, occurrence=r["occurrence"], due_at=r["due_at"], now=now, policy=policy
-                    )
-                    if nxt is not None:
-                        next_rows.append(_next_occurrence_row(r, nxt))
-                    behind_s = (now - r["run_at"]).total_seconds()  # the slot missed, by the rule
-                    if policy is MisfirePolicy.SKIP and behind_s > r["misfire_grace_s"]:
-                        transitions.append(
-                            Transition(
-                                tid,
-                                State.CANCELLED,
-                                r["attempt"],
-                                "manager",
-                                detail={"reason": "misfired", "late_s": round(behind_s, 3)},
-                            )
+            left = limit - len(started)
+            more, n = await self._claim_recurring(conn, now, left, counts) if left else ([], 0)
+        counts.claimed += len(started)
+        metrics.CLAIMED.inc(len(started))
+        return orders + more, len(started) + n
+
+    def _observe_lateness(
+        self, task_id: uuid.UUID, root_id: uuid.UUID, attempt: int, late_s: float, counts: DispatchCounts
+    ) -> None:
+        metrics.LATENESS.observe(max(late_s, 0.0))
+        if late_s > self._settings.lateness_alert:
+            counts.late += 1
+            metrics.LATE.inc()
+            log.warning(
+                "task started %.1f s after it was due",
+                late_s,
+                extra={"task_id": str(task_id), "root_task_id": str(root_id), "attempt": attempt},
+            )
+
+    async def _claim_recurring(
+        self, conn: Any, now: datetime, limit: int, counts: DispatchCounts
+    ) -> tuple[list[tuple[str, StartOrder]], int]:
+        """Due tasks the one-statement claim left (recurring ones): each gets its own
+        decision (start, or cancel a misfire) and its next occurrence, through
+        store.apply_transitions."""
+        rows = await store.claim_due(conn, now, limit)
+        if not rows:
+            return [], 0
+        current: dict[uuid.UUID, CurrentState] = {}
+        transitions: list[Transition] = []
+        orders: list[tuple[str, StartOrder]] = []
+        next_rows: list[dict[str, Any]] = []
+        for r in rows:
+            tid = r["task_id"]
+            state = State(r["state"])
+            current[tid] = CurrentState(
+                tid,
+                state,
+                r["attempt"],
+                r["failures"],
+                r["runner_id"],
+                r["run_at"],
+                r["type"],
+                r["root_id"],
+            )
+            # Lateness counts from when the task could first have started: a task
+            # scheduled with a due time already past is late only from its creation.
+            late_s = (now - max(r["run_at"], r["created_at"])).total_seconds()
+            policy = MisfirePolicy(r["misfire_policy"])
+            rule = recur.parse(r["recurrence"]) if r["recurrence"] else None
+            if rule is not None and state is State.SCHEDULED:
+                nxt = recur.next_occurrence(
+                    rule, occurrence=r["occurrence"], due_at=r["due_at"], now=now, policy=policy
+                )
+                if nxt is not None:
+                    next_rows.append(_next_occurrence_row(r, nxt))
+                behind_s = (now - r["run_at"]).total_seconds()  # the slot missed, by the rule
+                if policy is MisfirePolicy.SKIP and behind_s > r["misfire_grace_s"]:
+                    transitions.append(
+                        Transition(
+                            tid,
+                            State.CANCELLED,
+                            r["attempt"],
+                            "manager",
+                            detail={"reason": "misfired", "late_s": round(behind_s, 3)},
                         )
-                        counts.skipped += 1
-                        continue
-                attempt = r["attempt"] + 1
-                transitions.append(
-                    Transition(
-                        tid, State.STARTED, attempt, "manager", detail={"lateness_ms": round(late_s * 1000)}
                     )
+                    counts.skipped += 1
+                    continue
+            attempt = r["attempt"] + 1
+            transitions.append(
+                Transition(
+                    tid, State.STARTED, attempt, "manager", detail={"lateness_ms": round(late_s * 1000)}
                 )
-                metrics.LATENESS.observe(max(late_s, 0.0))
-                if late_s > alert:
-                    counts.late += 1
-                    metrics.LATE.inc()
-                    log.warning(
-                        "task started %.1f s after it was due",
-                        late_s,
-                        extra={"task_id": str(tid), "root_task_id": str(r["root_id"]), "attempt": attempt},
-                    )
-                orders.append((r["pool"], _order(r, attempt, now)))
-            await store.apply_transitions(conn, transitions, now, current=current)
-            if next_rows:
-                await self._service.write_rows(conn, next_rows, now)
+            )
+            self._observe_lateness(tid, r["root_id"], attempt, late_s, counts)
+            orders.append((r["pool"], _order(r, attempt, now)))
+        await store.apply_transitions(conn, transitions, now, current=current)
+        if next_rows:
+            await self._service.write_rows(conn, next_rows, now)
         counts.claimed += len(orders)
         counts.next_occurrences += len(next_rows)
         metrics.CLAIMED.inc(len(orders))

@@ -86,8 +86,8 @@ where s.task_id = u.task_id;
 
 -- claim_due --
 -- The due tasks, oldest first, locked so that overlapping managers never claim one twice,
--- with what a start order needs. Cost: the entries of task_state_due_idx up to :now,
--- not the history.
+-- with what a start order and a recurrence need (the dispatcher decides each one's
+-- change). Cost: the entries of task_state_due_idx up to :now, not the history.
 select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.payload,
     t.due_at, t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by, t.created_at,
     tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
@@ -97,6 +97,38 @@ where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now
 order by s.run_at
 limit :limit
 for update of s skip locked;
+
+-- start_due --
+-- Claim and start due one-off tasks in one statement: lock them (skipping rows another
+-- manager holds), move them SCHEDULED/RETRYING -> STARTED (the only edges the WHERE
+-- admits) with the order unsent, append their STARTED events, and return what a start
+-- order needs. Recurring tasks take claim_due (next occurrence, misfire policy).
+with due as (
+    select s.task_id, s.attempt, s.run_at
+    from task_state s join tasks t on t.id = s.task_id
+    where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now and t.recurrence is null
+    order by s.run_at
+    limit :limit
+    for update of s skip locked
+), started as (
+    update task_state s set state = 'STARTED', attempt = due.attempt + 1, run_at = null,
+        runner_id = null, sent_at = null, changed_at = :now
+    from due where s.task_id = due.task_id
+    returning s.task_id, s.attempt, due.run_at
+), claimed as (
+    -- Lateness counts from when the task could first have started (see dispatch.py).
+    select st.task_id, st.attempt, t.type, t.payload, t.due_at, t.root_id,
+        round(extract(epoch from (cast(:now as timestamptz) - greatest(st.run_at, t.created_at))) * 1000)
+            as lateness_ms,
+        tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
+        tt.max_consecutive_failures
+    from started st join tasks t on t.id = st.task_id join task_types tt on tt.name = t.type
+), events as (
+    insert into task_events (time, task_id, state, attempt, source, detail)
+    select :now, c.task_id, 'STARTED', c.attempt, 'manager', jsonb_build_object('lateness_ms', c.lateness_ms)
+    from claimed c
+)
+select * from claimed;
 
 -- start_orders --
 -- What a runner needs to start each (task, attempt) still waiting in the outbox.

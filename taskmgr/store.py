@@ -296,6 +296,15 @@ async def claim_due(conn: Conn, now: datetime, limit: int) -> list[Any]:
     return [r._mapping for r in rows]
 
 
+async def start_due(conn: Conn, now: datetime, limit: int) -> list[Any]:
+    """Claim and start up to `limit` due one-off tasks in one statement (the hot path of
+    dispatch): the SCHEDULED/RETRYING -> STARTED edge of the state machine, written with
+    its events like `apply_transitions` would. Returns mappings with what a start order
+    needs and `lateness_ms`."""
+    rows = await _run(conn, "start_due", {"now": now, "limit": limit})
+    return [r._mapping for r in rows]
+
+
 async def start_orders(conn: Conn, ids: Sequence[uuid.UUID]) -> list[Any]:
     rows = await _run(conn, "start_orders", {"ids": list(ids)})
     return [r._mapping for r in rows]
