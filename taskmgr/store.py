@@ -224,8 +224,9 @@ async def apply_transitions(
     current: Mapping[uuid.UUID, CurrentState] | None = None,
     strict: bool = True,
 ) -> list[Transition]:
-    """The one way state changes are written: each transition is checked against the
-    state machine, appended to task_events and folded into the task_state projection,
+    """How state changes are written (the one exception is `start_due`, the dispatch
+    hot path, whose WHERE admits only SCHEDULED/RETRYING -> STARTED): each transition is
+    checked against the state machine, appended to task_events and folded into the task_state projection,
     in the caller's transaction. `current` is the locked state (from `lock_states` or a
     claim); without it the rows are locked here.
 
