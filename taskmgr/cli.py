@@ -221,6 +221,16 @@ def settings_of(ctx: click.Context) -> Settings:
     return ctx.find_root().obj  # type: ignore[no-any-return]
 
 
+def call(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """Run one TaskService call (`fn(service)`) for a command, with the usual errors."""
+
+    async def go() -> T:
+        async with _service(settings_of(ctx)) as svc:
+            return await fn(svc)
+
+    return run(go())
+
+
 @contextlib.asynccontextmanager
 async def _service(settings: Settings):  # type: ignore[no-untyped-def]
     from taskmgr.db import make_engine
@@ -380,11 +390,7 @@ def types_add(ctx: click.Context, name: str | None, file: str | None, output: st
     if "name" not in values:
         raise BadInput("name: give NAME or a file with a name")
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.create_type(values)
-
-    emit(run(go()), output, TYPE_COLUMNS)
+    emit(call(ctx, lambda svc: svc.create_type(values)), output, TYPE_COLUMNS)
 
 
 @types.command("update")
@@ -399,11 +405,7 @@ def types_update(ctx: click.Context, name: str, file: str | None, output: str, *
     if not values:
         raise BadInput("nothing to change: give flags or --file")
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.update_type(name, **values)
-
-    emit(run(go()), output, TYPE_COLUMNS)
+    emit(call(ctx, lambda svc: svc.update_type(name, **values)), output, TYPE_COLUMNS)
 
 
 @types.command("list")
@@ -411,11 +413,7 @@ def types_update(ctx: click.Context, name: str, file: str | None, output: str, *
 @output_option
 @click.pass_context
 def types_list(ctx: click.Context, include_deleted: bool, output: str) -> None:
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.list_types(include_deleted=include_deleted)
-
-    emit(run(go()), output, TYPE_COLUMNS)
+    emit(call(ctx, lambda svc: svc.list_types(include_deleted=include_deleted)), output, TYPE_COLUMNS)
 
 
 @types.command("show")
@@ -423,11 +421,7 @@ def types_list(ctx: click.Context, include_deleted: bool, output: str) -> None:
 @output_option
 @click.pass_context
 def types_show(ctx: click.Context, name: str, output: str) -> None:
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.get_type(name, include_deleted=True)
-
-    t = run(go())
+    t = call(ctx, lambda svc: svc.get_type(name, include_deleted=True))
     emit(t, output, None if output != "table" else [*TYPE_COLUMNS, "url_template", "payload_schema"])
 
 
@@ -438,11 +432,7 @@ def types_show(ctx: click.Context, name: str, output: str) -> None:
 def types_delete(ctx: click.Context, name: str, output: str) -> None:
     """Soft delete: no new tasks of this type; history and scheduled tasks stay."""
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.delete_type(name)
-
-    emit(run(go()), output, TYPE_COLUMNS)
+    emit(call(ctx, lambda svc: svc.delete_type(name)), output, TYPE_COLUMNS)
 
 
 @types.command("restore")
@@ -450,11 +440,7 @@ def types_delete(ctx: click.Context, name: str, output: str) -> None:
 @output_option
 @click.pass_context
 def types_restore(ctx: click.Context, name: str, output: str) -> None:
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.restore_type(name)
-
-    emit(run(go()), output, TYPE_COLUMNS)
+    emit(call(ctx, lambda svc: svc.restore_type(name)), output, TYPE_COLUMNS)
 
 
 # -- tasks ---------------------------------------------------------------------------
@@ -542,11 +528,7 @@ def tasks_create(
 def tasks_get(ctx: click.Context, task_id: str, output: str) -> None:
     tid = parse_uuid(task_id)
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.get_task(tid)
-
-    emit(run(go()), output, [*TASK_COLUMNS, "payload"])
+    emit(call(ctx, lambda svc: svc.get_task(tid)), output, [*TASK_COLUMNS, "payload"])
 
 
 @tasks.command("list")
@@ -585,19 +567,16 @@ def tasks_list(
         at, _, tid = after.partition("|")
         cursor = (parse_time(at, "--after"), parse_uuid(tid, "--after"))
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.list_tasks(
-                type=type_,
-                state=State(state.upper()) if state else None,
-                root_id=parse_uuid(root, "--root") if root else None,
-                due_from=parse_time(due_from, "--due-from"),
-                due_to=parse_time(due_to, "--due-to"),
-                after=cursor,
-                limit=limit,
-            )
-
-    rows = run(go())
+    filters = {
+        "type": type_,
+        "state": State(state.upper()) if state else None,
+        "root_id": parse_uuid(root, "--root") if root else None,
+        "due_from": parse_time(due_from, "--due-from"),
+        "due_to": parse_time(due_to, "--due-to"),
+        "after": cursor,
+        "limit": limit,
+    }
+    rows = call(ctx, lambda svc: svc.list_tasks(**filters))
     emit(rows, output, TASK_COLUMNS)
     if len(rows) == limit:
         click.echo(f"next page: --after '{rows[-1].due_at.isoformat()}|{rows[-1].id}'", err=True)
@@ -611,11 +590,7 @@ def tasks_history(ctx: click.Context, task_id: str, output: str) -> None:
     """Every state change of a task (and the reports kept for the record)."""
     tid = parse_uuid(task_id)
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.history(tid)
-
-    emit(run(go()), output, EVENT_COLUMNS)
+    emit(call(ctx, lambda svc: svc.history(tid)), output, EVENT_COLUMNS)
 
 
 @tasks.command("cancel")
@@ -627,11 +602,7 @@ def tasks_cancel(ctx: click.Context, task_id: str, reason: str, output: str) -> 
     """Cancel a task; a running one is stopped on its runner."""
     tid = parse_uuid(task_id)
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.cancel(tid, reason=reason)
-
-    emit(run(go()), output, TASK_COLUMNS)
+    emit(call(ctx, lambda svc: svc.cancel(tid, reason=reason)), output, TASK_COLUMNS)
 
 
 @tasks.command("retry")
@@ -642,11 +613,7 @@ def tasks_retry(ctx: click.Context, task_id: str, output: str) -> None:
     """Run a FAILED task again now."""
     tid = parse_uuid(task_id)
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.retry(tid)
-
-    emit(run(go()), output, TASK_COLUMNS)
+    emit(call(ctx, lambda svc: svc.retry(tid)), output, TASK_COLUMNS)
 
 
 @tasks.command("status")
@@ -657,11 +624,7 @@ def tasks_status(ctx: click.Context, type_: str | None, output: str) -> None:
     """Counts of tasks by state."""
     from taskmgr.models import State
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.counts_by_state(type=type_)
-
-    counts = run(go())
+    counts = call(ctx, lambda svc: svc.counts_by_state(type=type_))
     rows = [{"state": s.value, "tasks": counts.get(s, 0)} for s in State]
     emit(rows if output == "table" else {r["state"]: r["tasks"] for r in rows}, output, ["state", "tasks"])
 
@@ -674,11 +637,7 @@ def audit(ctx: click.Context, root_id: str, output: str) -> None:
     """The whole tree under a root task, with every state change."""
     rid = parse_uuid(root_id, "root task id")
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.audit(rid)
-
-    tasks_, events = run(go())
+    tasks_, events = call(ctx, lambda svc: svc.audit(rid))
     by_task: dict[uuid.UUID, list[Any]] = {}
     for e in events:
         by_task.setdefault(e.task_id, []).append(e)
@@ -705,10 +664,6 @@ def logs_cmd(ctx: click.Context, task_id: str, output: str) -> None:
     """A task's polls, errors and state changes over time."""
     tid = parse_uuid(task_id)
 
-    async def go() -> Any:
-        async with _service(settings_of(ctx)) as svc:
-            return await svc.history(tid)
-
     rows = [
         {
             "time": e.time,
@@ -718,7 +673,7 @@ def logs_cmd(ctx: click.Context, task_id: str, output: str) -> None:
             "error": e.detail.get("error") or e.detail.get("reason") or "",
             "detail": e.detail,
         }
-        for e in run(go())
+        for e in call(ctx, lambda svc: svc.history(tid))
     ]
     emit(rows, output, ["time", "attempt", "runner_id", "what", "error"])
 
