@@ -12,7 +12,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,7 +31,7 @@ from taskmgr.messages import (
     decode_progress,
     encode,
 )
-from taskmgr.models import CurrentState, State, TaskType, Transition
+from taskmgr.models import CurrentState, State, TaskType, Transition, can_transition
 from taskmgr.service import utcnow
 from taskmgr.settings import Settings
 
@@ -176,17 +176,10 @@ class ProgressIntake:
 
     def _add(self, batch: _Batch, t: Transition) -> None:
         batch.transitions.append(t)
-        if t.applied:
-            c = batch.cur[t.task_id]
-            batch.cur[t.task_id] = replace(
-                c,
-                state=t.state,
-                attempt=t.attempt,
-                failures=c.failures + (1 if t.count_failure else 0),
-                runner_id=None
-                if t.state in (State.STARTED, State.RETRYING)
-                else (t.runner_id or c.runner_id),
-            )
+        c = batch.cur[t.task_id]
+        # As store.apply_transitions will fold it, so later reports in the batch see it.
+        if t.applied and can_transition(c.state, t.state):
+            batch.cur[t.task_id] = c.after(t, batch.now)
 
     async def _runner_report(self, conn: Any, batch: _Batch, msg: RunnerReports, r: Report) -> None:
         c = batch.cur.get(r.task_id)

@@ -308,3 +308,6 @@ where s.task_id = l.task_id;
 select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid
 where l.locktype = 'advisory' and l.granted and l.classid = :classid and l.objid = :objid
   and l.objsubid = 2 and l.database = (select oid from pg_database where datname = current_database());
+
+-- roots_of --
+select id, root_id from tasks where id = any(cast(:ids as uuid[]));

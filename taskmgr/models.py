@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -113,6 +113,19 @@ class CurrentState:
     run_at: datetime | None
     type: str
     root_id: uuid.UUID
+
+    def after(self, t: Transition, now: datetime) -> CurrentState:
+        """This row once `t` (an applied, legal transition) is folded in: the projection
+        rule, in one place."""
+        waiting = t.state in (State.SCHEDULED, State.RETRYING)
+        return replace(
+            self,
+            state=t.state,
+            attempt=t.attempt,
+            failures=self.failures + (1 if t.count_failure else 0),
+            run_at=(t.run_at or now) if waiting else None,
+            runner_id=None if t.state in (State.STARTED, State.RETRYING) else (t.runner_id or self.runner_id),
+        )
 
 
 @dataclass(frozen=True)

@@ -270,15 +270,13 @@ class TaskService:
         such as the next occurrence of a recurrence): tasks, their state, SCHEDULED events."""
         parents = {r["parent_id"] for r in rows if r["parent_id"] and r["root_id"] == r["id"]}
         if parents:
-            roots = await store.current_attempts(conn, list(parents))
+            roots = await store.roots_of(conn, list(parents))
             missing = parents - set(roots)
             if missing:
                 raise InvalidInput("parent_id", f"no such task {sorted(missing)[0]}")
             for r in rows:
                 if r["parent_id"] in parents and r["root_id"] == r["id"]:
-                    parent = await store.get_task(conn, r["parent_id"])
-                    assert parent is not None
-                    r["root_id"] = parent.root_id
+                    r["root_id"] = roots[r["parent_id"]]
         inserted = await store.insert_tasks(conn, rows)
         new_rows = [r for r in rows if r["id"] in inserted]
         await store.insert_states(conn, [(r["id"], r["due_at"]) for r in new_rows], now)

@@ -257,17 +257,7 @@ async def apply_transitions(
             reason = f"illegal transition {cur.state} -> {t.state}"
             recorded.append(replace(t, applied=False, detail={**t.detail, "ignored": reason}))
             continue
-        waiting = t.state in (State.SCHEDULED, State.RETRYING)
-        new = replace(
-            cur,
-            state=t.state,
-            attempt=t.attempt,
-            failures=cur.failures + (1 if t.count_failure else 0),
-            run_at=(t.run_at or now) if waiting else None,
-            runner_id=(
-                None if t.state in (State.STARTED, State.RETRYING) else (t.runner_id or cur.runner_id)
-            ),
-        )
+        new = cur.after(t, now)
         states[t.task_id] = new
         changed[t.task_id] = new
         recorded.append(t)
@@ -506,3 +496,8 @@ async def leader_name(conn: Conn) -> str | None:
     """Who leads: its lock connection's application name, taskmgr-leader-<host>-<pid>."""
     classid, objid = LEADER_LOCK
     return (await _run(conn, "leader_name", {"classid": classid, "objid": objid})).scalar()  # type: ignore[no-any-return]
+
+
+async def roots_of(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
+    """The root task of each of these tasks (the ones that exist)."""
+    return {r.id: r.root_id for r in await _run(conn, "roots_of", {"ids": list(ids)})}
