@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +18,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import asyncpg
-
-from taskmgr.migrate import asyncpg_dsn, migrate
+from taskmgr.migrate import recreate_database, with_database
 from taskmgr.settings import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,26 +29,28 @@ def log(name: str, msg: str) -> None:
     print(f"[bench {name} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def with_db(url: str, db: str) -> str:
-    """The same server, another database name."""
-    head, _, tail = url.rpartition("/")
-    query = tail.partition("?")[2]
-    return f"{head}/{db}" + (f"?{query}" if query else "")
-
-
 async def fresh_database(settings: Settings, db: str, *, migrated: bool = True) -> str:
-    """Drop (with force) and create `db` on the settings' server; apply the migrations.
-    Returns its SQLAlchemy URL."""
-    url = with_db(settings.database_url, db)
-    admin = await asyncpg.connect(asyncpg_dsn(with_db(settings.database_url, "postgres")))
-    try:
-        await admin.execute(f'drop database if exists "{db}" with (force)')
-        await admin.execute(f'create database "{db}"')
-    finally:
-        await admin.close()
-    if migrated:
-        await migrate(url)
+    """A database of the benchmark's own on the settings' server, made anew (and
+    migrated); returns its SQLAlchemy URL."""
+    url = with_database(settings.database_url, db)
+    await recreate_database(url, migrated=migrated)
     return url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def as_role(database_url: str, role: str) -> str:
+    """The database URL for one of the roles of sql/0003 (trust auth on dev machines)."""
+    return re.sub(r"//[^@/]*@", f"//{role}@", database_url)
+
+
+def amqp_as(url: str, user: str) -> str:
+    """The broker URL for one of scripts/setup.sh's users (development passwords)."""
+    return re.sub(r"//[^@/]*@", f"//{user}:{user}@", url)
 
 
 def new_prefix() -> str:

@@ -27,25 +27,24 @@ import asyncio
 import contextlib
 import os
 import random
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
 from typing import Any
 
-import asyncpg
 import httpx
 from sqlalchemy import text
 
+from bench._common import amqp_as, as_role, free_port
 from manager.schedule_cron import ScheduleCron
+from task_types.feed import feed_day
 from taskmgr import store
 from taskmgr.broker import Consumer, Topology
 from taskmgr.db import make_engine
 from taskmgr.messages import Event, decode_event
-from taskmgr.migrate import asyncpg_dsn, migrate
+from taskmgr.migrate import recreate_database, with_database
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 
@@ -60,27 +59,13 @@ def log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def as_role(url: str, role: str) -> str:
-    return re.sub(r"//[^@/]*@", f"//{role}@", url)
-
-
-def amqp_as(url: str, user: str) -> str:
-    return re.sub(r"//[^@/]*@", f"//{user}:{user}@", url)
-
-
 class Harness:
     def __init__(self, settings: Settings, *, minutes: float, seed: int, kinds: tuple[str, ...]) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
         self.minutes = minutes
         self.kinds = kinds
-        self.db_url = re.sub(r"/[^/]*$", f"/{CHAOS_DB}", settings.database_url)
+        self.db_url = with_database(settings.database_url, CHAOS_DB)
         self.prefix = f"chaos{seed}"
         self.feed_port = free_port()
         self.settings = settings.model_copy(
@@ -210,18 +195,9 @@ class Harness:
 
     # -- the day -----------------------------------------------------------------------
 
-    async def fresh_database(self) -> None:
-        admin = await asyncpg.connect(re.sub(r"/[^/]*$", "/postgres", asyncpg_dsn(self.db_url)))
-        try:
-            await admin.execute(f'drop database if exists "{CHAOS_DB}" with (force)')
-            await admin.execute(f'create database "{CHAOS_DB}"')
-        finally:
-            await admin.close()
-        await migrate(self.db_url)
-
     async def run(self) -> dict[str, Any]:
         window = self.minutes * 60
-        await self.fresh_database()
+        await recreate_database(self.db_url)
         engine = make_engine(self.db_url, name="taskmgr-chaos")
         service = TaskService(engine=engine)
         for name in ("live_game", "period_score", "schedule"):
@@ -245,7 +221,7 @@ class Harness:
             "--spread-s",
             str(spread),
         )
-        day = await self.wait_feed()
+        day = await feed_day(self.settings.feed_url)
         for _ in range(MANAGERS):
             await self.spawn("manager", "manager", role="taskmgr_manager")
         for _ in range(RUNNERS):
@@ -295,17 +271,6 @@ class Harness:
             except Exception as exc:
                 log(f"seeding failed ({exc}); again")
                 await asyncio.sleep(1)
-
-    async def wait_feed(self) -> Any:
-        from datetime import date
-
-        async with httpx.AsyncClient() as client, asyncio.timeout(20):
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    r = await client.get(f"{self.settings.feed_url}/")
-                    if r.status_code == 200:
-                        return date.fromisoformat(r.json()["day"])
-                await asyncio.sleep(0.2)
 
     async def truth(self) -> dict[str, Any]:
         async with httpx.AsyncClient() as client:

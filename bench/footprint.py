@@ -24,6 +24,7 @@ from bench._common import (
     Procs,
     child_env,
     cpu_seconds,
+    free_port,
     fresh_database,
     log,
     machine,
@@ -31,7 +32,7 @@ from bench._common import (
     rss_mb,
     wait_for,
 )
-from bench.runner import free_port, run_pollers
+from bench.runner import run_pollers
 from taskmgr import broker, store
 from taskmgr.db import make_engine
 from taskmgr.settings import Settings

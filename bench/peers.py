@@ -52,7 +52,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from bench._common import ROOT, Procs, log, new_prefix, percentile, with_db
+from bench._common import ROOT, Procs, fresh_database, log, new_prefix, percentile
+from taskmgr.migrate import with_database
 from taskmgr.settings import Settings
 
 PREFIX = os.environ.get("BENCH_PEER_PREFIX", "benchpeer")
@@ -219,18 +220,12 @@ async def procrastinate_worker(dsn: str) -> None:
 
 
 async def run_procrastinate(settings: Settings, n: int) -> dict[str, Any]:
-    import asyncpg
 
     from taskmgr.migrate import asyncpg_dsn
 
     procs = Procs("dispatch/procrastinate")
-    admin = await asyncpg.connect(asyncpg_dsn(with_db(settings.database_url, "postgres")))
-    try:
-        await admin.execute(f'drop database if exists "{PROC_DB}" with (force)')
-        await admin.execute(f'create database "{PROC_DB}"')
-    finally:
-        await admin.close()
-    dsn = asyncpg_dsn(with_db(settings.database_url, PROC_DB))
+    await fresh_database(settings, PROC_DB, migrated=False)  # the peer's own schema
+    dsn = asyncpg_dsn(with_database(settings.database_url, PROC_DB))
     app = procrastinate_app(dsn)
     out = tempfile.mktemp(prefix="bench-procrastinate-", suffix=".json")
     env = {**os.environ, "BENCH_PEER_OUT": out, "BENCH_PEER_COUNT": str(n), "PYTHONPATH": ROOT}
@@ -279,7 +274,7 @@ APS_DB = "taskmgr_bench_apscheduler"
 
 def aps_url(database_url: str) -> str:
     """The SQLAlchemy URL of the APScheduler database with the sync driver (psycopg2)."""
-    url = with_db(database_url, APS_DB).partition("?")[0]
+    url = with_database(database_url, APS_DB).partition("?")[0]
     return "postgresql+psycopg2://" + url.partition("://")[2]
 
 
@@ -338,17 +333,9 @@ async def aps_worker(url: str) -> None:
 
 
 async def run_apscheduler(settings: Settings, n: int) -> dict[str, Any]:
-    import asyncpg
-
-    from taskmgr.migrate import asyncpg_dsn
 
     procs = Procs("dispatch/apscheduler")
-    admin = await asyncpg.connect(asyncpg_dsn(with_db(settings.database_url, "postgres")))
-    try:
-        await admin.execute(f'drop database if exists "{APS_DB}" with (force)')
-        await admin.execute(f'create database "{APS_DB}"')
-    finally:
-        await admin.close()
+    await fresh_database(settings, APS_DB, migrated=False)  # the peer's own schema
     url = aps_url(settings.database_url)
     out = tempfile.mktemp(prefix="bench-apscheduler-", suffix=".json")
     env = {**os.environ, "BENCH_PEER_OUT": out, "BENCH_PEER_COUNT": str(n), "PYTHONPATH": ROOT}

@@ -41,6 +41,7 @@ from bench._common import (
     Procs,
     child_env,
     cpu_seconds,
+    free_port,
     fresh_database,
     log,
     machine,
@@ -59,14 +60,6 @@ METRIC_RE = re.compile(r"^(\w+)(?:\{([^}]*)\})? ([0-9.e+-]+|NaN|\+Inf)$")
 
 def _log(msg: str) -> None:
     log("runner", msg)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def scrape(client: httpx.AsyncClient, port: int) -> dict[str, Any]:

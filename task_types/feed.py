@@ -977,6 +977,21 @@ async def start_feed(config: FeedConfig, host: str = "127.0.0.1", port: int = 0)
     return RunningFeed(url=f"http://{host}:{bound}", day=server.day, _runner=runner)
 
 
+async def feed_day(url: str, timeout_s: float = 20.0) -> date:
+    """Wait until a feed (started elsewhere) answers at `url`; return the day it plays."""
+    import httpx
+
+    async with httpx.AsyncClient() as client, asyncio.timeout(timeout_s):
+        while True:
+            try:
+                r = await client.get(f"{url}/")
+                if r.status_code == 200:
+                    return date.fromisoformat(r.json()["day"])
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+
+
 def main(config: FeedConfig, host: str = "127.0.0.1", port: int = 8099) -> None:
     """Serve until interrupted (for `taskmgr feed`)."""
 

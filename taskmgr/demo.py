@@ -11,27 +11,25 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import httpx
 from rich.console import Console
 from rich.table import Table
 
+from task_types.feed import feed_day
 from taskmgr import store
 from taskmgr.broker import Consumer, Topology
 from taskmgr.db import make_engine
 from taskmgr.messages import decode_event
-from taskmgr.migrate import asyncpg_dsn, migrate
+from taskmgr.migrate import recreate_database, with_database
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
@@ -58,9 +56,7 @@ class Demo:
     ) -> None:
         self.period_s = period_s
         self.spread_s = spread_s
-        admin = re.sub(r"/[^/]*$", "/postgres", asyncpg_dsn(settings.database_url))
-        self.admin_dsn = admin
-        demo_url = re.sub(r"/[^/]*$", f"/{DEMO_DB}", settings.database_url)
+        demo_url = with_database(settings.database_url, DEMO_DB)
         self.settings = settings.model_copy(
             update={
                 "database_url": demo_url,
@@ -116,27 +112,6 @@ class Demo:
                 console.print(f"[yellow]{name} did not stop in 15 s; killing it[/]")
                 p.kill()
 
-    async def fresh_database(self) -> None:
-        conn = await asyncpg.connect(self.admin_dsn)
-        try:
-            await conn.execute(f'drop database if exists "{DEMO_DB}" with (force)')
-            await conn.execute(f'create database "{DEMO_DB}"')
-        finally:
-            await conn.close()
-        await migrate(self.settings.database_url)
-
-    async def wait_feed(self) -> date:
-        async with httpx.AsyncClient() as client:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        r = await client.get(f"{self.settings.feed_url}/")
-                        if r.status_code == 200:
-                            return date.fromisoformat(r.json()["day"])
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.2)
-
     def on_event(self, routing_key: str, body: bytes) -> None:
         ev = decode_event(body)
         if str(ev.event_id) in self.seen_ids:
@@ -165,13 +140,10 @@ class Demo:
         if ev.event == "game.final":
             self.finals[game] = d
 
-    async def counts(self, service: TaskService) -> dict[State, int]:
-        return await service.counts_by_state()
-
     async def run(self, minutes: float | None) -> int:
         console.rule("[bold]taskmgr live demo")
         console.print(f"database {DEMO_DB} (fresh), RabbitMQ prefix {DEMO_PREFIX}, logs in {self.logdir}")
-        await self.fresh_database()
+        await recreate_database(self.settings.database_url)
         service = TaskService(engine=(engine := make_engine(self.settings.database_url, name="taskmgr-demo")))
         # The accelerated clock: poll the box scores every second.
         await service.update_type("live_game", poll_interval_s=1.0)
@@ -195,7 +167,7 @@ class Demo:
                 "--period-s",
                 str(self.period_s),
             )
-            day = await self.wait_feed()
+            day = await feed_day(self.settings.feed_url)
             console.print(
                 f"simulated feed on {self.settings.feed_url}: {self.games} games per provider, day {day}"
             )
@@ -232,7 +204,7 @@ class Demo:
                             )
                     if time.monotonic() - last >= STATUS_EVERY_S:
                         last = time.monotonic()
-                        counts = await self.counts(service)
+                        counts = await service.counts_by_state()
                         line = "  ".join(
                             f"{s.value.lower()}={counts.get(s, 0)}" for s in State if counts.get(s)
                         )

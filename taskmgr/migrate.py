@@ -67,6 +67,27 @@ async def migrate(database_url: str, sql_dir: Path = SQL_DIR) -> list[str]:
         await conn.close()
 
 
+def with_database(url: str, name: str) -> str:
+    """The same server (and options), another database name."""
+    head, _, tail = url.rpartition("/")
+    query = tail.partition("?")[2]
+    return f"{head}/{name}" + (f"?{query}" if query else "")
+
+
+async def recreate_database(database_url: str, *, migrated: bool = True) -> None:
+    """Drop (with force) and create the database the URL names, then migrate it: for
+    the demo, the benchmarks and the tests, which each work in a database of their own."""
+    name = database_url.rpartition("/")[2].partition("?")[0]
+    admin = await asyncpg.connect(asyncpg_dsn(with_database(database_url, "postgres")))
+    try:
+        await admin.execute(f'drop database if exists "{name}" with (force)')
+        await admin.execute(f'create database "{name}"')
+    finally:
+        await admin.close()
+    if migrated:
+        await migrate(database_url)
+
+
 async def current_version(database_url: str) -> str | None:
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:

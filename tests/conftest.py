@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from taskmgr import broker
 from taskmgr.db import make_engine
-from taskmgr.migrate import asyncpg_dsn, migrate
+from taskmgr.migrate import asyncpg_dsn, recreate_database
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 
@@ -31,14 +31,8 @@ def test_database_url() -> str:
 
 @pytest.fixture(scope="session")
 async def database_url() -> AsyncIterator[str]:
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
-        await admin.execute(f'drop database if exists "{TEST_DB}" with (force)')
-        await admin.execute(f'create database "{TEST_DB}"')
-    finally:
-        await admin.close()
     url = test_database_url()
-    await migrate(url)
+    await recreate_database(url)
     yield url
 
 

@@ -1,9 +1,9 @@
-"""Small helpers for tests that talk to the real services."""
+"""Small helpers for tests that talk to the real services (URL and port helpers are
+shared with the benchmarks: bench/_common.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -11,6 +11,10 @@ from typing import Any
 
 import aio_pika
 
+# Re-exported for the tests: one copy, shared with the benchmarks.
+from bench._common import amqp_as as amqp_as
+from bench._common import as_role as as_role
+from bench._common import free_port as free_port
 from taskmgr.broker import Topology
 from taskmgr.messages import StartBatch, decode_start
 from taskmgr.service import NewTask, TaskService
@@ -99,13 +103,3 @@ async def queue_depth(url: str, queue: str) -> int:
 
 def topology_of(prefix: str) -> Topology:
     return Topology(prefix)
-
-
-def as_role(database_url: str, role: str) -> str:
-    """The database URL for one of the roles of sql/0003 (trust auth here)."""
-    return re.sub(r"//[^@/]*@", f"//{role}@", database_url)
-
-
-def amqp_as(url: str, user: str) -> str:
-    """The broker URL for one of scripts/setup.sh's users (development passwords)."""
-    return re.sub(r"//[^@/]*@", f"//{user}:{user}@", url)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from taskmgr.messages import ServiceReport, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
-from tests.helpers import schedule, wait_for
+from tests.helpers import free_port, schedule, wait_for
 
 pytestmark = [pytest.mark.usefixtures("clean"), pytest.mark.timeout(60)]
 
@@ -51,12 +50,6 @@ class GameHandler(BaseHandler):
 
 
 REGISTRY = Registry({"obs_game": GameHandler(), "noop": NoopHandler()})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
