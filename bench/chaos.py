@@ -88,7 +88,10 @@ class Harness:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
         env.update(
             {
-                "TASKMGR_DATABASE_URL": as_role(self.db_url, role),
+                # Runners hold no database credentials: theirs points nowhere.
+                "TASKMGR_DATABASE_URL": "postgresql+asyncpg://nobody@127.0.0.1:9/none"
+                if role == "taskmgr_runner"
+                else as_role(self.db_url, role),
                 "TASKMGR_AMQP_URL": amqp_as(self.settings.amqp_url, role),
                 "TASKMGR_AMQP_PREFIX": self.prefix,
                 "TASKMGR_FEED_URL": self.settings.feed_url,

@@ -69,7 +69,9 @@ class TaskManager:
         self.dispatcher = Dispatcher(
             engine=engine, publisher=self.publisher, service=self.service, settings=settings, clock=clock
         )
-        self.intake = ProgressIntake(engine=engine, publisher=self.publisher, settings=settings, clock=clock)
+        self.intake = ProgressIntake(
+            engine=engine, publisher=self.publisher, settings=settings, clock=clock, service=self.service
+        )
         self.recovery = Recovery(engine=engine, settings=settings, clock=clock)
         self.retention = Retention(engine=engine, settings=settings, clock=clock)
         self.schedule_cron = ScheduleCron(service=self.service, settings=settings, clock=clock)

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager import metrics
 from taskmgr import store
 from taskmgr.broker import Message, Publisher
+from taskmgr.errors import InvalidInput, TaskTypeNotFound
 from taskmgr.messages import (
     BadMessage,
     Heartbeat,
@@ -32,7 +33,7 @@ from taskmgr.messages import (
     encode,
 )
 from taskmgr.models import CurrentState, State, TaskType, Transition, can_transition
-from taskmgr.service import utcnow
+from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,14 @@ class ProgressIntake:
         publisher: Publisher,
         settings: Settings,
         clock: Callable[[], datetime] = utcnow,
+        service: TaskService | None = None,
     ) -> None:
         self._engine = engine
         self._publisher = publisher
         self._settings = settings
         self._clock = clock
+        # Writes the follow-on tasks and schedule syncs that runners' reports carry.
+        self._service = service or TaskService(engine=engine, clock=clock)
         # Tasks a runner's heartbeat no longer listed, and since when: declared lost
         # only when still missing two heartbeats later (a final report may be in flight).
         self._missing: dict[uuid.UUID, datetime] = {}
@@ -201,11 +205,15 @@ class ProgressIntake:
                     r.task_id, c.state, r.attempt, "runner", rid, {**detail, "stale": True}, applied=False
                 ),
             )
-            if r.status in ("running", "poll_error"):
+            if r.status in ("running", "progress", "poll_error"):
                 batch.stops.append((rid, Stop(task_id=r.task_id, attempt=r.attempt, reason="stale attempt")))
             return
         tt = batch.types.get(c.type)
-        if r.status == "running":
+        if r.follow_ons or r.sync is not None:
+            await self._follow_ons(conn, batch, c, r, rid)
+        if r.status == "progress":
+            pass  # it carried only follow-ons
+        elif r.status == "running":
             if c.state is State.STARTED:
                 self._add(batch, Transition(r.task_id, State.RUNNING, r.attempt, "runner", rid, detail))
         elif r.status == "poll_error":
@@ -243,6 +251,29 @@ class ProgressIntake:
                 batch,
                 Transition(r.task_id, State.RETRYING, r.attempt, "runner", rid, detail, run_at=batch.now),
             )
+
+    async def _follow_ons(self, conn: Any, batch: _Batch, c: CurrentState, r: Report, rid: str) -> None:
+        """Write what the handler asked for, in this transaction: the follow-on tasks
+        (dedup keys scoped to the parent: a report delivered twice writes them once) and
+        the schedule sync. A follow-on the task types refuse (a bad payload, an unknown
+        type) is recorded on the parent and changes nothing (a savepoint undoes a sync
+        half written); the report itself still applies."""
+        parent = {"task_id": c.task_id, "root_task_id": c.root_id}
+        created = 0
+        try:
+            async with conn.begin_nested():
+                if r.follow_ons:
+                    done = await self._service.schedule_follow_ons(conn, parent, r.follow_ons, batch.now)
+                    created += sum(1 for d in done if d.created)
+                if r.sync is not None:
+                    result = await self._service.sync_children(conn, parent, r.sync.scope, r.sync.follow_ons)
+                    created += result.created
+        except (InvalidInput, TaskTypeNotFound) as exc:
+            detail = {"report": r.status, "follow_ons_refused": str(exc)}
+            self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
+            log.warning("task %s: follow-ons refused: %s", r.task_id, exc)
+            return
+        metrics.FOLLOW_ONS_WRITTEN.inc(created)
 
     def _fail(
         self,

@@ -17,6 +17,9 @@ TASKS = Gauge("taskmgr_tasks", "Tasks by state", ["state"])
 LEADER = Gauge("taskmgr_leader", "1 while this manager holds the leadership")
 PROGRESS = Counter("taskmgr_progress_messages_total", "Progress messages handled", ["kind"])
 DEAD_LETTERED = Counter("taskmgr_dead_lettered_total", "Messages sent to the dead-letter exchange")
+FOLLOW_ONS_WRITTEN = Counter(
+    "taskmgr_follow_ons_written_total", "Follow-on tasks created from runners' reports"
+)
 RECOVERED = Counter("taskmgr_recovered_total", "Tasks dispatched again by recovery", ["reason"])
 
 

@@ -22,5 +22,7 @@ TICK_DRIFT = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
 )
 EVENTS_PUBLISHED = Counter("taskmgr_runner_events_published_total", "Events published (confirmed)")
-FOLLOW_ONS_WRITTEN = Counter("taskmgr_runner_follow_ons_written_total", "Follow-on tasks created")
+FOLLOW_ONS_SENT = Counter(
+    "taskmgr_runner_follow_ons_sent_total", "Follow-on tasks sent to the manager in reports"
+)
 REPORTS_PUBLISHED = Counter("taskmgr_runner_reports_total", "Reports published, by status", ["status"])

@@ -12,17 +12,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from runners import metrics
 from runners.limits import HostLimiter
-from task_types.base import ChildSync, EmittedEvent, Handler, HandlerError, Outcome, PollContext
+from task_types.base import ChildSync, EmittedEvent, FollowOn, Handler, HandlerError, Outcome, PollContext
 from taskmgr.broker import BrokerError, Publisher
 from taskmgr.logs import task_fields
-from taskmgr.messages import Event, ReportStatus, StartOrder, encode
-from taskmgr.service import TaskService
+from taskmgr.messages import Event, FollowOnOrder, ReportStatus, StartOrder, SyncOrder, encode
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,18 @@ class TickStats:
         return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
+class ReportFn(Protocol):
+    def __call__(
+        self,
+        order: StartOrder,
+        status: ReportStatus,
+        detail: dict[str, Any],
+        *,
+        follow_ons: list[FollowOnOrder] | None = None,
+        sync: SyncOrder | None = None,
+    ) -> None: ...
+
+
 @dataclass(frozen=True)
 class PollerDeps:
     """What every poller of a runner shares."""
@@ -70,9 +81,8 @@ class PollerDeps:
     client: httpx.AsyncClient
     limiter: HostLimiter
     publisher: Publisher
-    service: TaskService
     runner_id: str
-    report: Callable[[StartOrder, ReportStatus, dict[str, Any]], None]
+    report: ReportFn
     on_tick: Callable[[Poller], None]
     drift: TickStats
 
@@ -104,7 +114,7 @@ class Poller:
         self.task: asyncio.Task[None] | None = None
         self.running_report: asyncio.Future[None] | None = None  # the "running" report's confirm
         self._interval = order.interval_s
-        self._written: set[str] = set()  # follow-on dedup keys already written
+        self._sent: set[str] = set()  # follow-on dedup keys already sent to the manager
         self._last_sync: ChildSync | None = None
         self._log = task_fields(order.task_id, order.root_task_id, order.attempt, deps.runner_id)
 
@@ -213,13 +223,7 @@ class Poller:
             except BrokerError as exc:
                 return self._failed("publish", str(exc), True)
             metrics.EVENTS_PUBLISHED.inc(len(events))
-        try:
-            await self._write_follow_ons(outcome)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # DB errors, InvalidInput, an unknown type: events stay published
-            log.warning("task %s: follow-on write failed: %s", order.task_id, exc, extra=self._log)
-            return self._failed("follow_on", f"{type(exc).__name__}: {exc}", False)
+        self._send_follow_ons(outcome)
         self.state = dict(outcome.state)
         self._interval = outcome.next_interval_s or order.interval_s
         return self._succeeded("ok", outcome, response)
@@ -254,20 +258,28 @@ class Poller:
             items.append(("events", f"{order.type}.{ev.name}", body, headers, str(event_id)))
         return items
 
-    async def _write_follow_ons(self, outcome: Outcome) -> None:
-        parent = {"task_id": self.order.task_id, "root_task_id": self.order.root_task_id}
-        # Writes are idempotent by dedup key anyway; remembering what this poller wrote
-        # saves a transaction per tick for handlers that repeat their follow-ons.
-        new = [f for f in outcome.follow_ons if f.dedup_key not in self._written]
-        if new:
-            scheduled = await self.deps.service.schedule_follow_ons(parent, new)
-            metrics.FOLLOW_ONS_WRITTEN.inc(sum(1 for s in scheduled if s.created))
-            self._written.update(f.dedup_key for f in new)
-        if outcome.sync is not None and outcome.sync != self._last_sync:
-            sync = outcome.sync
-            result = await self.deps.service.sync_children(parent, sync.scope, sync.follow_ons)
-            metrics.FOLLOW_ONS_WRITTEN.inc(result.created)
-            self._last_sync = outcome.sync
+    def _send_follow_ons(self, outcome: Outcome) -> None:
+        """Hand the handler's follow-ons and schedule sync to the manager in a report
+        (queued before this tick's own reports, so they keep their order): the manager
+        writes them, idempotently by dedup key, in the transaction that applies the
+        report. What this poller sent already is not sent again."""
+        new = [f for f in outcome.follow_ons if f.dedup_key not in self._sent]
+        sync = outcome.sync if outcome.sync is not None and outcome.sync != self._last_sync else None
+        if not new and sync is None:
+            return
+        self.deps.report(
+            self.order,
+            "progress",
+            {"follow_ons": len(new), "sync": sync.scope if sync else None},
+            follow_ons=[_follow_on_order(f) for f in new],
+            sync=SyncOrder(scope=sync.scope, follow_ons=[_follow_on_order(f) for f in sync.follow_ons])
+            if sync
+            else None,
+        )
+        metrics.FOLLOW_ONS_SENT.inc(len(new))
+        self._sent.update(f.dedup_key for f in new)
+        if sync is not None:
+            self._last_sync = sync
 
     # -- results -----------------------------------------------------------------------
 
@@ -317,6 +329,12 @@ class Poller:
         if retry_after is not None:
             backoff = max(backoff or 0.0, min(retry_after, BACKOFF_CAP_S))
         return _Next(backoff_s=backoff)
+
+
+def _follow_on_order(f: FollowOn) -> FollowOnOrder:
+    return FollowOnOrder(
+        type=f.type, payload=dict(f.payload), dedup_key=f.dedup_key, due_at=f.due_at, delay_s=f.delay_s
+    )
 
 
 def _is_timeout(exc: BaseException) -> bool:

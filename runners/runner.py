@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runners import metrics
 from runners.limits import HostLimit, HostLimiter, parse_host_limits
@@ -40,15 +39,16 @@ from taskmgr.broker import BrokerError, Consumer, Publisher, Topology
 from taskmgr.logs import task_fields
 from taskmgr.messages import (
     BadMessage,
+    FollowOnOrder,
     Heartbeat,
     Report,
     ReportStatus,
     StartOrder,
+    SyncOrder,
     decode_start,
     decode_stop,
     encode,
 )
-from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,6 @@ class TaskRunner:
         self,
         *,
         settings: Settings,
-        engine: AsyncEngine,
         registry: Registry,
         runner_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -116,7 +115,6 @@ class TaskRunner:
         self._registry = registry
         self._transport = transport
         self._base_urls = dict(base_urls if base_urls is not None else settings.base_urls())
-        self._service = TaskService(engine=engine)
         self._limiter = HostLimiter(
             HostLimit(settings.host_concurrency, settings.host_rate), parse_host_limits(settings.host_limits)
         )
@@ -159,7 +157,6 @@ class TaskRunner:
                 client=client,
                 limiter=self._limiter,
                 publisher=self._publisher,
-                service=self._service,
                 runner_id=self.runner_id,
                 report=self._poller_report,
                 on_tick=lambda _p: self._notify(),
@@ -424,6 +421,8 @@ class TaskRunner:
         detail: dict[str, Any] | None = None,
         *,
         confirm: bool = False,
+        follow_ons: list[FollowOnOrder] | None = None,
+        sync: SyncOrder | None = None,
     ) -> asyncio.Future[None] | None:
         assert self._reports is not None
         report = Report(
@@ -432,11 +431,21 @@ class TaskRunner:
             status=status,
             at=datetime.now(UTC),
             detail=detail or {},
+            follow_ons=follow_ons or [],
+            sync=sync,
         )
         return self._reports.add(report, confirm=confirm)
 
-    def _poller_report(self, order: StartOrder, status: ReportStatus, detail: dict[str, Any]) -> None:
-        self._report(order, status, detail)
+    def _poller_report(
+        self,
+        order: StartOrder,
+        status: ReportStatus,
+        detail: dict[str, Any],
+        *,
+        follow_ons: list[FollowOnOrder] | None = None,
+        sync: SyncOrder | None = None,
+    ) -> None:
+        self._report(order, status, detail, follow_ons=follow_ons, sync=sync)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -487,10 +496,10 @@ async def _settle(op: Any) -> None:
 
 
 async def run_runner(settings: Settings, stop: asyncio.Event) -> None:
-    """The `taskmgr runner` command: run one TaskRunner until `stop` is set."""
+    """The `taskmgr runner` command: run one TaskRunner until `stop` is set. A runner
+    talks only to RabbitMQ and the APIs: it never opens a database connection (its
+    follow-ons travel in its reports; the start order carries its type's settings)."""
     from prometheus_client import start_http_server
-
-    from taskmgr.db import make_engine
 
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
@@ -499,12 +508,6 @@ async def run_runner(settings: Settings, stop: asyncio.Event) -> None:
     # (which never die) out of the scans.
     gc.freeze()
     gc.set_threshold(*RUNNER_GC_THRESHOLDS)
-    engine = make_engine(settings.database_url, name="taskmgr-runner")
-    try:
-        async with TaskRunner(settings=settings, engine=engine, registry=Registry.default()) as runner:
-            log.info(
-                "runner %s: pool %s, up to %d tasks", runner.runner_id, settings.pool, settings.concurrency
-            )
-            await runner.run(stop)
-    finally:
-        await engine.dispose()
+    async with TaskRunner(settings=settings, registry=Registry.default()) as runner:
+        log.info("runner %s: pool %s, up to %d tasks", runner.runner_id, settings.pool, settings.concurrency)
+        await runner.run(stop)

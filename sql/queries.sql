@@ -311,3 +311,8 @@ where l.locktype = 'advisory' and l.granted and l.classid = :classid and l.objid
 
 -- roots_of --
 select id, root_id from tasks where id = any(cast(:ids as uuid[]));
+
+-- allow_rebuild --
+-- For this transaction only: let rebuild_state move rows to what the history says even
+-- off the state machine's edges (sql/0009's trigger; never for taskmgr_manager).
+select set_config('taskmgr.rebuild', 'on', true);

@@ -50,15 +50,39 @@ class StartBatch(_Message):
     sent_at: datetime
 
 
-ReportStatus = Literal["running", "poll_error", "finished", "failed", "handback", "rejected"]
+ReportStatus = Literal["running", "progress", "poll_error", "finished", "failed", "handback", "rejected"]
+
+
+class FollowOnOrder(_Message):
+    """A task a handler asks for (task_types.base.FollowOn on the wire). The manager
+    writes it, idempotently: the dedup key is scoped to the parent task."""
+
+    type: str = Field(min_length=1)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    dedup_key: str = Field(min_length=1)
+    due_at: datetime | None = None
+    delay_s: float = 0.0
+
+
+class SyncOrder(_Message):
+    """Make the tasks under `scope` exactly `follow_ons` (task_types.base.ChildSync)."""
+
+    scope: str = Field(min_length=1)
+    follow_ons: list[FollowOnOrder] = Field(default_factory=list)
 
 
 class Report(_Message):
+    """One runner report. `follow_ons` and `sync` carry what the handler asked to be
+    scheduled: the manager writes them in the transaction that applies the report (a
+    runner holds no database credentials), for the current attempt only."""
+
     task_id: uuid.UUID
     attempt: int = Field(ge=1)
     status: ReportStatus
     at: datetime
     detail: dict[str, Any] = Field(default_factory=dict)
+    follow_ons: list[FollowOnOrder] = Field(default_factory=list)
+    sync: SyncOrder | None = None
 
 
 class RunnerReports(_Message):
@@ -226,7 +250,8 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
     summaries = {
         "StartBatch": "Start orders for one pool, each (task_id, attempt) handled on its own.",
         "Event": "What a runner's handler observed, for downstream services.",
-        "RunnerReports": "A runner's reports: running, poll_error, finished, failed, handback, rejected.",
+        "RunnerReports": "A runner's reports: running, progress (follow-ons, schedule syncs), poll_error, "
+        "finished, failed, handback, rejected.",
         "Heartbeat": "A runner is alive and holds these (task_id, attempt) pairs.",
         "ServiceReport": "An outside service's own state for a task.",
         "Stop": "Stop polling this task (cancelled, stale attempt).",

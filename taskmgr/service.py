@@ -324,13 +324,18 @@ class TaskService:
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"{where}payload", f"not JSON-serialisable: {exc}") from None
 
-    # -- follow-on tasks and schedule syncs (runners) --------------------------------
+    # -- follow-on tasks and schedule syncs (from runners' reports) ------------------
 
     async def schedule_follow_ons(
-        self, parent: Task | Mapping[str, Any], follow_ons: Sequence[Any], now: datetime | None = None
+        self,
+        conn: Any,
+        parent: Task | Mapping[str, Any],
+        follow_ons: Sequence[Any],
+        now: datetime | None = None,
     ) -> list[Scheduled]:
-        """A handler's follow-on tasks, in their own transaction, idempotent: the dedup
-        key is scoped to the parent, so a repeated poll writes nothing new."""
+        """A handler's follow-on tasks, in the caller's transaction (the manager's, that
+        applies the report carrying them), idempotent: the dedup key is scoped to the
+        parent, so a repeated report writes nothing new."""
         parent_id, root_id = _ids_of(parent)
         now = now or self._clock()
         news = [
@@ -345,56 +350,55 @@ class TaskService:
             )
             for f in follow_ons
         ]
-        async with self.session() as session, session.begin():
-            return await self.schedule_many(session, news)
+        return await self.schedule_many(conn, news)
 
     async def sync_children(
-        self, parent: Task | Mapping[str, Any], scope: str, follow_ons: Sequence[Any]
+        self, conn: Any, parent: Task | Mapping[str, Any], scope: str, follow_ons: Sequence[Any]
     ) -> SyncResult:
-        """Make the tasks under `scope` exactly `follow_ons` (see task_types.base.ChildSync)."""
+        """Make the tasks under `scope` exactly `follow_ons` (see task_types.base.ChildSync),
+        in the caller's transaction."""
         parent_id, root_id = _ids_of(parent)
         now = self._clock()
-        async with self.session() as session, session.begin():
-            existing = {r["dedup_key"]: r for r in await store.sync_scope(session, scope)}
-            wanted: dict[str, Any] = {f"{scope}/{f.dedup_key}": f for f in follow_ons}
-            new, moved, cancels, unchanged = [], 0, [], 0
-            for key, f in wanted.items():
-                due = (f.due_at or now) + timedelta(seconds=f.delay_s)
-                row = existing.get(key)
-                if row is None:
-                    new.append(NewTask(f.type, f.payload, due, key, parent_id, root_id, None, "schedule"))
-                elif row["state"] == State.SCHEDULED and row["due_at"] != due:
-                    await store.move_due(session, row["id"], due, now)
-                    await store.insert_events(
-                        session,
-                        [
-                            Transition(
-                                row["id"],
-                                State.SCHEDULED,
-                                0,
-                                "schedule",
-                                applied=False,
-                                detail={"moved_from": row["due_at"].isoformat(), "due_at": due.isoformat()},
-                            )
-                        ],
-                        now,
-                    )
-                    moved += 1
-                else:
-                    unchanged += 1
-            for key, row in existing.items():
-                if key not in wanted and row["state"] == State.SCHEDULED:
-                    cancels.append(
+        existing = {r["dedup_key"]: r for r in await store.sync_scope(conn, scope)}
+        wanted: dict[str, Any] = {f"{scope}/{f.dedup_key}": f for f in follow_ons}
+        new, moved, cancels, unchanged = [], 0, [], 0
+        for key, f in wanted.items():
+            due = (f.due_at or now) + timedelta(seconds=f.delay_s)
+            row = existing.get(key)
+            if row is None:
+                new.append(NewTask(f.type, f.payload, due, key, parent_id, root_id, None, "schedule"))
+            elif row["state"] == State.SCHEDULED and row["due_at"] != due:
+                await store.move_due(conn, row["id"], due, now)
+                await store.insert_events(
+                    conn,
+                    [
                         Transition(
                             row["id"],
-                            State.CANCELLED,
+                            State.SCHEDULED,
                             0,
                             "schedule",
-                            detail={"reason": "no longer in the schedule (postponed or dropped)"},
+                            applied=False,
+                            detail={"moved_from": row["due_at"].isoformat(), "due_at": due.isoformat()},
                         )
+                    ],
+                    now,
+                )
+                moved += 1
+            else:
+                unchanged += 1
+        for key, row in existing.items():
+            if key not in wanted and row["state"] == State.SCHEDULED:
+                cancels.append(
+                    Transition(
+                        row["id"],
+                        State.CANCELLED,
+                        0,
+                        "schedule",
+                        detail={"reason": "no longer in the schedule (postponed or dropped)"},
                     )
-            await self.schedule_many(session, new)
-            await store.apply_transitions(session, cancels, now, strict=False)
+                )
+        await self.schedule_many(conn, new)
+        await store.apply_transitions(conn, cancels, now, strict=False)
         return SyncResult(len(new), moved, len(cancels), unchanged)
 
     # -- state changes -----------------------------------------------------------------

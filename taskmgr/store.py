@@ -488,7 +488,10 @@ async def next_run_at(conn: Conn) -> datetime | None:
 
 
 async def rebuild_state(conn: Conn) -> int:
-    """Recompute task_state from task_events; returns the rows rewritten."""
+    """Recompute task_state from task_events; returns the rows rewritten. Run by the
+    database owner: the state-machine trigger lets a rebuild jump states, but never for
+    the manager's role."""
+    await _run(conn, "allow_rebuild")
     return int((await _run(conn, "rebuild_state")).rowcount)
 
 

@@ -30,13 +30,20 @@ from tests.helpers import amqp_as, as_role, drain, schedule, start_orders, wait_
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean")]
 
 
+NO_DATABASE = "postgresql+asyncpg://nobody@127.0.0.1:9/none"
+
+
 def env_of(settings: Settings, role: str, **extra: Any) -> dict[str, str]:
     """The environment of a `taskmgr` process running as `role` (its database role and
     RabbitMQ user, sql/0003 and scripts/setup.sh)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
     env.update(
         {
-            "TASKMGR_DATABASE_URL": as_role(settings.database_url, role),
+            # A runner talks only to RabbitMQ: give it a database nobody listens on, so
+            # a connection attempt would fail the test.
+            "TASKMGR_DATABASE_URL": NO_DATABASE
+            if role == "taskmgr_runner"
+            else as_role(settings.database_url, role),
             "TASKMGR_AMQP_URL": amqp_as(settings.amqp_url, role),
             "TASKMGR_AMQP_PREFIX": settings.amqp_prefix,
             "TASKMGR_LOG_LEVEL": "INFO",
@@ -225,6 +232,12 @@ async def test_runner_killed_mid_game_its_games_finish_on_the_other(
             g = truth[ev.data["game_id"]]
             assert (ev.data["home_score"], ev.data["away_score"]) == (g["final"]["home"], g["final"]["away"])
     assert set(finals) == set(truth) and all(len(ids) == 1 for ids in finals.values())
+    # The runners (no database) sent the schedule sync and the period follow-ons in their
+    # reports; the manager wrote them, once each.
+    games = {t.id for t in await service.list_tasks(type="live_game", limit=100)}
+    periods = await service.list_tasks(type="period_score", limit=1000)
+    assert periods and all(p.parent_id in games for p in periods)
+    assert len({p.dedup_key for p in periods}) == len(periods)
 
 
 async def test_sigterm_hands_tasks_back_and_exits_within_10_s(

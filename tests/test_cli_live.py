@@ -110,7 +110,6 @@ async def live(
             out.runner = await stack.enter_async_context(
                 TaskRunner(
                     settings=settings,
-                    engine=engine,
                     registry=Registry.default(),
                     base_urls=base_urls or None,
                 )

@@ -390,6 +390,9 @@ async def test_projection_is_rebuilt_from_the_history(service: TaskService, game
         )
     before = {t: await service.get_task(t) for t in (a, b, c, d)}
     async with engine.begin() as conn:
+        # Corrupting the projection takes the same escape hatch as a rebuild: the
+        # state-machine trigger refuses FINISHED -> FAILED even to the owner.
+        await conn.execute(text("select set_config('taskmgr.rebuild', 'on', true)"))
         await conn.execute(
             text(
                 "update task_state set state = 'FAILED', attempt = 9, failures = 7, runner_id = 'x',"

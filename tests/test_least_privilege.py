@@ -17,6 +17,7 @@ from manager.recovery import Retention
 from taskmgr.broker import Consumer, Publisher, Topology
 from taskmgr.db import make_engine
 from taskmgr.migrate import asyncpg_dsn
+from taskmgr.models import TRANSITIONS, State
 from taskmgr.settings import Settings
 from tests.helpers import amqp_as, as_role, schedule
 
@@ -33,15 +34,27 @@ async def task_id(service) -> uuid.UUID:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("role", "statement"),
     [
-        ("taskmgr_runner", "update task_events set state = 'FINISHED'"),
-        ("taskmgr_runner", "delete from task_events"),
-        ("taskmgr_runner", "update task_types set poll_interval_s = 1"),
-        ("taskmgr_runner", "insert into task_types (name, handler) values ('x', 'noop')"),
-        ("taskmgr_runner", "update tasks set payload = '{}'"),
+        # Runners hold no database credentials: their role may not even read.
+        ("taskmgr_runner", "select * from task_types"),
+        ("taskmgr_runner", "select * from task_state"),
+        (
+            "taskmgr_runner",
+            "insert into tasks (id, type, due_at, root_id)"
+            " values (gen_random_uuid(), 'box', now(), gen_random_uuid())",
+        ),
+        ("taskmgr_runner", "update task_state set state = 'FINISHED'"),
+        (
+            "taskmgr_runner",
+            "insert into task_events (task_id, state, attempt, source)"
+            " values (gen_random_uuid(), 'FINISHED', 1, 'manager')",
+        ),
         ("taskmgr_runner", "select * from task_events"),
         ("taskmgr_manager", "update task_events set state = 'FINISHED'"),
         ("taskmgr_manager", "delete from task_events"),
         ("taskmgr_manager", "update task_types set poll_interval_s = 1"),
+        ("taskmgr_manager", "update taskmgr_policy set min_retention_days = 1"),
+        ("taskmgr_manager", "delete from tasks"),
+        ("taskmgr_reader", "update taskmgr_policy set min_retention_days = 1"),
         (
             "taskmgr_reader",
             "insert into task_events (task_id, state, attempt, source)"
@@ -63,24 +76,86 @@ async def test_history_and_types_are_out_of_reach(
         await conn.close()
 
 
-async def test_runner_role_writes_follow_ons_and_reads_types(database_url: str, service, task_id) -> None:  # type: ignore[no-untyped-def]
-    from task_types.base import FollowOn
-    from taskmgr.service import TaskService
+def _reachable() -> dict[State, set[State]]:
+    """What the state machine can reach from each state, in one step or several."""
+    reach: dict[State, set[State]] = {s: set(TRANSITIONS[s]) for s in State}
+    changed = True
+    while changed:
+        changed = False
+        for s in State:
+            more = set().union(*(TRANSITIONS[t] for t in reach[s])) - reach[s]
+            if more:
+                reach[s] |= more
+                changed = True
+    return reach
 
-    engine = make_engine(as_role(database_url, "taskmgr_runner"))
+
+def _run_at(state: State) -> str:
+    return "now()" if state in (State.SCHEDULED, State.RETRYING) else "null"
+
+
+async def test_task_state_changes_only_as_the_state_machine_allows(database_url: str, task_id) -> None:  # type: ignore[no-untyped-def]
+    """Every pair of states, tried as the manager's role: the database refuses what the
+    state machine cannot reach (a batch may fold several legal steps into one update)."""
+    reach = _reachable()
+    owner = await asyncpg.connect(asyncpg_dsn(database_url))
+    manager = await asyncpg.connect(asyncpg_dsn(as_role(database_url, "taskmgr_manager")))
     try:
-        runner_service = TaskService(engine=engine)
-        done = await runner_service.schedule_follow_ons(
-            {"task_id": task_id, "root_task_id": task_id}, [FollowOn("box", {}, "child-1")]
-        )
-        assert done[0].created
-        again = await runner_service.schedule_follow_ons(
-            {"task_id": task_id, "root_task_id": task_id}, [FollowOn("box", {}, "child-1")]
-        )
-        assert not again[0].created
+        for old in State:
+            for new in set(State) - {old}:
+                async with owner.transaction():  # the owner's escape hatch puts the row in `old`
+                    await owner.execute("select set_config('taskmgr.rebuild', 'on', true)")
+                    await owner.execute(
+                        f"update task_state set state = '{old}', run_at = {_run_at(old)} where task_id = $1",
+                        task_id,
+                    )
+                change = f"update task_state set state = '{new}', run_at = {_run_at(new)} where task_id = $1"
+                if new in reach[old]:
+                    await manager.execute(change, task_id)
+                else:
+                    with pytest.raises(asyncpg.CheckViolationError, match="state machine"):
+                        await manager.execute(change, task_id)
+        # The manager's role cannot take the rebuild escape hatch.
+        async with manager.transaction():
+            await manager.execute("select set_config('taskmgr.rebuild', 'on', true)")
+            with pytest.raises(asyncpg.CheckViolationError, match="state machine"):
+                await manager.execute(
+                    "update task_state set state = 'SCHEDULED', run_at = now() where task_id = $1", task_id
+                )
     finally:
-        await engine.dispose()
-    assert (await service.get_task(done[0].id)).root_id == task_id
+        await owner.close()
+        await manager.close()
+
+
+async def test_retention_never_drops_history_newer_than_the_floor(database_url: str, engine, task_id) -> None:  # type: ignore[no-untyped-def]
+    """The manager's role asks for everything older than now: only chunks older than the
+    owner's floor (taskmgr_policy.min_retention_days, 30) go."""
+    async with engine.begin() as conn:
+        for days in (2, 40):
+            await conn.execute(
+                text(
+                    "insert into task_events (time, task_id, state, attempt, source)"
+                    " values (now() - make_interval(days => :d), :t, 'SCHEDULED', 0, 'test')"
+                ),
+                {"t": task_id, "d": days},
+            )
+    conn = await asyncpg.connect(asyncpg_dsn(as_role(database_url, "taskmgr_manager")))
+    try:
+        assert await conn.fetchval("select taskmgr_drop_old_events(now() + interval '1 day')") == 1
+    finally:
+        await conn.close()
+    async with engine.connect() as conn:
+        ages = (
+            (
+                await conn.execute(
+                    text("select extract(day from now() - time)::int from task_events where task_id = :t"),
+                    {"t": task_id},
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert 2 in ages and 40 not in ages
 
 
 async def test_manager_role_runs_retention_through_the_function(
@@ -154,8 +229,8 @@ async def test_runner_user_cannot_take_the_managers_queue(settings: Settings, to
 async def test_dispatch_and_polling_run_under_their_roles(
     database_url: str, settings: Settings, service, topology: Topology
 ) -> None:  # type: ignore[no-untyped-def]
-    """A manager as taskmgr_manager and a runner as taskmgr_runner (database and broker)
-    take a task from due to FINISHED."""
+    """A manager as taskmgr_manager (database and broker) and a runner as taskmgr_runner
+    (broker only: it has no database connection) take a task from due to FINISHED."""
     import httpx
 
     from manager.app import TaskManager
@@ -167,7 +242,6 @@ async def test_dispatch_and_polling_run_under_their_roles(
     )
     [tid] = await schedule(service, "ping", 1, due_at=datetime.now(UTC) + timedelta(seconds=0.5))
     m_engine = make_engine(as_role(database_url, "taskmgr_manager"))
-    r_engine = make_engine(as_role(database_url, "taskmgr_runner"))
     transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"ok": True}))
     stop = asyncio.Event()
     try:
@@ -182,7 +256,6 @@ async def test_dispatch_and_polling_run_under_their_roles(
                 settings=settings.model_copy(
                     update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_runner")}
                 ),
-                engine=r_engine,
                 registry=Registry.default(with_entry_points=False),
                 transport=transport,
             ) as r,
@@ -195,4 +268,3 @@ async def test_dispatch_and_polling_run_under_their_roles(
             await asyncio.gather(*runs)
     finally:
         await m_engine.dispose()
-        await r_engine.dispose()

@@ -135,9 +135,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
     api = Gate()
     async with (
         TaskManager(settings=settings, engine=engine) as manager,
-        TaskRunner(
-            settings=settings, engine=engine, registry=REGISTRY, transport=httpx.MockTransport(api)
-        ) as runner,
+        TaskRunner(settings=settings, registry=REGISTRY, transport=httpx.MockTransport(api)) as runner,
     ):
         stop_m, stop_r = asyncio.Event(), asyncio.Event()
         run_m = asyncio.create_task(manager.run(stop_m))
@@ -209,14 +207,17 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
     assert delta(before, after, "taskmgr_runner_reports_total", status="running") == n
     assert delta(before, after, "taskmgr_runner_reports_total", status="finished") == n
     assert delta(before, after, "taskmgr_runner_reports_total", status="poll_error") == 1
-    assert manager.intake_counts.reports == 2 * n + 1
+    # ... and one "progress" report per task, carrying its follow-on to the manager.
+    assert delta(before, after, "taskmgr_runner_reports_total", status="progress") == n
+    assert manager.intake_counts.reports == 3 * n + 1
     assert delta(before, after, "taskmgr_runner_polls_total", host="ok.test", outcome="ok") == n_ok
     assert delta(before, after, "taskmgr_runner_polls_total", host="flaky.test", outcome="http_5xx") == 1
     assert delta(before, after, "taskmgr_runner_polls_total", host="flaky.test", outcome="ok") == 1
     assert delta(before, after, "taskmgr_runner_poll_duration_seconds_count") == n + 1
     assert delta(before, after, "taskmgr_runner_tick_drift_seconds_count") == n + 1
     assert delta(before, after, "taskmgr_runner_events_published_total") == 2 * n
-    assert delta(before, after, "taskmgr_runner_follow_ons_written_total") == n
+    assert delta(before, after, "taskmgr_runner_follow_ons_sent_total") == n
+    assert delta(before, after, "taskmgr_follow_ons_written_total") == n
     assert delta(before, after, "taskmgr_runner_active_pollers") == 0
 
 

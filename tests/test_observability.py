@@ -90,7 +90,6 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
         Publisher(url=settings.amqp_url, topology=_topology(settings)) as pub,
         TaskRunner(
             settings=settings,
-            engine=engine,
             registry=Registry({"noop": NoopHandler()}),
             transport=httpx.MockTransport(api),
             runner_id="runner-logs",
@@ -292,7 +291,7 @@ def test_dashboard_promql_uses_only_registered_metrics(dashboard: dict[str, Any]
         "taskmgr_runner_polls_total",
         "taskmgr_runner_poll_duration_seconds_bucket",
         "taskmgr_runner_events_published_total",
-        "taskmgr_runner_follow_ons_written_total",
+        "taskmgr_follow_ons_written_total",
     ):
         assert name in used, name
 

@@ -78,7 +78,7 @@ async def world(engine, settings: Settings, config: FeedConfig, runners: int = 2
         tasks = [asyncio.create_task(manager.run(stop))]
         for _ in range(runners):
             r = await stack.enter_async_context(
-                TaskRunner(settings=settings, engine=engine, registry=registry, base_urls=feed.base_urls())
+                TaskRunner(settings=settings, registry=registry, base_urls=feed.base_urls())
             )
             tasks.append(asyncio.create_task(r.run(stop)))
         try:
