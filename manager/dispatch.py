@@ -46,6 +46,7 @@ class DispatchCounts:
     next_occurrences: int = 0
     late: int = 0
     relayed: int = 0
+    bad_rules: int = 0  # recurring tasks failed because their rule cannot be evaluated
 
 
 class Dispatcher:
@@ -138,11 +139,30 @@ class Dispatcher:
             # scheduled with a due time already past is late only from its creation.
             late_s = (now - max(r["run_at"], r["created_at"])).total_seconds()
             policy = MisfirePolicy(r["misfire_policy"])
-            rule = recur.parse(r["recurrence"]) if r["recurrence"] else None
-            if rule is not None and state is State.SCHEDULED:
-                nxt = recur.next_occurrence(
-                    rule, occurrence=r["occurrence"], due_at=r["due_at"], now=now, policy=policy
+            try:
+                rule = recur.parse(r["recurrence"]) if r["recurrence"] else None
+                nxt = (
+                    recur.next_occurrence(
+                        rule, occurrence=r["occurrence"], due_at=r["due_at"], now=now, policy=policy
+                    )
+                    if rule is not None and state is State.SCHEDULED
+                    else None
                 )
+            except Exception as exc:  # a rule no clock can keep fails its own task, not the batch
+                transitions.append(
+                    Transition(
+                        tid,
+                        State.FAILED,
+                        r["attempt"],
+                        "manager",
+                        detail={"reason": f"recurrence rule cannot be evaluated: {exc}", "final": True},
+                    )
+                )
+                counts.bad_rules += 1
+                metrics.BAD_RULES.inc()
+                log.error("task %s: recurrence rule failed: %s", tid, exc, extra={"task_id": str(tid)})
+                continue
+            if rule is not None and state is State.SCHEDULED:
                 if nxt is not None:
                     next_rows.append(_next_occurrence_row(r, nxt))
                 behind_s = (now - r["run_at"]).total_seconds()  # the slot missed, by the rule

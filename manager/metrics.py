@@ -20,6 +20,9 @@ DEAD_LETTERED = Counter("taskmgr_dead_lettered_total", "Messages sent to the dea
 FOLLOW_ONS_WRITTEN = Counter(
     "taskmgr_follow_ons_written_total", "Follow-on tasks created from runners' reports"
 )
+BAD_RULES = Counter(
+    "taskmgr_bad_recurrence_rules_total", "Recurring tasks failed at dispatch: their rule cannot be evaluated"
+)
 RECOVERED = Counter("taskmgr_recovered_total", "Tasks dispatched again by recovery", ["reason"])
 
 

@@ -26,9 +26,10 @@ class State(StrEnum):
 TERMINAL = frozenset({State.FINISHED, State.FAILED, State.CANCELLED})
 ACTIVE = frozenset({State.STARTED, State.RUNNING})
 
-# The state machine. FAILED -> RETRYING is an operator's manual retry.
+# The state machine. FAILED -> RETRYING is an operator's manual retry; SCHEDULED ->
+# FAILED is a task that can never start (its recurrence rule cannot be evaluated).
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.SCHEDULED: frozenset({State.STARTED, State.CANCELLED}),
+    State.SCHEDULED: frozenset({State.STARTED, State.CANCELLED, State.FAILED}),
     State.STARTED: frozenset({State.RUNNING, State.RETRYING, State.FINISHED, State.FAILED, State.CANCELLED}),
     State.RUNNING: frozenset({State.RETRYING, State.FINISHED, State.FAILED, State.CANCELLED}),
     State.RETRYING: frozenset({State.STARTED, State.FAILED, State.CANCELLED}),

@@ -17,6 +17,15 @@ from taskmgr.models import MisfirePolicy, Recurrence
 
 _KEYS = {"every_s", "cron", "timezone", "ends_after", "ends_at"}
 
+# An interval rule between these (seconds): a shorter one would spin the manager's loop,
+# a longer one is a typo (a yearly rule is a cron rule).
+MIN_INTERVAL_S = 1.0
+MAX_INTERVAL_S = 366 * 24 * 3600.0
+# A cron rule must fire within this of its first due time (a leap day's rule does; the
+# 30th of February never does).
+CRON_HORIZON = timedelta(days=5 * 366)
+_UTC = ZoneInfo("UTC")
+
 
 def parse(value: Mapping[str, Any] | Recurrence | None) -> Recurrence | None:
     """Check a recurrence given as a dict (the JSON stored on the task)."""
@@ -30,8 +39,15 @@ def parse(value: Mapping[str, Any] | Recurrence | None) -> Recurrence | None:
     every, cron = value.get("every_s"), value.get("cron")
     if (every is None) == (cron is None):
         raise InvalidInput("recurrence", "give exactly one of every_s and cron")
-    if every is not None and (not isinstance(every, int | float) or isinstance(every, bool) or not every > 0):
-        raise InvalidInput("recurrence.every_s", f"must be a positive number of seconds, got {every!r}")
+    if every is not None and (
+        not isinstance(every, int | float)
+        or isinstance(every, bool)
+        or not MIN_INTERVAL_S <= every <= MAX_INTERVAL_S
+    ):
+        raise InvalidInput(
+            "recurrence.every_s",
+            f"must be a number of seconds from {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g}, got {every!r}",
+        )
     tz = value.get("timezone", "UTC")
     try:
         zone = ZoneInfo(str(tz))
@@ -63,6 +79,22 @@ def parse(value: Mapping[str, Any] | Recurrence | None) -> Recurrence | None:
     )
 
 
+def check_fires(rec: Recurrence, due_at: datetime) -> None:
+    """A rule that will fire: `ends_at` after the first due time, and a cron rule with a
+    next fire time within CRON_HORIZON. Raises InvalidInput otherwise."""
+    if rec.ends_at is not None and rec.ends_at <= due_at:
+        raise InvalidInput(
+            "recurrence.ends_at", f"{rec.ends_at.isoformat()} is not after the due time {due_at.isoformat()}"
+        )
+    if rec.cron is not None:
+        nxt = next_after(rec, due_at, horizon=CRON_HORIZON)
+        if nxt is None:
+            raise InvalidInput(
+                "recurrence.cron",
+                f"{rec.cron!r} never fires within {CRON_HORIZON.days // 366} years of {due_at.date()}",
+            )
+
+
 def to_json(rec: Recurrence) -> dict[str, Any]:
     out: dict[str, Any] = {"timezone": rec.timezone}
     if rec.every_s is not None:
@@ -76,11 +108,16 @@ def to_json(rec: Recurrence) -> dict[str, Any]:
     return out
 
 
-def next_after(rec: Recurrence, after: datetime, *, anchor: datetime | None = None) -> datetime:
-    """The first occurrence strictly after `after`. Interval rules keep to the grid of
-    `anchor` (the previous due time) so that lateness does not shift later runs.
-    Cron rules are evaluated in the rule's timezone, so 09:00 stays 09:00 local across
-    DST changes (APScheduler's CronTrigger does the wall-clock arithmetic)."""
+def next_after(
+    rec: Recurrence, after: datetime, *, anchor: datetime | None = None, horizon: timedelta | None = None
+) -> datetime | None:
+    """The first occurrence strictly after `after` (None: a cron rule with no fire time
+    within `horizon`, default CRON_HORIZON). Interval rules keep to the grid of `anchor`
+    (the previous due time) so that lateness does not shift later runs. Cron rules are
+    evaluated on the wall clock of the rule's timezone, so 09:00 stays 09:00 local across
+    DST changes; a wall time that occurs twice (fall back) fires once, at its first
+    occurrence, and one that does not occur (spring forward) fires once, shifted by the
+    gap (02:30 becomes 03:30)."""
     if rec.every_s is not None:
         base = anchor or after
         steps = max(1, math.floor((after - base).total_seconds() / rec.every_s) + 1)
@@ -89,10 +126,26 @@ def next_after(rec: Recurrence, after: datetime, *, anchor: datetime | None = No
             nxt += timedelta(seconds=rec.every_s)
         return nxt
     assert rec.cron is not None
-    trigger = CronTrigger.from_crontab(rec.cron, timezone=ZoneInfo(rec.timezone))
-    fire = trigger.get_next_fire_time(None, after + timedelta(seconds=1))
-    assert fire is not None
-    return fire
+    zone = ZoneInfo(rec.timezone)
+    # APScheduler's own DST handling fires an ambiguous time twice, and then returns the
+    # second one again for every later `after` (a loop). So the rule runs on naive wall
+    # time (as if UTC, which has no DST) and each wall time is placed in the zone here.
+    wall_trigger = CronTrigger.from_crontab(rec.cron, timezone=_UTC)
+    wall = after.astimezone(zone).replace(tzinfo=None)
+    limit = wall + (horizon or CRON_HORIZON)
+    while True:
+        fire = wall_trigger.get_next_fire_time(None, (wall + timedelta(seconds=1)).replace(tzinfo=_UTC))
+        if fire is None:
+            return None
+        wall = fire.replace(tzinfo=None)
+        if wall > limit:
+            return None
+        # fold=0: the first of a repeated wall time; a wall time in a gap resolves with
+        # the offset before the change, i.e. shifted forward by the gap.
+        aware = wall.replace(tzinfo=zone, fold=0)
+        if aware > after:
+            return aware.astimezone(_UTC)
+        # This wall time fired already, before the clocks went back: the next one.
 
 
 def next_occurrence(
@@ -110,6 +163,8 @@ def next_occurrence(
         return None
     after = due_at if policy is MisfirePolicy.CATCH_UP else max(due_at, now)
     nxt = next_after(rec, after, anchor=due_at)
+    if nxt is None:
+        raise InvalidInput("recurrence.cron", f"{rec.cron!r} fires no more")
     if rec.ends_at is not None and nxt > rec.ends_at:
         return None
     return nxt

@@ -43,6 +43,8 @@ WAKEUP_CHANNEL = "taskmgr_wakeup"
 CANCEL_CHANNEL = "taskmgr_cancel"
 # A task due within this of now wakes the manager instead of waiting for its next poll.
 WAKEUP_HORIZON_S = 1.0
+# A payload travels in every start order of its task and in its row: bound it.
+MAX_PAYLOAD_BYTES = 64 * 1024
 
 
 def utcnow() -> datetime:
@@ -244,6 +246,8 @@ class TaskService:
                 raise InvalidInput(f"{where}due_at", f"needs a timezone: {due.isoformat()}")
             try:
                 rec = recur.parse(t.recurrence)
+                if rec is not None:
+                    recur.check_fires(rec, due)
             except InvalidInput as exc:
                 raise InvalidInput(where + exc.field, exc.problem) from None
             if t.dedup_key is not None and not t.dedup_key.strip():
@@ -320,9 +324,13 @@ class TaskService:
             path = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
             raise InvalidInput(f"{where}payload{path}", f"{error.message} (task type {t.name!r})")
         try:
-            json.dumps(dict(payload))
+            size = len(json.dumps(dict(payload), separators=(",", ":")).encode())
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"{where}payload", f"not JSON-serialisable: {exc}") from None
+        if size > MAX_PAYLOAD_BYTES:
+            raise InvalidInput(
+                f"{where}payload", f"{size} bytes of JSON; at most {MAX_PAYLOAD_BYTES} bytes are allowed"
+            )
 
     # -- follow-on tasks and schedule syncs (from runners' reports) ------------------
 

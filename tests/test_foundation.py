@@ -171,6 +171,33 @@ BAD_SCHEDULES = [
         InvalidInput,
         "recurrence",
     ),
+    # Rules no clock can keep: never fires, spins the loop, fires once a geological age.
+    (
+        dict(type="game", payload={"game_id": "1"}, recurrence={"cron": "0 0 30 2 *"}),
+        InvalidInput,
+        "recurrence.cron",
+    ),
+    (
+        dict(type="game", payload={"game_id": "1"}, recurrence={"every_s": 1e-7}),
+        InvalidInput,
+        "recurrence.every_s",
+    ),
+    (
+        dict(type="game", payload={"game_id": "1"}, recurrence={"every_s": 1e13}),
+        InvalidInput,
+        "recurrence.every_s",
+    ),
+    (
+        dict(
+            type="game",
+            payload={"game_id": "1"},
+            recurrence={"every_s": 60, "ends_at": (NOW - timedelta(hours=1)).isoformat()},
+        ),
+        InvalidInput,
+        "recurrence.ends_at",
+    ),
+    # A payload too large to travel in every start order.
+    (dict(type="game", payload={"game_id": "x" * 70_000}), InvalidInput, "payload"),
 ]
 
 

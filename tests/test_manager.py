@@ -518,6 +518,75 @@ async def test_cron_recurrence_keeps_local_time_across_dst(
 
 
 @pytest.mark.parametrize(
+    ("cron", "day", "expected_utc"),
+    [
+        # 01:30 happens twice on the fall-back day: it fires once, the first time (EDT).
+        ("30 1 * * *", (2026, 10, 31), ["2026-10-31T05:30", "2026-11-01T05:30", "2026-11-02T06:30"]),
+        # 02:30 does not happen on the spring-forward day: it fires once, shifted by the
+        # gap (03:30 EDT), and at 02:30 again the day after.
+        ("30 2 * * *", (2026, 3, 7), ["2026-03-07T07:30", "2026-03-08T07:30", "2026-03-09T06:30"]),
+    ],
+)
+def test_cron_rule_fires_once_on_dst_changes(
+    cron: str, day: tuple[int, int, int], expected_utc: list[str]
+) -> None:
+    from taskmgr import recurrence
+    from taskmgr.models import MisfirePolicy
+
+    rule = recurrence.parse({"cron": cron, "timezone": "America/New_York"})
+    assert rule is not None
+    due = datetime(*day, tzinfo=ZoneInfo("America/New_York"))
+    fires = []
+    for _ in range(3):
+        nxt = recurrence.next_occurrence(
+            rule, occurrence=1, due_at=due, now=due, policy=MisfirePolicy.COALESCE
+        )
+        assert nxt is not None and nxt > due, (due, nxt)  # always forward: no loop
+        fires.append(nxt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M"))
+        due = nxt
+    assert fires == expected_utc
+
+
+async def test_a_rule_that_cannot_fire_fails_its_task_not_the_batch(
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
+) -> None:
+    """A rule written past the checks (straight into the table; or a timezone database
+    update) fails its own task at dispatch; the one-off and recurring tasks due in the
+    same poll are dispatched."""
+    clock = Clock(datetime.now(UTC))
+    due = clock.now - timedelta(seconds=1)
+    one_offs = await schedule(service, poll_type, 3, due_at=due)
+    async with service.session() as s, s.begin():
+        good = (await service.schedule(s, poll_type, {}, due_at=due, recurrence={"every_s": 60})).id
+        bad = [
+            (await service.schedule(s, poll_type, {}, due_at=due, recurrence={"every_s": 60})).id
+            for _ in range(2)
+        ]
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("update tasks set recurrence = cast(:r as jsonb) where id = :id"),
+            {"r": '{"cron": "0 0 30 2 *", "timezone": "UTC"}', "id": bad[0]},
+        )
+        await conn.execute(
+            text("update tasks set recurrence = cast(:r as jsonb) where id = :id"),
+            {"r": '{"cron": "0 9 * * *", "timezone": "Mars/Base"}', "id": bad[1]},
+        )
+    counts = await dispatcher(engine, publisher, settings, clock).poll_once()
+    assert (counts.claimed, counts.bad_rules, counts.next_occurrences) == (4, 2, 1)
+    for tid in [*one_offs, good]:
+        assert (await service.get_task(tid)).state == State.STARTED
+    for tid in bad:
+        task = await service.get_task(tid)
+        assert task.state == State.FAILED
+        [failed] = [e for e in await service.history(tid) if e.state == State.FAILED]
+        assert "recurrence rule cannot be evaluated" in failed.detail["reason"]
+
+
+@pytest.mark.parametrize(
     ("policy", "expected_runs", "expected_next_minute"),
     [("coalesce", 1, 11), ("catch_up", 1, 1), ("skip", 0, 11)],
 )
