@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
@@ -78,6 +81,36 @@ class _Batch:
     unknown: list[tuple[bytes, str]] = field(default_factory=list)
 
 
+def _transient(exc: BaseException) -> bool:
+    """A failure of the database or the connection, not of the message: the batch is
+    requeued whole rather than split (every part would fail the same way)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(
+            seen,
+            sa_exc.OperationalError
+            | sa_exc.InterfaceError
+            | sa_exc.TimeoutError
+            | asyncpg.PostgresConnectionError
+            | asyncpg.InterfaceError
+            | asyncpg.exceptions.OperatorInterventionError
+            | asyncpg.exceptions.InsufficientResourcesError
+            | asyncpg.exceptions.ConnectionDoesNotExistError
+            | OSError
+            | TimeoutError
+            | ConnectionError,
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 class ProgressIntake:
     def __init__(
         self,
@@ -100,22 +133,52 @@ class ProgressIntake:
 
     async def handle_messages(self, messages: Sequence[Message]) -> IntakeCounts:
         """Decode, apply in one transaction, then ack. A message that cannot be parsed
-        goes to the dead-letter exchange with the reason; if the transaction fails the
-        batch is requeued whole (applying a report twice changes nothing)."""
+        goes to the dead-letter exchange with the reason. If the transaction fails for
+        the data (not for a lost connection), the batch is split in halves until the
+        message that fails is alone: it is dead-lettered with the reason and the rest is
+        applied once, so one poison message never stalls the queue. If the database or
+        the connection fails, the batch is requeued whole (applying a report twice
+        changes nothing)."""
         counts = IntakeCounts(messages=len(messages))
-        decoded: list[RunnerReports | Heartbeat | ServiceReport] = []
+        decoded: list[tuple[Message, RunnerReports | Heartbeat | ServiceReport]] = []
         for m in messages:
             try:
-                decoded.append(decode_progress(m.body))
+                decoded.append((m, decode_progress(m.body)))
             except BadMessage as exc:
                 await self._dead_letter(m.body, str(exc), counts)
         try:
-            batch = await self.apply(decoded, counts)
+            await self._apply_isolating(decoded, counts)
         except Exception:
             log.exception("progress batch failed; requeueing %d messages", len(messages))
             for m in messages:
                 await m.nack(requeue=True)
             raise
+        for m in messages:
+            await m.ack()
+        return counts
+
+    async def _apply_isolating(
+        self, items: Sequence[tuple[Message, RunnerReports | Heartbeat | ServiceReport]], counts: IntakeCounts
+    ) -> None:
+        if not items:
+            return
+        part = IntakeCounts()
+        try:
+            batch = await self.apply([msg for _, msg in items], part)
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            if len(items) == 1:
+                reason = f"cannot be applied: {_reason(exc)}"
+                log.error("progress message dead-lettered: %s", reason)
+                await self._dead_letter(items[0][0].body, reason, counts)
+                return
+            half = len(items) // 2
+            await self._apply_isolating(items[:half], counts)
+            await self._apply_isolating(items[half:], counts)
+            return
+        for name, value in vars(part).items():
+            setattr(counts, name, getattr(counts, name) + value)
         for body, reason in batch.unknown:
             await self._dead_letter(body, reason, counts)
         for runner_id, stop in batch.stops:
@@ -124,9 +187,6 @@ class ProgressIntake:
                 counts.stops += 1
             except Exception as exc:  # the next heartbeat asks again
                 log.warning("stop for %s not sent: %s", stop.task_id, exc)
-        for m in messages:
-            await m.ack()
-        return counts
 
     async def _dead_letter(self, body: bytes, reason: str, counts: IntakeCounts) -> None:
         await self._publisher.dead_letter(body, reason)
@@ -147,6 +207,7 @@ class ProgressIntake:
                 ids.add(msg.task_id)
             # A heartbeat's tasks are only read (a runner may hold ten thousand): the
             # few that change state are locked when they do.
+        kinds: Counter[str] = Counter()
         async with self._engine.begin() as conn:
             locked = await store.lock_states(conn, ids)
             types: dict[str, TaskType] = {}
@@ -158,20 +219,22 @@ class ProgressIntake:
             for msg in msgs:
                 if isinstance(msg, RunnerReports):
                     counts.reports += len(msg.reports)
-                    metrics.PROGRESS.labels("reports").inc()
+                    kinds["reports"] += 1
                     for report in msg.reports:
                         await self._runner_report(conn, batch, msg, report)
                 elif isinstance(msg, ServiceReport):
                     counts.service_reports += 1
-                    metrics.PROGRESS.labels("service").inc()
+                    kinds["service"] += 1
                     await self._service_report(conn, batch, msg)
                 else:
                     counts.heartbeats += 1
-                    metrics.PROGRESS.labels("heartbeat").inc()
+                    kinds["heartbeat"] += 1
                     counts.lost += await self._heartbeat(conn, batch, msg)
             recorded = await store.apply_transitions(
                 conn, batch.transitions, now, current=locked, strict=False
             )
+        for kind, n in kinds.items():  # counted once applied (a batch split in halves runs again)
+            metrics.PROGRESS.labels(kind).inc(n)
         counts.applied += sum(1 for t in recorded if t.applied)
         counts.stale += sum(1 for t in recorded if t.detail.get("stale"))
         return batch

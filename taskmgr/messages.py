@@ -6,13 +6,73 @@ checks that each model there matches the JSON Schema pydantic generates here.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
 from taskmgr.errors import TaskmgrError
+
+# Bounds on what a message may carry, so that one that decodes also fits the database
+# (int4 columns, text without NUL, jsonb without NaN) and one message cannot be huge.
+INT32_MAX = 2**31 - 1
+MAX_NAME_CHARS = 200  # runner ids, pools, hosts, service names, dedup keys
+MAX_DETAIL_BYTES = 16 * 1024  # a report's detail, as JSON
+MAX_PAYLOAD_BYTES = 64 * 1024  # a follow-on's payload (as TaskService.MAX_PAYLOAD_BYTES)
+MAX_FOLLOW_ONS = 1000  # per report, and per schedule sync
+MAX_DELAY_S = 366 * 24 * 3600.0
+MAX_PROGRESS_BYTES = 16 * 1024 * 1024  # one progress message (500 reports, or 10,000 tasks)
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    return value
+
+
+def _check_json(value: Any, depth: int = 0) -> None:
+    if depth > 32:
+        raise ValueError("nested more than 32 levels deep")
+    if isinstance(value, str):
+        _no_nul(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_nul(k)
+            _check_json(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, depth + 1)
+
+
+def _json_object(limit: int) -> AfterValidator:
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        _check_json(value)
+        try:
+            size = len(json.dumps(value, allow_nan=False, separators=(",", ":")))
+        except ValueError:
+            raise ValueError("NaN or Infinity is not JSON") from None
+        if size > limit:
+            raise ValueError(f"{size} bytes of JSON; at most {limit}")
+        return value
+
+    return AfterValidator(check)
+
+
+Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(_no_nul)]
+Attempt = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Detail = Annotated[dict[str, Any], _json_object(MAX_DETAIL_BYTES)]
+Payload = Annotated[dict[str, Any], _json_object(MAX_PAYLOAD_BYTES)]
 
 
 class BadMessage(TaskmgrError):
@@ -57,18 +117,18 @@ class FollowOnOrder(_Message):
     """A task a handler asks for (task_types.base.FollowOn on the wire). The manager
     writes it, idempotently: the dedup key is scoped to the parent task."""
 
-    type: str = Field(min_length=1)
-    payload: dict[str, Any] = Field(default_factory=dict)
-    dedup_key: str = Field(min_length=1)
-    due_at: datetime | None = None
-    delay_s: float = 0.0
+    type: Annotated[Name, Field(min_length=1)]
+    payload: Payload = Field(default_factory=dict)
+    dedup_key: Annotated[Name, Field(min_length=1)]
+    due_at: AwareDatetime | None = None
+    delay_s: float = Field(0.0, ge=0, le=MAX_DELAY_S)
 
 
 class SyncOrder(_Message):
     """Make the tasks under `scope` exactly `follow_ons` (task_types.base.ChildSync)."""
 
-    scope: str = Field(min_length=1)
-    follow_ons: list[FollowOnOrder] = Field(default_factory=list)
+    scope: Annotated[Name, Field(min_length=1)]
+    follow_ons: list[FollowOnOrder] = Field(default_factory=list, max_length=MAX_FOLLOW_ONS)
 
 
 class Report(_Message):
@@ -77,29 +137,29 @@ class Report(_Message):
     runner holds no database credentials), for the current attempt only."""
 
     task_id: uuid.UUID
-    attempt: int = Field(ge=1)
+    attempt: Attempt
     status: ReportStatus
-    at: datetime
-    detail: dict[str, Any] = Field(default_factory=dict)
-    follow_ons: list[FollowOnOrder] = Field(default_factory=list)
+    at: AwareDatetime
+    detail: Detail = Field(default_factory=dict)
+    follow_ons: list[FollowOnOrder] = Field(default_factory=list, max_length=MAX_FOLLOW_ONS)
     sync: SyncOrder | None = None
 
 
 class RunnerReports(_Message):
     kind: Literal["reports"] = "reports"
-    runner_id: str
-    pool: str
+    runner_id: Name
+    pool: Name
     reports: list[Report] = Field(min_length=1)
 
 
 class Heartbeat(_Message):
     kind: Literal["heartbeat"] = "heartbeat"
-    runner_id: str
-    pool: str
-    host: str = ""
-    pid: int = 0
-    at: datetime
-    tasks: list[tuple[uuid.UUID, int]] = Field(default_factory=list)  # (task id, attempt)
+    runner_id: Name
+    pool: Name
+    host: Name = ""
+    pid: int = Field(0, ge=0, le=INT32_MAX)
+    at: AwareDatetime
+    tasks: list[tuple[uuid.UUID, Attempt]] = Field(default_factory=list)  # (task id, attempt)
     stopping: bool = False
 
 
@@ -107,12 +167,12 @@ class ServiceReport(_Message):
     """An outside service's own progress on a task (seed 001's photo/caption services)."""
 
     kind: Literal["service"] = "service"
-    service: str = Field(min_length=1)
+    service: Annotated[Name, Field(min_length=1)]
     task_id: uuid.UUID
-    attempt: int | None = None  # None: the task's current attempt
+    attempt: Attempt | None = None  # None: the task's current attempt
     state: Literal["RUNNING", "FINISHED", "FAILED"]
-    at: datetime
-    detail: dict[str, Any] = Field(default_factory=dict)
+    at: AwareDatetime
+    detail: Detail = Field(default_factory=dict)
 
 
 Progress = Annotated[RunnerReports | Heartbeat | ServiceReport, Field(discriminator="kind")]
@@ -149,6 +209,8 @@ def encode(message: BaseModel) -> bytes:
 
 
 def decode_progress(body: bytes) -> RunnerReports | Heartbeat | ServiceReport:
+    if len(body) > MAX_PROGRESS_BYTES:
+        raise BadMessage(f"progress message: {len(body)} bytes; at most {MAX_PROGRESS_BYTES}")
     try:
         return _progress.validate_json(body)
     except ValidationError as exc:

@@ -1,0 +1,198 @@
+"""Poison progress messages cost only themselves: a message that cannot be decoded, or
+that decodes but fails in PostgreSQL, is dead-lettered with its reason; the rest of its
+batch is applied once. Real PostgreSQL+TimescaleDB and RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from manager.dispatch import Dispatcher
+from manager.intake import ProgressIntake
+from taskmgr import broker
+from taskmgr.broker import REASON_HEADER, Consumer, Publisher
+from taskmgr.messages import BadMessage, Heartbeat, Report, RunnerReports, decode_progress, encode
+from taskmgr.models import State
+from taskmgr.settings import Settings
+from tests.helpers import schedule
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+NOW = "2026-11-24T12:00:00+00:00"
+
+
+def heartbeat(**changes: Any) -> dict[str, Any]:
+    return {"kind": "heartbeat", "runner_id": "r1", "pool": "default", "at": NOW, "tasks": [], **changes}
+
+
+def report(task_id: str, **changes: Any) -> dict[str, Any]:
+    one = {"task_id": task_id, "attempt": 1, "status": "running", "at": NOW, **changes}
+    return {"kind": "reports", "runner_id": "r1", "pool": "default", "reports": [one]}
+
+
+POISON = {
+    "attempt beyond int32": report(str(uuid.uuid4()), attempt=2**31),
+    "pid beyond int32": heartbeat(pid=2**40),
+    "NUL in detail": report(str(uuid.uuid4()), detail={"error": "bad\u0000byte"}),
+    "NUL in a detail key": report(str(uuid.uuid4()), detail={"e\u0000": 1}),
+    "oversized detail": report(str(uuid.uuid4()), detail={"blob": "x" * 100_000}),
+    "NUL in runner_id": heartbeat(runner_id="r\u00001"),
+    "naive time": heartbeat(at="2026-11-24T12:00:00"),
+    "NaN in detail": report(str(uuid.uuid4()), detail={"x": float("nan")}),
+}
+
+
+@pytest.mark.parametrize("kind", list(POISON))
+def test_poison_is_a_bad_message(kind: str) -> None:
+    with pytest.raises(BadMessage):
+        decode_progress(json.dumps(POISON[kind]).encode())
+
+
+@pytest.fixture
+async def publisher(settings: Settings, topology: broker.Topology):  # type: ignore[no-untyped-def]
+    async with Publisher(url=settings.amqp_url, topology=topology) as pub:
+        yield pub
+
+
+async def take(settings: Settings, publisher: Publisher, bodies: list[bytes], queue: str) -> list[Any]:
+    """Publish these bodies to `queue` through the broker and hand back the deliveries
+    (unacked), as the manager's consumer would."""
+    got: list[broker.Message] = []
+    all_in = asyncio.Event()
+    consumer = Consumer(url=settings.amqp_url, topology=publisher.topology, prefetch=1000, name="poison")
+    await consumer.__aenter__()
+
+    async def on_message(m: broker.Message) -> None:
+        got.append(m)
+        if len(got) == len(bodies):
+            all_in.set()
+
+    await consumer.consume_queue(queue, on_message, durable=True, arguments=publisher.topology.queue_args())
+    for body in bodies:
+        await publisher.publish_progress(body)
+    async with asyncio.timeout(10):
+        await all_in.wait()
+    take.consumers.append(consumer)  # type: ignore[attr-defined]
+    return got
+
+
+take.consumers = []  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+async def _close_consumers() -> Any:
+    yield
+    while take.consumers:  # type: ignore[attr-defined]
+        await take.consumers.pop().__aexit__(None, None, None)  # type: ignore[attr-defined]
+
+
+async def dead_letters(settings: Settings, topology: broker.Topology, n: int) -> list[tuple[bytes, str]]:
+    got: list[tuple[bytes, str]] = []
+    done = asyncio.Event()
+    async with Consumer(url=settings.amqp_url, topology=topology, prefetch=100, name="dead") as c:
+
+        async def on_dead(m: broker.Message) -> None:
+            await m.ack()
+            got.append((m.body, str(m.headers.get(REASON_HEADER))))
+            if len(got) >= n:
+                done.set()
+
+        await c.consume_queue(topology.dead, on_dead, durable=True)
+        async with asyncio.timeout(10):
+            await done.wait()
+        await asyncio.sleep(0.2)  # anything more would arrive now: there must be nothing
+    return got
+
+
+async def queue_depth(settings: Settings, name: str) -> int:
+    import aio_pika
+
+    conn = await aio_pika.connect(settings.amqp_url)
+    try:
+        ch = await conn.channel()
+        q = await ch.declare_queue(name, passive=True)
+        return q.declaration_result.message_count or 0
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def running_tasks(engine, service, publisher, settings: Settings) -> list[uuid.UUID]:  # type: ignore[no-untyped-def]
+    await service.create_type({"name": "p", "handler": "noop"})
+    ids = await schedule(service, "p", 3, due_at=datetime.now(UTC) - timedelta(seconds=1))
+    disp = Dispatcher(engine=engine, publisher=publisher, service=service, settings=settings)
+    assert (await disp.poll_once()).claimed == 3
+    return ids
+
+
+async def test_poison_in_a_batch_is_dead_lettered_and_the_rest_applied_once(
+    engine, service, publisher, settings: Settings, topology: broker.Topology, running_tasks: list[uuid.UUID]
+) -> None:
+    good = [json.dumps(report(str(t))).encode() for t in running_tasks] + [
+        json.dumps(heartbeat(runner_id=f"r{i}", tasks=[[str(t), 1] for t in running_tasks])).encode()
+        for i in range(2)
+    ]
+    poison = [json.dumps(p).encode() for p in POISON.values()]
+    bodies = good[:2] + poison[:4] + good[2:] + poison[4:]
+    messages = await take(settings, publisher, bodies, topology.progress)
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings)
+    counts = await intake.handle_messages(messages)
+    assert counts.dead_lettered == len(POISON)
+    assert (counts.reports, counts.heartbeats) == (3, 2)
+    for tid in running_tasks:
+        assert (await service.get_task(tid)).state == State.RUNNING
+        assert [e.state for e in await service.history(tid)].count(State.RUNNING) == 1
+    dead = await dead_letters(settings, topology, len(POISON))
+    assert sorted(b for b, _ in dead) == sorted(poison)
+    assert all(reason.startswith("progress message:") for _, reason in dead)
+    await asyncio.sleep(0.3)
+    assert await queue_depth(settings, topology.progress) == 0  # all settled, nothing requeued
+
+
+async def test_a_message_that_fails_in_postgresql_is_isolated(
+    engine, service, publisher, settings: Settings, topology: broker.Topology, running_tasks: list[uuid.UUID]
+) -> None:
+    """A heartbeat the models accept but PostgreSQL refuses (a constraint this test adds:
+    a real database error, as an unforeseen one would be) fails only itself: the batch
+    is split until it is alone, it is dead-lettered with the database's reason, and
+    every other message of the batch is applied once."""
+    async with engine.begin() as conn:
+        await conn.execute(text("alter table runners add constraint test_no_evil check (id <> 'evil')"))
+    try:
+        bodies = [
+            encode(
+                RunnerReports(
+                    runner_id="r1",
+                    pool="default",
+                    reports=[Report(task_id=t, attempt=1, status="running", at=datetime.now(UTC))],
+                )
+            )
+            for t in running_tasks
+        ]
+        evil = encode(Heartbeat(runner_id="evil", pool="default", at=datetime.now(UTC)))
+        beats = [
+            encode(Heartbeat(runner_id=f"ok{i}", pool="default", at=datetime.now(UTC))) for i in range(3)
+        ]
+        messages = await take(settings, publisher, [*bodies[:2], evil, *beats, bodies[2]], topology.progress)
+        counts = await ProgressIntake(engine=engine, publisher=publisher, settings=settings).handle_messages(
+            messages
+        )
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("alter table runners drop constraint test_no_evil"))
+    assert counts.dead_lettered == 1 and counts.heartbeats == 3 and counts.reports == 3
+    [(body, reason)] = await dead_letters(settings, topology, 1)
+    assert body == evil and "cannot be applied" in reason and "test_no_evil" in reason
+    for tid in running_tasks:
+        assert [e.state for e in await service.history(tid)].count(State.RUNNING) == 1
+    async with engine.connect() as conn:
+        runners = set((await conn.execute(text("select id from runners"))).scalars())
+    assert runners == {"ok0", "ok1", "ok2"}
+    await asyncio.sleep(0.3)
+    assert await queue_depth(settings, topology.progress) == 0
