@@ -63,8 +63,8 @@ RUNNER_GC_THRESHOLDS = (2_000, 10, 10)
 HTTP_MAX_CONNECTIONS = 20_000
 HTTP_KEEPALIVE_S = 30.0
 USER_AGENT = "taskmgr-runner/0.1"
-# A start message whose reports are not confirmed within this stays unacked (the
-# broker redelivers it; the duplicate makes no second poller).
+# A start message whose reports are not confirmed within this is requeued (the broker
+# redelivers it; the duplicate makes no second poller).
 START_CONFIRM_TIMEOUT_S = 30.0
 # Shutdown: time allowed to publish the handbacks and the last heartbeat.
 SHUTDOWN_PUBLISH_TIMEOUT_S = 4.0
@@ -265,12 +265,18 @@ class TaskRunner:
                 async with asyncio.timeout(START_CONFIRM_TIMEOUT_S):
                     await asyncio.gather(*(asyncio.shield(f) for f in waits))
             except (TimeoutError, BrokerError) as exc:
+                # Settled all the same: an unsettled delivery holds a prefetch slot for
+                # good (a memory alarm longer than this would stop the runner taking
+                # any order). Requeued, it comes back; its orders already registered
+                # here are duplicates then, which start nothing and re-send "running".
                 log.warning(
-                    "runner %s: reports for start message %s not confirmed (%r); leaving it unacked",
+                    "runner %s: reports for start message %s not confirmed (%r); requeueing it",
                     self.runner_id,
                     message.message_id,
                     exc,
                 )
+                await _settle(message.nack(requeue=True))
+                self.counts["start_requeued"] += 1
                 return
             await _settle(message.ack())
             self.counts["start_acked"] += 1

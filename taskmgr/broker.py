@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 REASON_HEADER = "x-taskmgr-reason"
+# Unacked control messages (stops) a runner may hold; they are handled at once.
+CONTROL_PREFETCH = 100
 
 
 class BrokerError(TaskmgrError):
@@ -204,6 +206,7 @@ class Consumer:
         self._name = name
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
+        self._control_channel: AbstractRobustChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
 
     async def __aenter__(self) -> Consumer:
@@ -246,7 +249,14 @@ class Consumer:
         self._consumers.append((queue, await queue.consume(handler)))
 
     async def consume_control(self, runner_id: str, handler: Handler) -> None:
-        queue = await self.channel.declare_queue(
+        """On a channel of its own, with its own QoS: Stop messages never wait behind
+        start orders that fill the work channel's prefetch."""
+        if self._control_channel is None:
+            assert self._conn is not None
+            self._control_channel = await self._conn.channel()  # type: ignore[assignment]
+            assert self._control_channel is not None
+            await self._control_channel.set_qos(prefetch_count=CONTROL_PREFETCH)
+        queue = await self._control_channel.declare_queue(
             self.topology.control_queue(runner_id), exclusive=True, auto_delete=True
         )
         await queue.bind(self.topology.control, routing_key=runner_id)

@@ -388,6 +388,71 @@ async def test_duplicate_start_makes_one_poller_newer_attempt_replaces_stop_stop
         assert manager.statuses(order.task_id) == ["running", "running"]
 
 
+class Gate:
+    """Holds the runner's report publishes (as a broker that stops confirming, during a
+    memory alarm, would) until opened. Wraps the runner's own publish function."""
+
+    def __init__(self, publish: Callable[[bytes], Awaitable[None]]) -> None:
+        self._publish = publish
+        self.open = asyncio.Event()
+
+    async def __call__(self, body: bytes) -> None:
+        await self.open.wait()
+        await self._publish(body)
+
+
+async def test_a_start_message_whose_reports_are_not_confirmed_is_settled_and_the_runner_goes_on(
+    settings: Settings,
+    engine: AsyncEngine,
+    service: TaskService,
+    manager: FakeManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With prefetch 1, an unsettled start message used to block the runner for good."""
+    import runners.runner
+
+    monkeypatch.setattr(runners.runner, "START_CONFIRM_TIMEOUT_S", 0.5)
+    await make_type(service)
+    api = FakeAPI()
+    api.routes["/games/g1"] = scripted({"score": 0})
+    api.routes["/games/g2"] = scripted({"score": 0})
+    first = await order_for(service, "scores", {"host": "api.test", "game": "g1"})
+    second = await order_for(service, "scores", {"host": "api.test", "game": "g2"})
+    async with running(settings, engine, api, concurrency=50, orders_per_message=200) as run:
+        r = run.runner
+        await r.wait_for(lambda: r._prefetch == 1)
+        gate = Gate(r._reports._publish)  # type: ignore[union-attr]
+        r._reports._publish = gate  # type: ignore[union-attr]
+        await manager.start(first)
+        await manager.start(second)
+        await r.wait_for(lambda: r.counts["start_requeued"] >= 1, within_s=5)
+        gate.open.set()  # the alarm ends
+        await r.wait_for(lambda: r.counts["start_acked"] >= 2 and second.task_id in r.active, within_s=10)
+        assert r.counts["pollers_started"] == 2
+
+
+async def test_a_stop_reaches_the_runner_while_start_orders_fill_its_prefetch(
+    settings: Settings, engine: AsyncEngine, service: TaskService, manager: FakeManager
+) -> None:
+    await make_type(service)
+    api = FakeAPI()
+    api.routes["/games/g1"] = scripted({"score": 0})
+    order = await order_for(service, "scores", {"host": "api.test", "game": "g1"})
+    async with running(settings, engine, api, concurrency=50, orders_per_message=200) as run:
+        r = run.runner
+        await r.wait_for(lambda: r._prefetch == 1)
+        gate = Gate(r._reports._publish)  # type: ignore[union-attr]
+        r._reports._publish = gate  # type: ignore[union-attr]
+        await manager.start(order)  # registered, but its message stays unsettled
+        await r.wait_for(lambda: order.task_id in r.active)
+        await manager.publisher.publish_control(
+            r.runner_id, encode(Stop(task_id=order.task_id, attempt=1, reason="cancelled"))
+        )
+        await r.wait_for(lambda: order.task_id not in r.active, within_s=5)
+        assert r.counts["stopped"] == 1
+        gate.open.set()
+
+
 # -- failures ----------------------------------------------------------------------------
 
 
@@ -631,9 +696,7 @@ async def test_a_dying_side_coroutine_stops_the_runner_loudly(
     api = FakeAPI()
     api.routes["/games/g1"] = scripted({"score": 0})
     order = await order_for(service, "scores", {"host": "api.test", "game": "g1"})
-    async with TaskRunner(
-        settings=settings, registry=REGISTRY, transport=httpx.MockTransport(api)
-    ) as runner:
+    async with TaskRunner(settings=settings, registry=REGISTRY, transport=httpx.MockTransport(api)) as runner:
         beats = 0
 
         async def heartbeat(*, stopping: bool = False) -> None:
