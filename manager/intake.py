@@ -64,6 +64,7 @@ class IntakeCounts:
     applied: int = 0
     stale: int = 0
     dead_lettered: int = 0
+    rejected: int = 0  # from a sender not allowed to send that kind (dead-lettered too)
     stops: int = 0
     lost: int = 0
 
@@ -125,6 +126,7 @@ class ProgressIntake:
         self._publisher = publisher
         self._settings = settings
         self._clock = clock
+        self._senders = settings.senders()
         # Writes the follow-on tasks and schedule syncs that runners' reports carry.
         self._service = service or TaskService(engine=engine, clock=clock)
         # Tasks a runner's heartbeat no longer listed, and since when: declared lost
@@ -143,9 +145,17 @@ class ProgressIntake:
         decoded: list[tuple[Message, RunnerReports | Heartbeat | ServiceReport]] = []
         for m in messages:
             try:
-                decoded.append((m, decode_progress(m.body)))
+                msg = decode_progress(m.body)
             except BadMessage as exc:
                 await self._dead_letter(m.body, str(exc), counts)
+                continue
+            refused = self._refused_sender(m, msg)
+            if refused:
+                await self._dead_letter(m.body, refused, counts)
+                counts.rejected += 1
+                metrics.PROGRESS_REJECTED.labels(msg.kind).inc()
+                continue
+            decoded.append((m, msg))
         try:
             await self._apply_isolating(decoded, counts)
         except Exception:
@@ -156,6 +166,17 @@ class ProgressIntake:
         for m in messages:
             await m.ack()
         return counts
+
+    def _refused_sender(self, m: Message, msg: RunnerReports | Heartbeat | ServiceReport) -> str | None:
+        """Why this message's sender may not send it, or None. The sender is the
+        message's user_id, which RabbitMQ checks against the connection's user: runner
+        reports and heartbeats come from runner users, service reports from service
+        users, and a message without a user_id is not trusted."""
+        allowed = self._senders[msg.kind]
+        if m.user_id in allowed:
+            return None
+        log.warning("progress message refused: %s from user %r", msg.kind, m.user_id)
+        return f"sender {m.user_id!r} may not send {msg.kind} messages"
 
     async def _apply_isolating(
         self, items: Sequence[tuple[Message, RunnerReports | Heartbeat | ServiceReport]], counts: IntakeCounts

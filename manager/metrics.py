@@ -16,6 +16,11 @@ LATE = Counter("taskmgr_late_dispatches_total", "Tasks started later than TASKMG
 TASKS = Gauge("taskmgr_tasks", "Tasks by state", ["state"])
 LEADER = Gauge("taskmgr_leader", "1 while this manager holds the leadership")
 PROGRESS = Counter("taskmgr_progress_messages_total", "Progress messages handled", ["kind"])
+PROGRESS_REJECTED = Counter(
+    "taskmgr_progress_rejected_total",
+    "Progress messages refused: their sender (RabbitMQ user) may not send that kind",
+    ["kind"],
+)
 DEAD_LETTERED = Counter("taskmgr_dead_lettered_total", "Messages sent to the dead-letter exchange")
 FOLLOW_ONS_WRITTEN = Counter(
     "taskmgr_follow_ons_written_total", "Follow-on tasks created from runners' reports"

@@ -139,10 +139,17 @@ class TaskRunner:
         async with AsyncExitStack() as stack:
             name = f"runner-{self.runner_id}"
             self._publisher = await stack.enter_async_context(
-                Publisher(url=s.amqp_url, topology=self.topology, name=name)
+                # The manager declares the exchanges; a runner's user may only use them.
+                Publisher(url=s.amqp_url, topology=self.topology, name=name, declare=False)
             )
             self._consumer = await stack.enter_async_context(
-                Consumer(url=s.amqp_url, topology=self.topology, prefetch=s.prefetch_messages, name=name)
+                Consumer(
+                    url=s.amqp_url,
+                    topology=self.topology,
+                    prefetch=s.prefetch_messages,
+                    name=name,
+                    declare=False,
+                )
             )
             client = httpx.AsyncClient(
                 transport=self._transport or fast_transport(),

@@ -108,17 +108,33 @@ create_database() {
 }
 
 # RabbitMQ users with the least each needs (names are prefix-agnostic: the prefix is a
-# deployment setting). Development passwords equal the user names; set
-# TASKMGR_RABBIT_PASSWORD_<USER> to choose others.
+# deployment setting; P below is the prefix). Each kind of message has an exchange of
+# its own (taskmgr/broker.py Topology), so the write permission on it says who may send
+# it, and nobody may write to the default exchange (amq.default). RabbitMQ's rules:
+# declaring needs configure; queue.bind needs write on the queue and read on the
+# exchange; a queue declared with a dead-letter exchange needs write on it and read on
+# the queue; publishing needs write on the exchange; consuming needs read on the queue.
+#   manager:  declares the topology; publishes start orders (P.start), stops (P.control),
+#             dead letters (P.dlx); consumes P.progress. It may not publish reports.
+#   runner:   declares its pool's start queue and its own control queue (P.control.<id>);
+#             publishes reports (P.reports), events (P.events), dead letters; consumes
+#             its start and control queues. It may not publish start orders or stops.
+#   service:  an outside service: publishes to P.reports only.
+#   consumer: a downstream service: declares, binds (to P.events) and reads its own
+#             queues (server-named amq.gen-*, aio-pika's generated amq_<hex>, or
+#             P.consumer.*); it may publish nowhere.
+# Development passwords equal the user names; set TASKMGR_RABBIT_PASSWORD_<USER> to
+# choose others.
 rabbit_users() {
   local existing
   existing=$(rabbitmqctl -q list_users 2>/dev/null | cut -f1)
   local spec user conf write read
   # user, then the configure, write and read permission patterns (space-separated).
   for spec in \
-    'taskmgr_manager ^[^.]+\..*$ ^([^.]+\..*|amq\.default)$ ^[^.]+\..*$' \
-    'taskmgr_runner ^[^.]+\.(start\..+|control\..+|events|control|progress|dlx|dead)$ ^([^.]+\.(events|control\..+|dlx|dead)|amq\.default)$ ^[^.]+\.(start\..+|control\..+|control|dlx)$' \
-    'taskmgr_consumer ^amq[._].*$ ^amq[._].*$ ^([^.]+\.events|amq[._].*)$'; do
+    'taskmgr_manager ^[^.]+\.(start|start\..+|control|events|reports|dlx|dead|progress)$ ^[^.]+\.(start|start\..+|control|events|dlx|dead|progress)$ ^[^.]+\.(start|start\..+|events|reports|dlx|dead|progress)$' \
+    'taskmgr_runner ^[^.]+\.(start\..+|control\..+)$ ^[^.]+\.(reports|events|dlx|control\..+)$ ^[^.]+\.(start\..+|control|control\..+)$' \
+    'taskmgr_service ^$ ^[^.]+\.reports$ ^$' \
+    'taskmgr_consumer ^(amq\.gen-.*|amq_[0-9a-f]+|[^.]+\.consumer\..+)$ ^(amq\.gen-.*|amq_[0-9a-f]+|[^.]+\.consumer\..+)$ ^([^.]+\.events|amq\.gen-.*|amq_[0-9a-f]+|[^.]+\.consumer\..+)$'; do
     read -r user conf write read <<<"$spec"
     if ! grep -qx "$user" <<<"$existing"; then
       say "creating RabbitMQ user $user"

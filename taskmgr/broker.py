@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
@@ -22,6 +23,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from yarl import URL
 
 from taskmgr.errors import TaskmgrError
 
@@ -39,12 +41,26 @@ class BrokerError(TaskmgrError):
 
 @dataclass(frozen=True)
 class Topology:
-    """Every name, derived from one prefix so that test runs do not collide."""
+    """Every name, derived from one prefix so that test runs do not collide.
+
+    Each kind of message has an exchange of its own, so RabbitMQ's write permission on
+    that exchange says who may send it (nobody needs the default exchange): `start`
+    (manager -> runner pools, routing key = pool), `control` (manager -> one runner),
+    `reports` (runners and outside services -> the manager's `progress` queue), `events`
+    (runners -> downstream services), `dlx` (dead letters)."""
 
     prefix: str = "taskmgr"
 
+    @property
+    def start(self) -> str:
+        return f"{self.prefix}.start"
+
     def start_queue(self, pool: str) -> str:
         return f"{self.prefix}.start.{pool}"
+
+    @property
+    def reports(self) -> str:
+        return f"{self.prefix}.reports"
 
     @property
     def events(self) -> str:
@@ -77,24 +93,71 @@ Message = AbstractIncomingMessage
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
+# A component whose user may not declare the topology (a runner) waits this long for the
+# manager to have declared it, checking every TOPOLOGY_RETRY_S.
+TOPOLOGY_WAIT_S = 120.0
+TOPOLOGY_RETRY_S = 0.5
+
+
 async def _declare_common(channel: AbstractRobustChannel, topo: Topology) -> dict[str, AbstractExchange]:
     dlx = await channel.declare_exchange(topo.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
     dead = await channel.declare_queue(topo.dead, durable=True)
     await dead.bind(dlx)
     events = await channel.declare_exchange(topo.events, aio_pika.ExchangeType.TOPIC, durable=True)
     control = await channel.declare_exchange(topo.control, aio_pika.ExchangeType.DIRECT, durable=True)
-    await channel.declare_queue(topo.progress, durable=True, arguments=topo.queue_args())
-    return {"dlx": dlx, "events": events, "control": control}
+    start = await channel.declare_exchange(topo.start, aio_pika.ExchangeType.DIRECT, durable=True)
+    reports = await channel.declare_exchange(topo.reports, aio_pika.ExchangeType.FANOUT, durable=True)
+    progress = await channel.declare_queue(topo.progress, durable=True, arguments=topo.queue_args())
+    await progress.bind(reports)
+    return {"dlx": dlx, "events": events, "control": control, "start": start, "reports": reports}
+
+
+async def _existing(
+    conn: AbstractRobustConnection, channel: AbstractRobustChannel, topo: Topology
+) -> dict[str, AbstractExchange]:
+    """The exchanges, without declaring them (which needs configure permission): wait
+    until they exist (the manager declares them), checking on a throwaway channel since
+    a failed passive declare closes its channel."""
+    names = {"dlx": topo.dlx, "events": topo.events, "control": topo.control, "reports": topo.reports}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TOPOLOGY_WAIT_S
+    while True:
+        probe = await conn.channel()
+        try:
+            for name in names.values():
+                await probe.declare_exchange(name, passive=True)
+            break
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            if loop.time() > deadline:
+                missing = sorted(names.values())
+                raise BrokerError(f"the exchanges {missing} do not exist: is a manager running?") from exc
+            log.info("waiting for the manager to declare the exchanges (%s)", exc)
+            await asyncio.sleep(TOPOLOGY_RETRY_S)
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+    return {k: await channel.get_exchange(v, ensure=False) for k, v in names.items()}
+
+
+def amqp_user(url: str) -> str:
+    """The user a connection to `url` authenticates as (RabbitMQ's default: guest)."""
+    return URL(url).user or "guest"
 
 
 class Publisher:
     """Persistent messages with publisher confirms: `publish_*` returns once the broker
     has taken responsibility for the message (or raises BrokerError)."""
 
-    def __init__(self, *, url: str, topology: Topology, name: str = "taskmgr") -> None:
+    def __init__(self, *, url: str, topology: Topology, name: str = "taskmgr", declare: bool = True) -> None:
+        """declare=False: use the exchanges the manager declared, waiting for them (a
+        runner, whose user may not declare them)."""
         self._url = url
         self.topology = topology
         self._name = name
+        self._declare = declare
+        # Every message carries the user it was published as: RabbitMQ refuses a
+        # user_id that is not the connection's, so the receiver can trust it.
+        self.user = amqp_user(url)
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._ex: dict[str, AbstractExchange] = {}
@@ -104,9 +167,16 @@ class Publisher:
         self._conn = await aio_pika.connect_robust(
             self._url, client_properties={"connection_name": f"{self._name}-publish"}
         )
-        self._channel = await self._conn.channel(publisher_confirms=True)  # type: ignore[assignment]
+        # on_return_raises: a mandatory message nobody could route (a start order for a
+        # pool whose queue is gone) fails its publish instead of counting as confirmed.
+        self._channel = await self._conn.channel(  # type: ignore[assignment]
+            publisher_confirms=True, on_return_raises=True
+        )
         assert self._channel is not None
-        self._ex = await _declare_common(self._channel, self.topology)
+        if self._declare:
+            self._ex = await _declare_common(self._channel, self.topology)
+        else:
+            self._ex = await _existing(self._conn, self._channel, self.topology)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -136,6 +206,7 @@ class Publisher:
             content_type="application/json",
             message_id=message_id,
             headers=dict(headers or {}),
+            user_id=self.user,
         )
         try:
             await exchange.publish(msg, routing_key=routing_key, mandatory=mandatory)
@@ -146,20 +217,21 @@ class Publisher:
 
     async def ensure_pool(self, pool: str) -> None:
         if pool not in self._pools:
-            await self.channel.declare_queue(
+            queue = await self.channel.declare_queue(
                 self.topology.start_queue(pool), durable=True, arguments=self.topology.queue_args()
             )
+            await queue.bind(self._ex["start"], routing_key=pool)
             self._pools.add(pool)
 
     async def publish_start(self, pool: str, body: bytes, *, message_id: str) -> None:
+        """Raises BrokerError when the broker cannot route the order to the pool's queue
+        (the order stays in the outbox); the queue is declared again on the next try."""
         await self.ensure_pool(pool)
-        await self._publish(
-            self.channel.default_exchange,
-            self.topology.start_queue(pool),
-            body,
-            message_id=message_id,
-            mandatory=True,
-        )
+        try:
+            await self._publish(self._ex["start"], pool, body, message_id=message_id, mandatory=True)
+        except BrokerError:
+            self._pools.discard(pool)
+            raise
 
     async def publish_many(
         self, items: Sequence[tuple[str, str, bytes, Mapping[str, Any] | None, str]]
@@ -180,7 +252,7 @@ class Publisher:
         await self._publish(self._ex["events"], routing_key, body, message_id=message_id, headers=headers)
 
     async def publish_progress(self, body: bytes) -> None:
-        await self._publish(self.channel.default_exchange, self.topology.progress, body)
+        await self._publish(self._ex["reports"], "", body)
 
     async def publish_control(self, runner_id: str, body: bytes) -> None:
         await self._publish(self._ex["control"], runner_id, body)
@@ -290,7 +362,7 @@ async def delete_names(url: str, topology: Topology, pools: Sequence[str] = ()) 
         ch = await conn.channel()
         for q in [topology.progress, topology.dead, *(topology.start_queue(p) for p in pools)]:
             await ch.queue_delete(q)
-        for ex in [topology.events, topology.control, topology.dlx]:
+        for ex in [topology.events, topology.control, topology.dlx, topology.start, topology.reports]:
             await ch.exchange_delete(ex)
     finally:
         await conn.close()

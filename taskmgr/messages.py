@@ -275,7 +275,9 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
     channels = {
         "start": {
             "address": f"{prefix}.start.{{pool}}",
-            "description": "Durable queue per runner pool. Persistent messages, publisher confirms; runners "
+            "description": f"Durable queue per runner pool, bound to the direct exchange {prefix}.start "
+            "with routing key = pool (only the manager's user may write to it). Persistent messages, "
+            "publisher confirms, mandatory (an unroutable order stays in the outbox); runners "
             "ack after registering and reporting RUNNING for every order.",
             "parameters": {"pool": {"description": "The task type's runner pool."}},
             "messages": {"StartBatch": {"$ref": "#/components/messages/StartBatch"}},
@@ -290,8 +292,11 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
         },
         "progress": {
             "address": f"{prefix}.progress",
-            "description": "Durable queue into the manager: runner reports, heartbeats, outside services' "
-            "reports. Unparseable messages go to the dead-letter exchange.",
+            "description": f"Durable queue into the manager, bound to the fanout exchange {prefix}.reports "
+            "(runner and outside-service users may write to it; nobody to the default exchange): runner "
+            "reports, heartbeats, outside services' reports. Every message carries the publisher's "
+            "user_id, which RabbitMQ validates; the manager refuses a kind its sender may not send. "
+            "Unparseable or refused messages go to the dead-letter exchange.",
             "messages": {
                 n: {"$ref": f"#/components/messages/{n}"}
                 for n in ("RunnerReports", "Heartbeat", "ServiceReport")

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     schedule_lead_s: float = 300.0
     leagues: str = "nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl"  # provider:league pairs
 
+    # Who may send what on the progress queue: RabbitMQ users (the messages' validated
+    # user_id), comma-separated. guest can only connect from localhost (RabbitMQ's
+    # loopback_users), so allowing it serves development and tests only.
+    runner_users: str = "taskmgr_runner,guest"
+    service_users: str = "taskmgr_service,guest"
+
     # Runner.
     pool: str = "default"
     concurrency: int = Field(10000, ge=1, description="pollers per runner process")
@@ -59,6 +65,15 @@ class Settings(BaseSettings):
             name, _, url = item.partition("=")
             urls[name.strip()] = url.strip().rstrip("/")
         return urls
+
+    def senders(self) -> dict[str, frozenset[str]]:
+        """The RabbitMQ users allowed to send each kind of progress message."""
+
+        def names(value: str) -> frozenset[str]:
+            return frozenset(n.strip() for n in value.split(",") if n.strip())
+
+        runners = names(self.runner_users)
+        return {"reports": runners, "heartbeat": runners, "service": names(self.service_users)}
 
     def league_list(self) -> list[tuple[str, str]]:
         pairs = []
