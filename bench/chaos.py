@@ -4,7 +4,9 @@ The simulated feed plays games on an accelerated clock while two managers and th
 runners (running as their least-privilege roles) do the work and this harness injects
 faults at random, from a printed seed so a run can be replayed: SIGKILL of a runner,
 SIGKILL of the leading manager, the services' RabbitMQ connections closed, a PostgreSQL
-restart, and bursts of API 5xx / timeouts / malformed bodies. A consumer records every
+restart, bursts of API 5xx / timeouts / malformed bodies, the leader frozen (SIGSTOP)
+for longer than the leadership bound, poison progress messages and start orders, and a
+RabbitMQ memory alarm that blocks every publisher for 40 s. A consumer records every
 event. At the end the harness checks, against the feed's ground truth:
 
 - every game has exactly one `game.final` event id, with the right final score;
@@ -15,7 +17,11 @@ event. At the end the harness checks, against the feed's ground truth:
   DESIGN's "every change emitted" holds only for changes slower than the poll interval);
 - no game, period or schedule task is left STARTED or RUNNING, and every game task
   FINISHED;
-- no (task, attempt) has two STARTED events.
+- no (task, attempt) has two STARTED events;
+- no runner or manager died but those the harness killed;
+- every dead-lettered message is one the harness made poison;
+- dispatch lateness p99 stays under 10 s outside the windows where no leader could act
+  (a leader killed or frozen, PostgreSQL restarting, publishes blocked by the alarm).
 
 It prints the faults and the invariants as JSON (`ok` false and a non-zero exit when an
 invariant failed).
@@ -25,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -48,11 +56,39 @@ from taskmgr.migrate import recreate_database, with_database
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 
-KINDS = ("runner", "manager", "broker", "postgres", "api")
+KINDS = ("runner", "manager", "broker", "postgres", "api", "freeze", "poison", "alarm")
+# How long the leader stays frozen: longer than the leadership bound (manager/leadership).
+FREEZE_S = 20.0
+# A RabbitMQ memory alarm this long (publishers blocked), longer than a runner's confirm
+# timeout for a start message.
+ALARM_S = 40.0
+# Dispatch lateness the harness holds to, outside windows where no leader could exist.
+LATENESS_P99_S = 10.0
+# After a fault that can leave the cluster leaderless (a leader killed or frozen,
+# PostgreSQL restarted), STARTED events within this are not held to LATENESS_P99_S.
+LEADERLESS_GRACE_S = 25.0
 CHAOS_DB = "taskmgr_chaos"
 RUNNERS = 3
 MANAGERS = 2
 PG_MAJOR = os.environ.get("TASKMGR_PG_MAJOR", "15")
+
+
+def _watermark() -> str:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        float(out)
+    except ValueError:
+        return "0.4"  # RabbitMQ's default, when the setting is not a plain fraction
+    return out
+
+
+def _set_watermark(value: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", value], check=True)
 
 
 def log(msg: str) -> None:
@@ -81,6 +117,12 @@ class Harness:
         self.events: list[tuple[str, Event]] = []
         self.faults: Counter[str] = Counter()
         self.fault_log: list[dict[str, Any]] = []
+        self.killed: set[str] = set()  # processes the harness killed on purpose
+        self.poison: set[bytes] = set()  # bodies the harness made poison
+        self.leaderless: list[tuple[float, float]] = []  # wall-clock windows (epoch s)
+        self.background: set[asyncio.Task[Any]] = set()
+        self.watermark: str | None = None  # RabbitMQ's, before the first alarm
+        self.alarms_on = 0
 
     # -- processes -------------------------------------------------------------------
 
@@ -138,6 +180,7 @@ class Harness:
     async def inject(self, kind: str, engine: Any) -> str:
         if kind == "runner":
             victim = self.rng.choice(self.alive("runner"))
+            self.killed.add(victim)
             self.procs[victim].send_signal(signal.SIGKILL)
             await self.procs[victim].wait()
             await self.spawn("runner", "runner", role="taskmgr_runner")
@@ -147,6 +190,8 @@ class Harness:
             victims = [n for n in self.alive("manager") if self.procs[n].pid == pid] or self.alive("manager")[
                 :1
             ]
+            self.killed.add(victims[0])
+            self.leaderless.append((time.time(), time.time() + LEADERLESS_GRACE_S))
             self.procs[victims[0]].send_signal(signal.SIGKILL)
             await self.procs[victims[0]].wait()
             await self.spawn("manager", "manager", role="taskmgr_manager")
@@ -154,7 +199,17 @@ class Harness:
         if kind == "broker":
             closed = await asyncio.to_thread(self.close_connections)
             return f"closed {closed} RabbitMQ connections"
+        if kind == "freeze":
+            return await self.freeze(engine)
+        if kind == "poison":
+            return await self.send_poison()
+        if kind == "alarm":
+            task = asyncio.create_task(self.alarm())
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+            return f"RabbitMQ memory alarm for {ALARM_S:.0f} s"
         if kind == "postgres":
+            self.leaderless.append((time.time(), time.time() + LEADERLESS_GRACE_S))
             await asyncio.to_thread(
                 subprocess.run,
                 ["pg_ctlcluster", "--skip-systemctl-redirect", PG_MAJOR, "main", "restart"],
@@ -167,6 +222,86 @@ class Harness:
         await asyncio.sleep(self.rng.uniform(2, 5))
         await self.set_feed_faults({"error_5xx": 0.0, "malformed": 0.0, "timeout": 0.0})
         return f"API faults {rates}"
+
+    async def freeze(self, engine: Any) -> str:
+        """SIGSTOP the leader for longer than the leadership bound, then SIGCONT: a
+        standby must lead meanwhile, and the woken one must not act as leader."""
+        pid = await self.leader_pid(engine)
+        victims = [n for n in self.alive("manager") if self.procs[n].pid == pid]
+        if not victims:
+            return "freeze: no leader to freeze"
+        proc = self.procs[victims[0]]
+        started = time.time()
+        self.leaderless.append((started, started + LEADERLESS_GRACE_S))
+        proc.send_signal(signal.SIGSTOP)
+
+        async def thaw() -> None:
+            await asyncio.sleep(FREEZE_S)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+
+        task = asyncio.create_task(thaw())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return f"SIGSTOP leader {victims[0]} for {FREEZE_S:.0f} s"
+
+    async def send_poison(self) -> str:
+        """Malformed and out-of-range progress messages (as a runner) and start orders (as
+        the manager, the only user that may send them): each must be dead-lettered
+        without stalling anything."""
+        import aio_pika
+
+        now = "2026-11-24T12:00:00+00:00"
+        tid = str(uuid.UUID(int=self.rng.getrandbits(128)))
+
+        def reports(**report: Any) -> bytes:
+            one = {"task_id": tid, "attempt": 1, "status": "running", "at": now, **report}
+            return json.dumps(
+                {"kind": "reports", "runner_id": "r", "pool": "default", "reports": [one]}
+            ).encode()
+
+        progress = [
+            b"{not json",
+            json.dumps(
+                {"kind": "heartbeat", "runner_id": "r", "pool": "default", "at": now, "pid": 2**40}
+            ).encode(),
+            reports(attempt=2**31),
+            reports(detail={"e": "\x00"}),
+        ]
+        starts = [b'{"kind": "start", "orders": "none"}', b"\x00\x01binary"]
+        topo = Topology(self.prefix)
+        sent = 0
+        for user, exchange, key, bodies in (
+            ("taskmgr_runner", topo.reports, "", progress),
+            ("taskmgr_manager", topo.start, "default", starts),
+        ):
+            conn = await aio_pika.connect(amqp_as(self.settings.amqp_url, user))
+            try:
+                ch = await conn.channel(publisher_confirms=True)
+                ex = await ch.get_exchange(exchange, ensure=False)
+                for body in bodies:
+                    self.poison.add(body)
+                    await ex.publish(aio_pika.Message(body, user_id=user), routing_key=key)
+                    sent += 1
+            finally:
+                await conn.close()
+        return f"{sent} poison messages"
+
+    async def alarm(self) -> None:
+        """A memory alarm: every publisher blocks until it clears. Dispatch waits for
+        its publishes, so the window is not held to the lateness bound either."""
+        if self.watermark is None:
+            self.watermark = await asyncio.to_thread(_watermark)
+        started = time.time()
+        self.leaderless.append((started, started + ALARM_S + LEADERLESS_GRACE_S))
+        self.alarms_on += 1
+        await asyncio.to_thread(_set_watermark, "0.000001")
+        try:
+            await asyncio.sleep(ALARM_S)
+        finally:
+            self.alarms_on -= 1
+            if self.alarms_on == 0:  # overlapping alarms: the last one clears it
+                await asyncio.to_thread(_set_watermark, self.watermark)
 
     def close_connections(self) -> int:
         out = subprocess.run(
@@ -257,9 +392,27 @@ class Harness:
                     )
                     log(what)
                 log("faults done; waiting for the games to end")
+                if self.background:  # a thaw or an alarm still under way
+                    await asyncio.gather(*self.background)
                 ended = await self.wait_done(engine, timeout=120 + games * 4 * 5)
-                result = await self.check(engine, service, ended)
+                died = [
+                    n
+                    for n, p in self.procs.items()
+                    if n.split("-")[0] in ("runner", "manager")
+                    and n not in self.killed
+                    and p.returncode is not None
+                ]
+                result = await self.check(engine, service, ended, died)
         finally:
+            for task in list(self.background):
+                task.cancel()
+            await asyncio.gather(*self.background, return_exceptions=True)
+            if self.watermark is not None:  # never leave the broker in an alarm
+                await asyncio.to_thread(_set_watermark, self.watermark)
+            for p in self.procs.values():  # nothing is left frozen
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(signal.SIGCONT)
             await self.stop_all()
             await engine.dispose()
             del feed
@@ -303,9 +456,56 @@ class Harness:
             await asyncio.sleep(1)
         return False
 
-    async def check(self, engine: Any, service: TaskService, ended: bool) -> dict[str, Any]:
+    async def dead_letters(self) -> list[bytes]:
+        """Everything in the dead-letter queue (read as the development user)."""
+        import aio_pika
+
+        bodies: list[bytes] = []
+        conn = await aio_pika.connect(self.settings.amqp_url)
+        try:
+            ch = await conn.channel()
+            queue = await ch.get_queue(Topology(self.prefix).dead, ensure=False)
+            while (m := await queue.get(fail=False, no_ack=True)) is not None:
+                bodies.append(m.body)
+        finally:
+            await conn.close()
+        return bodies
+
+    async def lateness(self, engine: Any) -> tuple[float, int, int]:
+        """p99 dispatch lateness (s) of the starts outside leaderless windows, and how
+        many starts were held to it and how many were not."""
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "select extract(epoch from time) as t, (detail->>'lateness_ms')::float / 1000 as s"
+                        " from task_events where state = 'STARTED' and detail ? 'lateness_ms'"
+                    )
+                )
+            ).all()
+        held = sorted(r.s for r in rows if not any(a <= r.t <= b for a, b in self.leaderless))
+        p99 = held[min(len(held) - 1, int(len(held) * 0.99))] if held else 0.0
+        return p99, len(held), len(rows) - len(held)
+
+    async def check(self, engine: Any, service: TaskService, ended: bool, died: list[str]) -> dict[str, Any]:
         truth = {g["game_id"]: g for g in (await self.truth())["games"]}
         inv: dict[str, dict[str, Any]] = {"all games ended in time": {"ok": ended}}
+        inv["no process died but those the harness killed"] = {"ok": not died, "died": died}
+        dead = await self.dead_letters()
+        unexpected = [b[:200].decode(errors="replace") for b in dead if b not in self.poison]
+        inv["every dead letter is one the harness made poison"] = {
+            "ok": not unexpected,
+            "dead_letters": len(dead),
+            "poison_sent": len(self.poison),
+            "unexpected": unexpected[:5],
+        }
+        p99, held, excused = await self.lateness(engine)
+        inv[f"dispatch lateness p99 under {LATENESS_P99_S:.0f} s outside leaderless windows"] = {
+            "ok": p99 < LATENESS_P99_S,
+            "p99_s": round(p99, 3),
+            "starts": held,
+            "starts_in_leaderless_windows": excused,
+        }
         finals: dict[str, set[Any]] = defaultdict(set)
         wrong_final: list[str] = []
         contents: dict[str, Any] = {}
@@ -395,10 +595,10 @@ class Harness:
 
 
 async def main(
-    settings: Settings, minutes: float = 5.0, seed: int | None = None, kinds: str = ",".join(KINDS)
+    settings: Settings, minutes: float = 5.0, seed: int | None = None, kinds: str = "all"
 ) -> dict[str, Any]:
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000)
-    chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    chosen = KINDS if kinds.strip() == "all" else tuple(k.strip() for k in kinds.split(",") if k.strip())
     unknown = set(chosen) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown fault kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")

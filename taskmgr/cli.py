@@ -994,7 +994,11 @@ _lazy_bench(
 @click.option("--minutes", type=float, default=5.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Replay a run (printed in its output).")
 @click.option(
-    "--kinds", default="runner,manager,broker,postgres,api", show_default=True, help="Fault kinds to inject."
+    "--kinds",
+    default="all",
+    show_default=True,
+    help="Fault kinds to inject, comma-separated, or all: runner, manager, broker, postgres, api, freeze, "
+    "poison, alarm.",
 )
 @click.pass_context
 def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str) -> None:
