@@ -119,6 +119,7 @@ class Harness:
         self.fault_log: list[dict[str, Any]] = []
         self.killed: set[str] = set()  # processes the harness killed on purpose
         self.poison: set[bytes] = set()  # bodies the harness made poison
+        self.poison_sent = 0
         self.leaderless: list[tuple[float, float]] = []  # wall-clock windows (epoch s)
         self.background: set[asyncio.Task[Any]] = set()
         self.watermark: str | None = None  # RabbitMQ's, before the first alarm
@@ -281,6 +282,7 @@ class Harness:
                 ex = await ch.get_exchange(exchange, ensure=False)
                 for body in bodies:
                     self.poison.add(body)
+                    self.poison_sent += 1
                     await ex.publish(aio_pika.Message(body, user_id=user), routing_key=key)
                     sent += 1
             finally:
@@ -478,12 +480,13 @@ class Harness:
             rows = (
                 await conn.execute(
                     text(
-                        "select extract(epoch from time) as t, (detail->>'lateness_ms')::float / 1000 as s"
+                        "select extract(epoch from time) as at,"
+                        " (detail->>'lateness_ms')::float / 1000 as late_s"
                         " from task_events where state = 'STARTED' and detail ? 'lateness_ms'"
                     )
                 )
             ).all()
-        held = sorted(r.s for r in rows if not any(a <= r.t <= b for a, b in self.leaderless))
+        held = sorted(r.late_s for r in rows if not any(a <= r.at <= b for a, b in self.leaderless))
         p99 = held[min(len(held) - 1, int(len(held) * 0.99))] if held else 0.0
         return p99, len(held), len(rows) - len(held)
 
@@ -496,7 +499,7 @@ class Harness:
         inv["every dead letter is one the harness made poison"] = {
             "ok": not unexpected,
             "dead_letters": len(dead),
-            "poison_sent": len(self.poison),
+            "poison_sent": self.poison_sent,
             "unexpected": unexpected[:5],
         }
         p99, held, excused = await self.lateness(engine)
