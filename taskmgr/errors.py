@@ -48,6 +48,15 @@ class SchemaMissing(TaskmgrError):
     pass
 
 
+class MigrationsMissing(TaskmgrError):
+    def __init__(self, where: str) -> None:
+        super().__init__(
+            f"no migrations (NNNN_name.sql) found in {where}: this installation of taskmgr "
+            "lacks its SQL. Install it from a wheel built by `pip wheel .` (which carries sql/ "
+            "as taskmgr/sql) or run it from a checkout."
+        )
+
+
 class TimescaleMissing(TaskmgrError):
     def __init__(self, detail: str) -> None:
         super().__init__(

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
 import asyncpg
 
-from taskmgr.errors import TimescaleMissing
+from taskmgr.errors import MigrationsMissing, TimescaleMissing
+from taskmgr.resources import sql_dir
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = sql_dir()
 MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Migrations from several processes at once take turns on this lock.
 MIGRATION_LOCK_KEY = 0x7A5C_0001
@@ -24,12 +25,13 @@ class Migration:
     sql: str
 
 
-def available(sql_dir: Path = SQL_DIR) -> list[Migration]:
+def available(sql_dir: Traversable = SQL_DIR) -> list[Migration]:
     found = []
-    for path in sorted(sql_dir.glob("*.sql")):
+    files = sql_dir.iterdir() if sql_dir.is_dir() else []
+    for path in sorted(files, key=lambda p: p.name):
         m = MIGRATION_RE.match(path.name)
         if m:
-            found.append(Migration(m.group(1), path.stem, path.read_text()))
+            found.append(Migration(m.group(1), path.name.removesuffix(".sql"), path.read_text()))
     return found
 
 
@@ -38,8 +40,12 @@ def asyncpg_dsn(database_url: str) -> str:
     return re.sub(r"^postgresql\+asyncpg://", "postgresql://", database_url)
 
 
-async def migrate(database_url: str, sql_dir: Path = SQL_DIR) -> list[str]:
-    """Apply the missing migrations; return the versions applied (empty when none)."""
+async def migrate(database_url: str, sql_dir: Traversable = SQL_DIR) -> list[str]:
+    """Apply the missing migrations; return the versions applied (empty when none).
+    Raises MigrationsMissing when it finds no migration at all (an installation without
+    its SQL), before touching the database."""
+    if not available(sql_dir):
+        raise MigrationsMissing(str(sql_dir))
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
 from sqlalchemy import TextClause, text
 
-QUERIES_FILE = Path(__file__).resolve().parent.parent / "sql" / "queries.sql"
+from taskmgr.resources import sql_dir
+
 _NAME = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 
 @cache
-def load(path: Path = QUERIES_FILE) -> dict[str, TextClause]:
-    parts = _NAME.split(path.read_text())
+def load(path: Traversable | None = None) -> dict[str, TextClause]:
+    parts = _NAME.split((path or sql_dir() / "queries.sql").read_text())
     return {name: text(sql.strip()) for name, sql in zip(parts[1::2], parts[2::2], strict=True)}
 
 
