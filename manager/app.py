@@ -236,15 +236,23 @@ class TaskManager:
                 await asyncio.sleep(0.5)  # logged and requeued by handle_messages
 
     def _on_cancel(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        """A STARTED or RUNNING task was cancelled: stop it on its runner, or, when no
+        runner is known yet (STARTED), on every runner of its pool, which remembers the
+        stop and never starts that attempt when its order arrives."""
         data = json.loads(payload)
+        stop = Stop(task_id=data["task_id"], attempt=data["attempt"], reason="cancelled")
         if data.get("runner_id"):
-            stop = Stop(task_id=data["task_id"], attempt=data["attempt"], reason="cancelled")
-            asyncio.get_running_loop().create_task(self._send_stop(data["runner_id"], stop))
+            asyncio.get_running_loop().create_task(self._send_stop(stop, runner_id=data["runner_id"]))
+        elif data.get("pool"):
+            asyncio.get_running_loop().create_task(self._send_stop(stop, pool=data["pool"]))
 
-    async def _send_stop(self, runner_id: str, stop: Stop) -> None:
+    async def _send_stop(self, stop: Stop, *, runner_id: str | None = None, pool: str | None = None) -> None:
         try:
-            await self.publisher.publish_control(runner_id, encode(stop))
-        except Exception as exc:  # the runner's next heartbeat gets the stop instead
+            if runner_id is not None:
+                await self.publisher.publish_control(runner_id, encode(stop))
+            elif pool is not None:
+                await self.publisher.publish_control_pool(pool, encode(stop))
+        except Exception as exc:  # a stale RUNNING report or the next heartbeat gets the stop instead
             log.warning("stop for %s not sent now: %s", stop.task_id, exc)
 
     @staticmethod

@@ -164,7 +164,7 @@ class Dispatcher:
                 continue
             if rule is not None and state is State.SCHEDULED:
                 if nxt is not None:
-                    next_rows.append(_next_occurrence_row(r, nxt))
+                    next_rows.append(recur.next_occurrence_row(r, nxt))
                 behind_s = (now - r["run_at"]).total_seconds()  # the slot missed, by the rule
                 if policy is MisfirePolicy.SKIP and behind_s > r["misfire_grace_s"]:
                     transitions.append(
@@ -280,20 +280,3 @@ def _order(r: Mapping[str, Any], attempt: int, claimed_at: datetime) -> StartOrd
         due_at=r["due_at"],
         claimed_at=claimed_at,
     )
-
-
-def _next_occurrence_row(r: Mapping[str, Any], due_at: datetime) -> dict[str, Any]:
-    new_id = uuid.uuid4()
-    return {
-        "id": new_id,
-        "type": r["type"],
-        "payload": r["payload"],
-        "due_at": due_at,
-        "parent_id": r["task_id"],
-        "root_id": r["root_id"],
-        # The successor of this occurrence: a repeated claim cannot write it twice.
-        "dedup_key": f"{r['task_id']}:next",
-        "recurrence": r["recurrence"],
-        "occurrence": r["occurrence"] + 1,
-        "created_by": "recurrence",
-    }

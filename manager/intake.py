@@ -8,6 +8,7 @@ and changes nothing, and its runner is told to stop that task.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import uuid
@@ -46,6 +47,10 @@ ACTIVE = (State.STARTED, State.RUNNING)
 
 
 _RNG = random.Random()
+# A rejected start order (the runner was full) is due again after 0.5-1 s, doubling per
+# rejection up to 15-30 s.
+REJECT_BACKOFF_BASE_S = 1.0
+REJECT_BACKOFF_MAX_S = 30.0
 
 
 def backoff_s(failures: int, base_s: float, max_s: float, rng: random.Random = _RNG) -> float:
@@ -106,6 +111,21 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
+async def _ack_all(messages: Sequence[Message]) -> None:
+    """One `multiple` ack per channel, on the highest delivery tag: the intake takes
+    deliveries in order and settles each batch before the next, so every earlier
+    delivery of the channel is settled already."""
+    last: dict[int, Message] = {}
+    for m in messages:
+        key = id(m.channel)
+        if key not in last or (m.delivery_tag or 0) > (last[key].delivery_tag or 0):
+            last[key] = m
+    results = await asyncio.gather(*(m.ack(multiple=True) for m in last.values()), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):  # a replaced channel: the broker redelivers
+            log.warning("could not ack progress messages: %r", r)
+
+
 def _reason(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
@@ -163,8 +183,7 @@ class ProgressIntake:
             for m in messages:
                 await m.nack(requeue=True)
             raise
-        for m in messages:
-            await m.ack()
+        await _ack_all(messages)
         return counts
 
     def _refused_sender(self, m: Message, msg: RunnerReports | Heartbeat | ServiceReport) -> str | None:
@@ -227,9 +246,19 @@ class ProgressIntake:
             elif isinstance(msg, ServiceReport):
                 ids.add(msg.task_id)
             # A heartbeat's tasks are only read (a runner may hold ten thousand): the
-            # few that change state are locked when they do.
+            # few it silently dropped are locked with the rest, below.
+        heartbeats = [m for m in msgs if isinstance(m, Heartbeat)]
+        dropped: dict[int, list[uuid.UUID]] = {}
         kinds: Counter[str] = Counter()
         async with self._engine.begin() as conn:
+            # Locks in one order, the same as recovery's: the runners rows first (by id),
+            # then the task_state rows (by id, all at once). A runner's return and its
+            # being declared dead then never deadlock.
+            for h in sorted(heartbeats, key=lambda h: h.runner_id):  # stable: a runner's beats in order
+                await self._record_runner(conn, h, now)
+            for h in heartbeats:
+                dropped[id(h)] = await self._dropped(conn, h)
+                ids.update(dropped[id(h)])
             locked = await store.lock_states(conn, ids)
             types: dict[str, TaskType] = {}
             for name in {c.type for c in locked.values()}:
@@ -250,7 +279,7 @@ class ProgressIntake:
                 else:
                     counts.heartbeats += 1
                     kinds["heartbeat"] += 1
-                    counts.lost += await self._heartbeat(conn, batch, msg)
+                    counts.lost += await self._heartbeat(conn, batch, msg, dropped[id(msg)])
             recorded = await store.apply_transitions(
                 conn, batch.transitions, now, current=locked, strict=False
             )
@@ -330,7 +359,26 @@ class ProgressIntake:
                 self._add(batch, Transition(r.task_id, State.FINISHED, r.attempt, "runner", rid, detail))
         elif r.status == "failed":
             self._fail(batch, c, r.attempt, "runner", rid, detail, tt)
-        else:  # handback, rejected: give it to another runner now, not a failure
+        elif r.status == "rejected":
+            # A full runner: due again after a growing delay, or a saturated pool would
+            # churn a new attempt per excess task per second. Not a failure. The count of
+            # attempts that did not fail (attempt - failures) grows with each rejection
+            # and is kept in task_state, so it needs no memory of its own.
+            delay = backoff_s(c.attempt - c.failures, REJECT_BACKOFF_BASE_S, REJECT_BACKOFF_MAX_S)
+            run_at = batch.now + timedelta(seconds=delay)
+            self._add(
+                batch,
+                Transition(
+                    r.task_id,
+                    State.RETRYING,
+                    r.attempt,
+                    "runner",
+                    rid,
+                    {**detail, "retry_at": run_at.isoformat()},
+                    run_at=run_at,
+                ),
+            )
+        else:  # handback: give it to another runner now, not a failure
             self._add(
                 batch,
                 Transition(r.task_id, State.RETRYING, r.attempt, "runner", rid, detail, run_at=batch.now),
@@ -456,10 +504,7 @@ class ProgressIntake:
 
     # -- heartbeats ------------------------------------------------------------------
 
-    async def _heartbeat(self, conn: Any, batch: _Batch, h: Heartbeat) -> int:
-        """Record the runner as alive and compare what it holds with what we think it
-        holds: it is told to stop what is no longer its own; what it silently dropped is
-        dispatched again."""
+    async def _record_runner(self, conn: Any, h: Heartbeat, now: datetime) -> None:
         await store.upsert_runner(
             conn,
             runner_id=h.runner_id,
@@ -467,10 +512,33 @@ class ProgressIntake:
             host=h.host,
             pid=h.pid,
             tasks=len(h.tasks),
-            now=batch.now,
+            now=now,
         )
         if h.stopping:
-            await store.stop_runner(conn, h.runner_id, batch.now)
+            await store.stop_runner(conn, h.runner_id, now)
+
+    async def _dropped(self, conn: Any, h: Heartbeat) -> list[uuid.UUID]:
+        """Tasks we think the runner holds (RUNNING) that its heartbeats stopped listing
+        two heartbeats apart (a final report may be in flight): read, not locked."""
+        held = {t for t, _ in h.tasks}
+        out: list[uuid.UUID] = []
+        grace = timedelta(seconds=2 * self._settings.heartbeat_interval)
+        for row in await store.runner_holdings(conn, h.runner_id):
+            tid = row["task_id"]
+            if tid in held or row["state"] != State.RUNNING or row["changed_at"] > h.at - grace:
+                self._missing.pop(tid, None)
+                continue
+            since = self._missing.setdefault(tid, h.at)
+            if h.at - since < grace:
+                continue
+            self._missing.pop(tid, None)
+            out.append(tid)
+        return out
+
+    async def _heartbeat(self, conn: Any, batch: _Batch, h: Heartbeat, dropped: Sequence[uuid.UUID]) -> int:
+        """Compare what the runner holds with what we think it holds (its runners row is
+        recorded already): it is told to stop what is no longer its own; what it silently
+        dropped (locked with the batch's other rows) is dispatched again."""
         held = dict(h.tasks)
         unread = [t for t in held if t not in batch.cur]
         seen = await store.current_attempts(conn, unread) if unread else {}
@@ -486,20 +554,9 @@ class ProgressIntake:
                     (h.runner_id, Stop(task_id=task_id, attempt=attempt, reason="not this runner's attempt"))
                 )
         lost = 0
-        grace = timedelta(seconds=2 * self._settings.heartbeat_interval)
-        for row in await store.runner_holdings(conn, h.runner_id):
-            tid = row["task_id"]
-            if tid in held or row["state"] != State.RUNNING or row["changed_at"] > h.at - grace:
-                self._missing.pop(tid, None)
-                continue
-            since = self._missing.setdefault(tid, h.at)
-            if h.at - since < grace:
-                continue
-            self._missing.pop(tid, None)
-            if tid not in batch.cur:
-                batch.cur[tid] = batch.locked[tid] = (await store.lock_states(conn, [tid]))[tid]
-            c = batch.cur[tid]
-            if c.state is State.RUNNING and c.runner_id == h.runner_id:
+        for tid in dropped:
+            c = batch.cur.get(tid)
+            if c is not None and c.state is State.RUNNING and c.runner_id == h.runner_id:
                 self._add(
                     batch,
                     Transition(

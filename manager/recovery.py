@@ -40,6 +40,8 @@ class Recovery:
         counts = RecoveryCounts()
         now = self._clock()
         async with self._engine.begin() as conn:
+            # Lock order, as the intake's: runners rows (by id), then task_state rows (by
+            # id); a runner returning while declared dead cannot deadlock the two.
             dead = await store.dead_runners(conn, now - timedelta(seconds=self._settings.runner_dead_after))
             counts.dead_runners = len(dead)
             if dead:

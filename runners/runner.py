@@ -187,7 +187,9 @@ class TaskRunner:
             async with asyncio.TaskGroup() as tg:
                 flusher = tg.create_task(self._reports.run(), name=f"{self.runner_id}-reports")
                 beat = tg.create_task(self._heartbeat_loop(), name=f"{self.runner_id}-heartbeat")
-                await self._consumer.consume_control(self.runner_id, self._on_control)
+                await self._consumer.consume_control(
+                    self.runner_id, self._on_control, pool=self.settings.pool
+                )
                 await self._consumer.consume_start(self.settings.pool, self._on_start)
                 log.info(
                     "runner %s: taking tasks from %s",

@@ -202,9 +202,15 @@ on conflict (id) do update set last_seen = excluded.last_seen, tasks = excluded.
 update runners set stopped_at = :now, last_seen = :now, tasks = 0 where id = :id;
 
 -- dead_runners --
--- Runners whose heartbeats stopped: marked dead once, returned once.
+-- Runners whose heartbeats stopped: marked dead once, returned once. Rows are locked in
+-- id order, as the intake locks them (runners rows first, by id; then task_state rows).
 update runners set dead = true
-where not dead and stopped_at is null and last_seen < :before
+where id in (
+    select id from runners
+    where not dead and stopped_at is null and last_seen < :before
+    order by id
+    for update
+)
 returning id;
 
 -- active_runners --

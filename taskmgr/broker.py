@@ -77,6 +77,12 @@ class Topology:
     def control_queue(self, runner_id: str) -> str:
         return f"{self.prefix}.control.{runner_id}"
 
+    @staticmethod
+    def control_pool_key(pool: str) -> str:
+        """The control exchange's routing key that reaches every runner of a pool (for a
+        stop whose runner is not known yet)."""
+        return f"pool.{pool}"
+
     @property
     def dlx(self) -> str:
         return f"{self.prefix}.dlx"
@@ -257,6 +263,9 @@ class Publisher:
     async def publish_control(self, runner_id: str, body: bytes) -> None:
         await self._publish(self._ex["control"], runner_id, body)
 
+    async def publish_control_pool(self, pool: str, body: bytes) -> None:
+        await self._publish(self._ex["control"], self.topology.control_pool_key(pool), body)
+
     async def dead_letter(self, body: bytes, reason: str, headers: Mapping[str, Any] | None = None) -> None:
         await self._publish(
             self._ex["dlx"], "", body, headers={**(headers or {}), REASON_HEADER: reason[:1000]}
@@ -320,9 +329,10 @@ class Consumer:
         )
         self._consumers.append((queue, await queue.consume(handler)))
 
-    async def consume_control(self, runner_id: str, handler: Handler) -> None:
-        """On a channel of its own, with its own QoS: Stop messages never wait behind
-        start orders that fill the work channel's prefetch."""
+    async def consume_control(self, runner_id: str, handler: Handler, *, pool: str | None = None) -> None:
+        """Stops for this runner, and (with `pool`) those sent to every runner of its pool.
+        On a channel of its own, with its own QoS: Stop messages never wait behind start
+        orders that fill the work channel's prefetch."""
         if self._control_channel is None:
             assert self._conn is not None
             self._control_channel = await self._conn.channel()  # type: ignore[assignment]
@@ -332,6 +342,8 @@ class Consumer:
             self.topology.control_queue(runner_id), exclusive=True, auto_delete=True
         )
         await queue.bind(self.topology.control, routing_key=runner_id)
+        if pool is not None:
+            await queue.bind(self.topology.control, routing_key=self.topology.control_pool_key(pool))
         self._consumers.append((queue, await queue.consume(handler)))
 
     async def consume_events(self, binding: str, handler: Handler, *, queue_name: str = "") -> AbstractQueue:

@@ -263,11 +263,16 @@ def migrate(ctx: click.Context) -> None:
     )
 
 
+class LeaderActive(TaskmgrError):
+    """rebuild-state beside a running leader, which writes task_state meanwhile."""
+
+
 @main.command("rebuild-state")
+@click.option("--force", is_flag=True, help="Rebuild even while a manager leads (it may write meanwhile).")
 @click.pass_context
-def rebuild_state(ctx: click.Context) -> None:
+def rebuild_state(ctx: click.Context, force: bool) -> None:
     """Recompute the current-state projection (task_state) from the task_events history.
-    Run it with the managers stopped."""
+    Run it with the managers stopped: it refuses while one leads, unless --force."""
     from taskmgr import store
     from taskmgr.db import make_engine
 
@@ -275,6 +280,12 @@ def rebuild_state(ctx: click.Context) -> None:
         engine = make_engine(settings_of(ctx).database_url, pool_size=1, name="taskmgr-cli")
         try:
             async with engine.begin() as conn:
+                if not force and await store.leader_present(conn):
+                    leader = await store.leader_name(conn)
+                    raise LeaderActive(
+                        f"a manager leader is active ({leader or 'unnamed'}): stop the managers first, "
+                        "or rebuild anyway with --force; nothing was changed"
+                    )
                 return await store.rebuild_state(conn)
         finally:
             await engine.dispose()
@@ -596,13 +607,19 @@ def tasks_history(ctx: click.Context, task_id: str, output: str) -> None:
 @tasks.command("cancel")
 @click.argument("task_id")
 @click.option("--reason", default="cancelled by an operator")
+@click.option(
+    "--series",
+    is_flag=True,
+    help="A recurring task: end its series (this and every later occurrence). "
+    "Without it only this occurrence is cancelled and the next one still comes.",
+)
 @output_option
 @click.pass_context
-def tasks_cancel(ctx: click.Context, task_id: str, reason: str, output: str) -> None:
+def tasks_cancel(ctx: click.Context, task_id: str, reason: str, series: bool, output: str) -> None:
     """Cancel a task; a running one is stopped on its runner."""
     tid = parse_uuid(task_id)
 
-    emit(call(ctx, lambda svc: svc.cancel(tid, reason=reason)), output, TASK_COLUMNS)
+    emit(call(ctx, lambda svc: svc.cancel(tid, reason=reason, series=series)), output, TASK_COLUMNS)
 
 
 @tasks.command("retry")

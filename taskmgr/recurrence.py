@@ -5,6 +5,7 @@ is written when the current one is dispatched (see manager.dispatch)."""
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -168,3 +169,23 @@ def next_occurrence(
     if rec.ends_at is not None and nxt > rec.ends_at:
         return None
     return nxt
+
+
+def next_occurrence_row(r: Mapping[str, Any], due_at: datetime) -> dict[str, Any]:
+    """The task row of the occurrence after `r` (a claimed row, or any mapping with
+    task_id, type, payload, root_id, recurrence, occurrence), due at `due_at`. Written
+    when `r` is dispatched, or when it is cancelled before (TaskService.cancel)."""
+    new_id = uuid.uuid4()
+    return {
+        "id": new_id,
+        "type": r["type"],
+        "payload": r["payload"],
+        "due_at": due_at,
+        "parent_id": r["task_id"],
+        "root_id": r["root_id"],
+        # The successor of this occurrence: a repeated claim cannot write it twice.
+        "dedup_key": f"{r['task_id']}:next",
+        "recurrence": r["recurrence"],
+        "occurrence": r["occurrence"] + 1,
+        "created_by": "recurrence",
+    }

@@ -29,6 +29,7 @@ from taskmgr.errors import (
     TaskTypeNotFound,
 )
 from taskmgr.models import (
+    CurrentState,
     MisfirePolicy,
     Recurrence,
     Scheduled,
@@ -41,6 +42,9 @@ from taskmgr.models import (
 
 WAKEUP_CHANNEL = "taskmgr_wakeup"
 CANCEL_CHANNEL = "taskmgr_cancel"
+# How many occurrences after a cancelled one `cancel(series=True)` follows at most (a
+# series has one or two occurrences not yet ended: the guard is against a cycle).
+MAX_SERIES_WALK = 1000
 # A task due within this of now wakes the manager instead of waiting for its next poll.
 WAKEUP_HORIZON_S = 1.0
 # A payload travels in every start order of its task and in its row: bound it.
@@ -417,36 +421,93 @@ class TaskService:
         """Append state changes through the state machine (in the caller's transaction)."""
         return await store.apply_transitions(session, transitions, self._clock(), strict=strict)
 
-    async def cancel(self, task_id: uuid.UUID, *, reason: str = "", source: str = "operator") -> Task:
+    async def cancel(
+        self, task_id: uuid.UUID, *, reason: str = "", source: str = "operator", series: bool = False
+    ) -> Task:
         """Record CANCELLED. A due task is never dispatched after this commits; a
-        running one is stopped: the manager hears of it (NOTIFY) and tells its runner."""
+        running one is stopped: the manager hears of it (NOTIFY) and tells its runner.
+
+        A recurring task: cancelling one occurrence cancels that occurrence only. Its
+        successor is written when it is dispatched; one cancelled before that gets its
+        successor written here (the same `<id>:next` row), so the series goes on.
+        series=True ends the series: no successor, and those already written are
+        cancelled too."""
+        now = self._clock()
         async with self.session() as session, session.begin():
             cur = (await store.lock_states(session, [task_id])).get(task_id)
             if cur is None:
                 raise TaskNotFound(task_id)
             if cur.state.terminal:
                 raise IllegalTransition(task_id, cur.state, State.CANCELLED)
-            await store.apply_transitions(
-                session,
-                [
-                    Transition(
-                        task_id,
-                        State.CANCELLED,
-                        cur.attempt,
-                        source,
-                        cur.runner_id,
-                        {"reason": reason or "cancelled"},
-                    )
-                ],
-                self._clock(),
-                current={task_id: cur},
-            )
-            if cur.state in (State.STARTED, State.RUNNING):
-                msg = json.dumps(
-                    {"task_id": str(task_id), "attempt": cur.attempt, "runner_id": cur.runner_id}
-                )
-                await session.execute(text("select pg_notify(:c, :m)"), {"c": CANCEL_CHANNEL, "m": msg})
+            await self._cancel_locked(session, cur, reason or "cancelled", source, now)
+            task = await store.get_task(session, task_id)
+            if task is not None and task.recurrence:
+                if series:
+                    await self._cancel_successors(session, task_id, source, now)
+                elif cur.state is State.SCHEDULED:
+                    await self._write_successor(session, task, now)
         return await self.get_task(task_id)
+
+    async def _cancel_locked(
+        self, session: Any, cur: CurrentState, reason: str, source: str, now: datetime
+    ) -> None:
+        await store.apply_transitions(
+            session,
+            [
+                Transition(
+                    cur.task_id, State.CANCELLED, cur.attempt, source, cur.runner_id, {"reason": reason}
+                )
+            ],
+            now,
+            current={cur.task_id: cur},
+        )
+        if cur.state in (State.STARTED, State.RUNNING):
+            # STARTED: no runner known yet; the stop goes to every runner of the pool.
+            tt = await store.get_type(session, cur.type)
+            msg = json.dumps(
+                {
+                    "task_id": str(cur.task_id),
+                    "attempt": cur.attempt,
+                    "runner_id": cur.runner_id,
+                    "pool": tt.pool if tt is not None else None,
+                }
+            )
+            await session.execute(text("select pg_notify(:c, :m)"), {"c": CANCEL_CHANNEL, "m": msg})
+
+    async def _cancel_successors(self, session: Any, task_id: uuid.UUID, source: str, now: datetime) -> None:
+        """Follow the `<id>:next` chain and cancel every occurrence not yet ended."""
+        key = f"{task_id}:next"
+        for _ in range(MAX_SERIES_WALK):
+            nxt = (await store.ids_by_dedup_key(session, [key])).get(key)
+            if nxt is None:
+                return
+            c = (await store.lock_states(session, [nxt])).get(nxt)
+            if c is not None and not c.state.terminal:
+                await self._cancel_locked(session, c, f"series cancelled with {task_id}", source, now)
+            key = f"{nxt}:next"
+
+    async def _write_successor(self, session: Any, task: Task, now: datetime) -> None:
+        rule = recur.parse(task.recurrence)
+        assert rule is not None
+        tt = await store.get_type(session, task.type)
+        due = recur.next_occurrence(
+            rule,
+            occurrence=task.occurrence,
+            due_at=task.due_at,
+            now=now,
+            policy=tt.misfire_policy if tt is not None else MisfirePolicy.COALESCE,
+        )
+        if due is None:  # the rule has ended
+            return
+        row = {
+            "task_id": task.id,
+            "type": task.type,
+            "payload": task.payload,
+            "root_id": task.root_id,
+            "recurrence": task.recurrence,
+            "occurrence": task.occurrence,
+        }
+        await self.write_rows(session, [recur.next_occurrence_row(row, due)], now)
 
     async def retry(self, task_id: uuid.UUID, *, source: str = "operator") -> Task:
         """An operator's retry of a FAILED task: due again now, failures count reset."""
