@@ -14,7 +14,7 @@ import asyncio
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,7 +25,7 @@ from manager import metrics
 from taskmgr import recurrence as recur
 from taskmgr import store
 from taskmgr.broker import Publisher
-from taskmgr.messages import StartBatch, StartOrder, encode
+from taskmgr.messages import StartOrder
 from taskmgr.models import CurrentState, MisfirePolicy, State, Transition
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # An unsent order younger than this belongs to a dispatch in progress; older ones were
 # left by a crash or a failed publish and the relay sends them.
 RELAY_AFTER_S = 3.0
+# Start orders are packed several to an AMQP message up to this many bytes of JSON (and
+# TASKMGR_ORDERS_PER_MESSAGE orders): payloads may be up to 64 KiB each.
+MAX_START_MESSAGE_BYTES = 256 * 1024
 
 
 @dataclass
@@ -203,29 +206,31 @@ class Dispatcher:
                 await store.mark_sent(conn, sent, self._clock())
 
     async def _publish(self, orders: Sequence[tuple[str, StartOrder]]) -> list[tuple[uuid.UUID, int]]:
-        """Publish orders grouped by pool, several per message, all confirms in flight
-        together. Returns the (task, attempt) pairs the broker confirmed."""
+        """Publish orders grouped by pool, several per message (at most
+        TASKMGR_ORDERS_PER_MESSAGE and MAX_START_MESSAGE_BYTES; an order larger than that
+        goes alone), all confirms in flight together. Returns the (task, attempt) pairs
+        the broker confirmed."""
         by_pool: dict[str, list[StartOrder]] = defaultdict(list)
         for pool, order in orders:
             by_pool[pool].append(order)
         now = self._clock()
-        per = self._settings.orders_per_message
-        batches = [
-            (pool, group[i : i + per]) for pool, group in by_pool.items() for i in range(0, len(group), per)
-        ]
+        sent_at = now.isoformat().encode()
+        batches: list[tuple[str, list[StartOrder], bytes]] = []
+        for pool, group in by_pool.items():
+            for chunk, parts in _chunks(group, self._settings.orders_per_message, MAX_START_MESSAGE_BYTES):
+                # The StartBatch JSON, put together from each order's own encoding (each
+                # order is encoded once, which is what sizing the messages needs).
+                body = b'{"kind":"start","orders":[' + b",".join(parts) + b'],"sent_at":"' + sent_at + b'"}'
+                batches.append((pool, chunk, body))
         results = await asyncio.gather(
             *(
-                self._publisher.publish_start(
-                    pool,
-                    encode(StartBatch.model_construct(orders=chunk, sent_at=now)),
-                    message_id=uuid.uuid4().hex,
-                )
-                for pool, chunk in batches
+                self._publisher.publish_start(pool, body, message_id=uuid.uuid4().hex)
+                for pool, _, body in batches
             ),
             return_exceptions=True,
         )
         sent: list[tuple[uuid.UUID, int]] = []
-        for (_, chunk), result in zip(batches, results, strict=True):
+        for (_, chunk, _), result in zip(batches, results, strict=True):
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError):
                     raise result
@@ -261,6 +266,26 @@ class Dispatcher:
         if sent:
             log.info("relayed %d start orders from the outbox", len(sent))
         return len(sent)
+
+
+def _chunks(
+    orders: Sequence[StartOrder], max_count: int, max_bytes: int
+) -> Iterator[tuple[list[StartOrder], list[bytes]]]:
+    """Consecutive runs of orders with their encodings, each run at most `max_count`
+    orders and (but for a lone order larger than that) `max_bytes` of JSON."""
+    chunk: list[StartOrder] = []
+    parts: list[bytes] = []
+    size = 0
+    for order in orders:
+        part = order.__pydantic_serializer__.to_json(order)
+        if chunk and (len(chunk) >= max_count or size + len(part) + 1 > max_bytes):
+            yield chunk, parts
+            chunk, parts, size = [], [], 0
+        chunk.append(order)
+        parts.append(part)
+        size += len(part) + 1
+    if chunk:
+        yield chunk, parts
 
 
 def _order(r: Mapping[str, Any], attempt: int, claimed_at: datetime) -> StartOrder:

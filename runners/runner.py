@@ -326,8 +326,12 @@ class TaskRunner:
             if parsed.scheme not in ("http", "https") or not parsed.host:
                 raise HandlerError(f"{url!r} is not an http(s) URL")
         except UnknownHandler as exc:
-            self.counts["failed_orders"] += 1
-            return self._report(order, "failed", {"reason": str(exc), "kind": "handler"}, confirm=True)
+            # Not the task's fault: this runner is older or newer than the task type (a
+            # rolling upgrade). Handed back as a rejection, it goes to another runner
+            # after a backoff, and no failure is counted.
+            self.counts["handed_back_orders"] += 1
+            reason = f"runner {self.runner_id} has no handler {order.handler!r}: {exc}"
+            return self._report(order, "rejected", {"reason": reason, "kind": "handler"}, confirm=True)
         except Exception as exc:  # HandlerError or a handler's bug: the task cannot run
             self.counts["failed_orders"] += 1
             detail = {"reason": f"cannot build the URL: {exc}", "kind": "url"}

@@ -662,3 +662,24 @@ async def test_retention_drops_old_chunks_only(engine, service, settings, poll_t
     ).run_once()
     assert dropped == 2
     assert [s for s, _, _ in await events_of(engine, tid)] == ["SCHEDULED"]
+
+
+async def test_start_messages_are_split_by_bytes_as_well_as_count(
+    engine, service, publisher, settings, topology
+) -> None:  # type: ignore[no-untyped-def]
+    """Ten orders of ~60 KiB payloads: never more than 256 KiB of JSON in one AMQP
+    message (the count limit alone would put them all in one)."""
+    from manager.dispatch import MAX_START_MESSAGE_BYTES
+
+    await service.create_type({"name": "big", "handler": "noop"})
+    now = datetime.now(UTC)
+    async with service.session() as s, s.begin():
+        for i in range(10):
+            await service.schedule(
+                s, "big", {"blob": f"{i}" + "x" * 60_000}, due_at=now - timedelta(seconds=1)
+            )
+    assert (await dispatcher(engine, publisher, settings).poll_once()).published == 10
+    bodies = await drain(settings.amqp_url, topology.start_queue("default"), expect=10)
+    assert len(start_orders(bodies)) == 10
+    assert all(len(b) <= MAX_START_MESSAGE_BYTES for b in bodies), [len(b) for b in bodies]
+    assert len(bodies) >= 3

@@ -534,13 +534,15 @@ async def test_malformed_start_is_dead_lettered_and_bad_orders_are_reported(
         assert manager.dead[0][0] == b'{"kind": "start", "orders": []}'
         await r.wait_for(lambda: r.counts["dead_lettered"] == 2)
 
-        # The runner goes on: good orders start; an unknown handler fails clearly; an
-        # order beyond its capacity is rejected (the manager sends it elsewhere).
+        # The runner goes on: good orders start; an order for a handler this runner
+        # lacks (a rolling upgrade) is handed back, not failed; an order beyond its
+        # capacity is rejected (the manager sends both elsewhere, after a backoff).
         await manager.start(first, unknown, extra)
         await manager.wait(lambda: len(manager.reports) == 3)
         assert manager.statuses(first.task_id) == ["running"]
-        assert manager.statuses(unknown.task_id) == ["failed"]
-        assert "no handler named 'nope'" in manager.of(unknown.task_id, "failed")[0].detail["reason"]
+        assert manager.statuses(unknown.task_id) == ["rejected"]
+        handed_back = manager.of(unknown.task_id, "rejected")[0].detail
+        assert handed_back["kind"] == "handler" and "no handler 'nope'" in handed_back["reason"]
         assert manager.statuses(extra.task_id) == ["rejected"]
         assert "capacity" in manager.of(extra.task_id, "rejected")[0].detail["reason"]
         assert r.active == {first.task_id: 1}
