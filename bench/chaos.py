@@ -144,6 +144,7 @@ class Harness:
                 "TASKMGR_RUNNER_DEAD_AFTER": "3",
                 "TASKMGR_LEADER_RETRY": "0.5",
                 "TASKMGR_LOG_LEVEL": "WARNING",
+                "TASKMGR_SCHEDULE_CRON": "",  # the harness seeds the feed's day itself
             }
         )
         return env

@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -28,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager import metrics
 from manager.dispatch import DispatchCounts, Dispatcher
 from manager.intake import IntakeCounts, ProgressIntake
+from manager.leadership import Elector, FencedEngine, manager_server_settings
 from manager.recovery import Recovery, Retention
 from manager.schedule_cron import ScheduleCron
 from taskmgr import store
@@ -43,6 +42,7 @@ INTAKE_BATCH = 500
 INTAKE_LINGER_S = 0.01
 PROGRESS_PREFETCH = 2000
 LOCK_CHECK_S = 1.0
+SEEDING_CHECK_S = 60.0
 
 
 async def leader_present(engine: AsyncEngine) -> bool:
@@ -64,17 +64,21 @@ class TaskManager:
         self.name = name or f"manager-{uuid.uuid4().hex[:8]}"
         self._clock = clock
         self.topology = Topology(settings.amqp_prefix)
+        self.elector = Elector(engine=engine, lease_s=settings.leader_lease)
+        # The leader's components write through the fence: a write after the lease is
+        # lost is refused (manager/leadership.py).
+        fenced = FencedEngine(engine, self.elector)
         self.service = TaskService(engine=engine, clock=clock)
         self.publisher = Publisher(url=settings.amqp_url, topology=self.topology, name=self.name)
         self.dispatcher = Dispatcher(
-            engine=engine, publisher=self.publisher, service=self.service, settings=settings, clock=clock
+            engine=fenced, publisher=self.publisher, service=self.service, settings=settings, clock=clock
         )
         self.intake = ProgressIntake(
-            engine=engine, publisher=self.publisher, settings=settings, clock=clock, service=self.service
+            engine=fenced, publisher=self.publisher, settings=settings, clock=clock, service=self.service
         )
-        self.recovery = Recovery(engine=engine, settings=settings, clock=clock)
-        self.retention = Retention(engine=engine, settings=settings, clock=clock)
-        self.schedule_cron = ScheduleCron(service=self.service, settings=settings, clock=clock)
+        self.recovery = Recovery(engine=fenced, settings=settings, clock=clock)
+        self.retention = Retention(engine=fenced, settings=settings, clock=clock)
+        self.schedule_cron = ScheduleCron(service=self.service, settings=settings, clock=clock, engine=fenced)
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
@@ -92,33 +96,31 @@ class TaskManager:
     # -- the process ---------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Campaign for leadership until `stop`; lead while the lock is held."""
+        """Campaign for the leadership lease until `stop`; lead while it is held."""
         while not stop.is_set():
+            conn: asyncpg.Connection | None = None
             try:
-                # The application name shows who leads in pg_stat_activity.
-                conn = await asyncpg.connect(
-                    asyncpg_dsn(self.settings.database_url),
-                    server_settings={
-                        "application_name": f"taskmgr-leader-{socket.gethostname()}-{os.getpid()}"
-                    },
-                )
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("cannot reach PostgreSQL for leadership: %s", exc)
-                await _wait(stop, self.settings.leader_retry)
-                continue
-            try:
-                if await conn.fetchval("select pg_try_advisory_lock($1, $2)", *store.LEADER_LOCK):
+                if await self.elector.campaign():
+                    # A connection of its own for LISTEN (wake-ups, cancels); its
+                    # application name shows who leads in pg_stat_activity.
+                    conn = await asyncpg.connect(
+                        asyncpg_dsn(self.settings.database_url),
+                        server_settings={"application_name": self.elector.name},
+                    )
                     await self._lead(conn, stop)
             except Exception as exc:  # includes the ExceptionGroup of the leader's TaskGroup
-                # Losing the lock connection (a PostgreSQL restart), the broker, or a
-                # failing loop ends this term; the manager campaigns again, as a standby
-                # would. It never exits on its own: only `stop` ends it.
+                # A lost lease, a PostgreSQL restart, the broker, or a failing loop ends
+                # this term; the manager campaigns again, as a standby would. It never
+                # exits on its own: only `stop` ends it.
                 log.warning("leadership ended: %r; campaigning again", exc)
             finally:
-                self.is_leader.clear()
-                metrics.LEADER.set(0)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2)
+                if self.is_leader.is_set():
+                    self.is_leader.clear()
+                    metrics.LEADER.set(0)
+                    await self.elector.resign()  # a standby need not wait for the expiry
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2)
             await _wait(stop, self.settings.leader_retry)
 
     async def _lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
@@ -141,7 +143,8 @@ class TaskManager:
                 loops = [
                     tg.create_task(self._dispatch_loop(stop)),
                     tg.create_task(self._intake_loop()),
-                    tg.create_task(self._watch_lock(conn)),
+                    tg.create_task(self.elector.keep()),
+                    tg.create_task(self._watch_listener(conn)),
                 ]
                 await asyncio.wait([stopper, *loops], return_when=asyncio.FIRST_COMPLETED)
                 for t in [stopper, *loops]:
@@ -155,8 +158,9 @@ class TaskManager:
         while not self._inbox.empty():
             self._inbox.get_nowait()
 
-    async def _watch_lock(self, conn: asyncpg.Connection) -> None:
-        """Return (ending the leadership) as soon as the lock connection fails."""
+    async def _watch_listener(self, conn: asyncpg.Connection) -> None:
+        """Return (ending the leadership) as soon as the LISTEN connection fails: a
+        missed cancel or wake-up must not go unnoticed."""
         while True:
             await asyncio.sleep(LOCK_CHECK_S)
             await asyncio.wait_for(conn.fetchval("select 1"), LOCK_CHECK_S * 2)
@@ -175,11 +179,24 @@ class TaskManager:
         )
         s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
         s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
-        s.add_job(
-            self._job(self.schedule_cron.run_once),
-            CronTrigger.from_crontab(self.settings.schedule_cron, timezone=self.settings.schedule_timezone),
-            **every,
-        )
+        if self.settings.schedule_cron.strip():  # empty: no daily job (seeded by hand)
+            # Each day's seeding is recorded; a day whose cron moment passed unseeded (no
+            # leader then, a database blip, a late loop) is seeded at once by this leader
+            # and checked again every minute.
+            s.add_job(
+                self._job(self.schedule_cron.catch_up),
+                "interval",
+                seconds=SEEDING_CHECK_S,
+                next_run_time=utcnow(),
+                **every,
+            )
+            s.add_job(
+                self._job(self.schedule_cron.run_once),
+                CronTrigger.from_crontab(
+                    self.settings.schedule_cron, timezone=self.settings.schedule_timezone
+                ),
+                **every,
+            )
         return s
 
     def _job(self, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -270,7 +287,9 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 async def run_manager(settings: Settings, stop: asyncio.Event) -> None:
     from taskmgr.db import make_engine
 
-    engine = make_engine(settings.database_url, name="taskmgr-manager")
+    engine = make_engine(
+        settings.database_url, name="taskmgr-manager", server_settings=manager_server_settings()
+    )
     try:
         async with TaskManager(settings=settings, engine=engine) as manager:
             await manager.run(stop)

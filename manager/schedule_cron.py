@@ -5,10 +5,16 @@ schedule and syncs one game task per game (see task_types/schedule.py)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import date, datetime
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from taskmgr import store
 from taskmgr.errors import TaskTypeNotFound
 from taskmgr.service import NewTask, TaskService, utcnow
 from taskmgr.settings import Settings
@@ -21,41 +27,91 @@ GAME_TYPE = "live_game"
 
 class ScheduleCron:
     def __init__(
-        self, *, service: TaskService, settings: Settings, clock: Callable[[], datetime] = utcnow
+        self,
+        *,
+        service: TaskService,
+        settings: Settings,
+        clock: Callable[[], datetime] = utcnow,
+        engine: AsyncEngine | None = None,
     ) -> None:
+        """engine: where to write (the leader's fenced engine); the service's by default."""
         self._service = service
+        self._engine = engine
         self._settings = settings
         self._clock = clock
 
-    async def run_once(self, day: date | None = None) -> int:
-        """Schedule today's (or `day`'s) schedule tasks; returns how many were created.
-        Re-running creates a new sync of the same day, which writes no duplicate games
-        (their dedup keys) and follows moved or dropped games."""
+    def _begin(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        engine = self._engine or self._service.engine
+        return engine.begin()
+
+    async def run_once(
+        self, day: date | None = None, *, providers: Sequence[str] | None = None, manual: bool = False
+    ) -> int:
+        """Seed today's (or `day`'s) schedule tasks, one per configured provider and
+        league (only `providers`, if given); returns how many were created.
+
+        Each (provider, league, day) is seeded once: a pair already recorded in
+        schedule_seedings is skipped, and the task and its record are written in one
+        transaction. `manual` (`taskmgr schedule seed`) runs a new sync of the day even
+        when it was seeded: the sync creates no duplicate games (their dedup keys) and
+        follows moved or dropped ones."""
         now = self._clock()
         day = day or now.astimezone(ZoneInfo(self._settings.schedule_timezone)).date()
-        news = [
-            NewTask(
-                type=SCHEDULE_TYPE,
-                payload={
-                    "provider": provider,
-                    "league": league,
-                    "date": day.isoformat(),
-                    "lead_s": self._settings.schedule_lead_s,
-                    "game_type": GAME_TYPE,
-                },
-                due_at=now,
-                dedup_key=f"schedule:{provider}:{league}:{day.isoformat()}:{now.isoformat()}",
-                created_by="schedule-cron",
-            )
-            for provider, league in self._settings.league_list()
-        ]
-        if not news:
-            return 0
+        pairs = [(p, lg) for p, lg in self._settings.league_list() if providers is None or p in providers]
+        suffix = f":manual:{uuid.uuid4().hex[:12]}" if manual else ""
         try:
-            async with self._service.session() as session, session.begin():
-                done = await self._service.schedule_many(session, news)
+            async with self._begin() as conn:
+                done = set() if manual else await store.seeded(conn, day)
+                todo = [pair for pair in pairs if pair not in done]
+                if not todo:
+                    return 0
+                news = [
+                    NewTask(
+                        type=SCHEDULE_TYPE,
+                        payload={
+                            "provider": provider,
+                            "league": league,
+                            "date": day.isoformat(),
+                            "lead_s": self._settings.schedule_lead_s,
+                            "game_type": GAME_TYPE,
+                        },
+                        due_at=now,
+                        dedup_key=f"schedule:{provider}:{league}:{day.isoformat()}{suffix}",
+                        created_by="schedule-cron",
+                    )
+                    for provider, league in todo
+                ]
+                scheduled = await self._service.schedule_many(conn, news)
+                await store.record_seedings(
+                    conn, day, [(p, lg, s.id) for (p, lg), s in zip(todo, scheduled, strict=True)], now
+                )
         except TaskTypeNotFound:
             log.error("no %r task type: run `taskmgr migrate` (it seeds the sports types)", SCHEDULE_TYPE)
             return 0
-        log.info("daily schedule job: %d schedule tasks for %s", len(done), day)
-        return sum(1 for d in done if d.created)
+        created = sum(1 for d in scheduled if d.created)
+        log.info("daily schedule job: %d schedule tasks for %s", created, day)
+        return created
+
+    def last_fire(self) -> datetime | None:
+        """The cron's most recent fire time up to now (None: not within two days)."""
+        now = self._clock()
+        trigger = CronTrigger.from_crontab(
+            self._settings.schedule_cron, timezone=ZoneInfo(self._settings.schedule_timezone)
+        )
+        last, fire = None, trigger.get_next_fire_time(None, now - timedelta(days=2))
+        while fire is not None and fire <= now:
+            last, fire = fire, trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+        return last
+
+    async def catch_up(self) -> int:
+        """Seed the day of the cron's latest fire time if it was not seeded (no leader
+        lived at that moment, PostgreSQL was away, the job ran late): the leader runs
+        this when it takes over and every minute. Only that day, never older ones."""
+        fire = self.last_fire()
+        if fire is None:
+            return 0
+        day = fire.astimezone(ZoneInfo(self._settings.schedule_timezone)).date()
+        created = await self.run_once(day)
+        if created:
+            log.warning("schedule for %s seeded late (catch-up after %s)", day, fire.isoformat())
+        return created

@@ -264,9 +264,31 @@ update task_state set run_at = :due_at, changed_at = :now where task_id = :id an
 select taskmgr_drop_old_events(cast(:older_than as timestamptz));
 
 -- leader_present --
-select exists (select 1 from pg_locks where locktype = 'advisory' and granted
-    and classid = :classid and objid = :objid and objsubid = 2
-    and database = (select oid from pg_database where datname = current_database())) as present;
+select exists (select 1 from taskmgr_leader where expires_at > now()) as present;
+
+-- campaign --
+-- Take the lease when there is none or it has expired: a new term. Returns the term, or
+-- nothing when another manager holds a live lease.
+insert into taskmgr_leader (id, holder, term, expires_at, renewed_at)
+values (true, :holder, 1, now() + make_interval(secs => :lease_s), now())
+on conflict (id) do update set holder = excluded.holder, term = taskmgr_leader.term + 1,
+    expires_at = excluded.expires_at, renewed_at = excluded.renewed_at
+where taskmgr_leader.expires_at <= now()
+returning term;
+
+-- renew --
+-- Extend this term's lease while it is still live; nothing returned: the lease is lost.
+update taskmgr_leader set expires_at = now() + make_interval(secs => :lease_s), renewed_at = now()
+where term = :term and expires_at > now()
+returning term;
+
+-- resign --
+update taskmgr_leader set expires_at = now() where term = :term;
+
+-- fence --
+-- In each of the leader's write transactions: its term still holds a live lease. The
+-- share lock makes a takeover (an update of this row) wait for the transaction to end.
+select term from taskmgr_leader where term = :term and expires_at > now() for share;
 
 -- states_of --
 select task_id, state from task_state where task_id = any(cast(:ids as uuid[]));
@@ -310,10 +332,8 @@ from last l join tasks t on t.id = l.task_id left join failures f on f.task_id =
 where s.task_id = l.task_id;
 
 -- leader_name --
--- The application name of the leader's lock connection (taskmgr-leader-<host>-<pid>).
-select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid
-where l.locktype = 'advisory' and l.granted and l.classid = :classid and l.objid = :objid
-  and l.objsubid = 2 and l.database = (select oid from pg_database where datname = current_database());
+-- The holder of the live lease (taskmgr-leader-<host>-<pid>).
+select holder from taskmgr_leader where expires_at > now();
 
 -- roots_of --
 select id, root_id from tasks where id = any(cast(:ids as uuid[]));
@@ -322,3 +342,14 @@ select id, root_id from tasks where id = any(cast(:ids as uuid[]));
 -- For this transaction only: let rebuild_state move rows to what the history says even
 -- off the state machine's edges (sql/0009's trigger; never for taskmgr_manager).
 select set_config('taskmgr.rebuild', 'on', true);
+
+-- seeded --
+-- Which (provider, league) pairs have their day seeded already.
+select provider, league from schedule_seedings where day = :day;
+
+-- record_seedings --
+insert into schedule_seedings (provider, league, day, task_id, seeded_at)
+select u.provider, u.league, :day, u.task_id, :now
+from unnest(cast(:providers as text[]), cast(:leagues as text[]), cast(:task_ids as uuid[]))
+    as u(provider, league, task_id)
+on conflict (provider, league, day) do nothing;

@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -458,6 +458,40 @@ def types_restore(ctx: click.Context, name: str, output: str) -> None:
 
 TASK_COLUMNS = ["id", "type", "state", "attempt", "due_at", "runner_id", "root_id", "dedup_key"]
 EVENT_COLUMNS = ["time", "state", "attempt", "applied", "source", "runner_id", "detail"]
+
+
+@main.group()
+def schedule() -> None:
+    """The daily schedule job (one schedule task per provider and league)."""
+
+
+@schedule.command("seed")
+@click.option("--date", "day", required=True, help="The day to seed, YYYY-MM-DD.")
+@click.option("--provider", "providers", multiple=True, help="Only this provider (repeatable).")
+@output_option
+@click.pass_context
+def schedule_seed(ctx: click.Context, day: str, providers: tuple[str, ...], output: str) -> None:
+    """Seed a day's schedule by hand: a new sync of the day even if it was seeded
+    (games are never duplicated; moved and dropped ones are followed)."""
+    from manager.schedule_cron import ScheduleCron
+
+    settings = settings_of(ctx)
+    try:
+        wanted = date.fromisoformat(day)
+    except ValueError:
+        raise BadInput(f"--date: {day!r} is not a date like 2026-11-24") from None
+    known = sorted({p for p, _ in settings.league_list()})
+    unknown = sorted(set(providers) - set(known))
+    if unknown:
+        configured = ", ".join(known)
+        raise BadInput(f"--provider: {unknown[0]!r} is not configured (TASKMGR_LEAGUES has {configured})")
+
+    async def go(service: Any) -> int:
+        cron = ScheduleCron(service=service, settings=settings)
+        return await cron.run_once(wanted, providers=list(providers) or None, manual=True)
+
+    created = call(ctx, go)
+    emit({"date": wanted.isoformat(), "schedule_tasks_created": created}, output)
 
 
 @main.group()

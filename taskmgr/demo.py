@@ -84,6 +84,7 @@ class Demo:
             "TASKMGR_AMQP_PREFIX": s.amqp_prefix,
             "TASKMGR_FEED_URL": s.feed_url,
             "TASKMGR_PROVIDER_URLS": s.provider_urls,
+            "TASKMGR_SCHEDULE_CRON": "",  # the demo seeds its day itself
             "TASKMGR_HEARTBEAT_INTERVAL": "2",
             "TASKMGR_RUNNER_DEAD_AFTER": "8",
             "TASKMGR_POLL_INTERVAL": "0.5",

@@ -138,6 +138,10 @@ class TaskService:
         self._known_handlers = known_handlers
         self._validators: dict[tuple[str, datetime | None], jsonschema.protocols.Validator] = {}
 
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
     def session(self) -> AsyncSession:
         return AsyncSession(self._engine, expire_on_commit=False)
 

@@ -28,7 +28,11 @@ class Settings(BaseSettings):
     runner_dead_after: float = Field(15.0, gt=0, description="seconds without heartbeat")
     retention_days: int = Field(30, ge=1)
     leader_retry: float = Field(1.0, gt=0, description="seconds between leadership attempts")
+    leader_lease: float = Field(
+        10.0, gt=0, description="seconds a leadership lease lasts unless renewed (the hand-over bound)"
+    )
     # Manager: the daily schedule cron.
+    # Empty: no daily job (a harness or an operator seeds days with `schedule seed`).
     schedule_cron: str = "0 6 * * *"
     schedule_timezone: str = "America/New_York"
     schedule_lead_s: float = 300.0

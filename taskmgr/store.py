@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -452,19 +452,57 @@ async def move_due(conn: Conn, task_id: uuid.UUID, due_at: datetime, now: dateti
     await _run(conn, "move_run_at", {"id": task_id, "due_at": due_at, "now": now})
 
 
+async def seeded(conn: Conn, day: date) -> set[tuple[str, str]]:
+    """The (provider, league) pairs whose schedule for `day` is seeded already."""
+    return {(r.provider, r.league) for r in await _run(conn, "seeded", {"day": day})}
+
+
+async def record_seedings(
+    conn: Conn, day: date, seedings: Sequence[tuple[str, str, uuid.UUID]], now: datetime
+) -> None:
+    """Record (provider, league, schedule task) seedings of `day`; a repeat is a no-op."""
+    if seedings:
+        await _run(
+            conn,
+            "record_seedings",
+            {
+                "day": day,
+                "now": now,
+                "providers": [p for p, _, _ in seedings],
+                "leagues": [league for _, league, _ in seedings],
+                "task_ids": [t for _, _, t in seedings],
+            },
+        )
+
+
 async def drop_chunks(conn: Conn, older_than: datetime) -> int:
     return int((await _run(conn, "drop_chunks", {"older_than": older_than})).scalar_one())
 
 
-# The managers' leadership lock: pg_try_advisory_lock(*LEADER_LOCK), "tm" and 1.
-LEADER_LOCK = (0x746D, 1)
-
-
 async def leader_present(conn: Conn) -> bool:
-    """Whether some manager holds the leadership lock in this database."""
-    classid, objid = LEADER_LOCK
-    row = (await _run(conn, "leader_present", {"classid": classid, "objid": objid})).first()
+    """Whether some manager holds a live leadership lease in this database."""
+    row = (await _run(conn, "leader_present")).first()
     return bool(row and row.present)
+
+
+async def campaign(conn: Conn, holder: str, lease_s: float) -> int | None:
+    """Take the leadership lease if none is live: the new term, or None."""
+    return (await _run(conn, "campaign", {"holder": holder, "lease_s": lease_s})).scalar()  # type: ignore[no-any-return]
+
+
+async def renew(conn: Conn, term: int, lease_s: float) -> bool:
+    """Extend this term's lease; False when it was lost (expired, or taken over)."""
+    return (await _run(conn, "renew", {"term": term, "lease_s": lease_s})).first() is not None
+
+
+async def resign(conn: Conn, term: int) -> None:
+    await _run(conn, "resign", {"term": term})
+
+
+async def fence(conn: Conn, term: int) -> bool:
+    """In a write transaction: whether `term` still holds a live lease (share-locked
+    until the transaction ends)."""
+    return (await _run(conn, "fence", {"term": term})).first() is not None
 
 
 # -- reports -------------------------------------------------------------------------
@@ -496,9 +534,8 @@ async def rebuild_state(conn: Conn) -> int:
 
 
 async def leader_name(conn: Conn) -> str | None:
-    """Who leads: its lock connection's application name, taskmgr-leader-<host>-<pid>."""
-    classid, objid = LEADER_LOCK
-    return (await _run(conn, "leader_name", {"classid": classid, "objid": objid})).scalar()  # type: ignore[no-any-return]
+    """Who leads: the live lease's holder, taskmgr-leader-<host>-<pid>."""
+    return (await _run(conn, "leader_name")).scalar()  # type: ignore[no-any-return]
 
 
 async def roots_of(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:

@@ -21,7 +21,9 @@ from taskmgr.settings import Settings
 ADMIN_URL = os.environ.get("TASKMGR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TEST_DB = os.environ.get("TASKMGR_TEST_DB", "taskmgr_test")
 AMQP_URL = os.environ.get("TASKMGR_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-TABLES = "task_events, task_services, task_state, tasks, task_types, runners"
+TABLES = (
+    "task_events, task_services, task_state, tasks, task_types, runners, taskmgr_leader, schedule_seedings"
+)
 
 
 def test_database_url() -> str:
@@ -74,6 +76,7 @@ def settings(database_url: str, topology: broker.Topology) -> Settings:
         recovery_interval=0.3,
         heartbeat_interval=0.3,
         runner_dead_after=2.0,
+        schedule_cron="",  # tests seed the days they play; tests/test_seeding.py sets it
     )
 
 

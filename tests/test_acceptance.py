@@ -52,6 +52,7 @@ def env_of(settings: Settings, role: str, **extra: Any) -> dict[str, str]:
             "TASKMGR_HEARTBEAT_INTERVAL": "0.3",
             "TASKMGR_RUNNER_DEAD_AFTER": "2",
             "TASKMGR_LEADER_RETRY": "0.3",
+            "TASKMGR_SCHEDULE_CRON": "",  # tests seed the days they play
         }
     )
     env.update({k: str(v) for k, v in extra.items()})

@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner, Result
 
 from manager.dispatch import Dispatcher
-from taskmgr import store
 from taskmgr.broker import Publisher
 from taskmgr.cli import main
 from taskmgr.migrate import asyncpg_dsn
@@ -122,8 +121,13 @@ async def _recurring_cli(database_url: str) -> uuid.UUID:
 
 
 async def _hold_leadership(database_url: str) -> asyncpg.Connection:
+    """A live leadership lease, as a leading manager holds it."""
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    assert await conn.fetchval("select pg_try_advisory_lock($1, $2)", *store.LEADER_LOCK)
+    await conn.execute(
+        "insert into taskmgr_leader (holder, term, expires_at, renewed_at)"
+        " values ('taskmgr-leader-test-1', 1, now() + interval '1 hour', now())"
+        " on conflict (id) do update set expires_at = excluded.expires_at, holder = excluded.holder"
+    )
     return conn
 
 
@@ -149,6 +153,7 @@ def test_rebuild_state_refuses_while_a_leader_is_active(cli, settings: Settings)
         forced = cli("rebuild-state", "--force")
         assert forced.exit_code == 0, forced.output
         assert loop.run_until_complete(failures(leader, tid)) == 0
+        loop.run_until_complete(leader.execute("update taskmgr_leader set expires_at = now()"))  # resigns
         loop.run_until_complete(leader.close())
     finally:
         loop.close()

@@ -134,6 +134,8 @@ def test_paging_with_the_cursor(cli) -> None:  # type: ignore[no-untyped-def]
         (("tasks", "create", "box", "-p", '{"game_id": "1"}', "--every", "1e-7"), "recurrence.every_s"),
         (("tasks", "create", "box", "-p", '{"game_id": "1"}', "--every", "1e13"), "recurrence.every_s"),
         (("types", "add", "-f", "/nonexistent.yaml"), "No such file"),
+        (("schedule", "seed", "--date", "2026-13-01"), "--date"),
+        (("schedule", "seed", "--date", "2026-11-24", "--provider", "cricinfo"), "--provider"),
         (("types", "add", "Bad Name", "--handler", "noop"), "name"),
         (("types", "update", "box"), "nothing to change"),
     ],
@@ -215,3 +217,12 @@ def test_help_names_environment_variables() -> None:
         [sys.executable, "-m", "taskmgr.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "TASKMGR_DATABASE_URL" in top.stdout
+
+
+def test_schedule_seed_by_hand(cli, sports_types) -> None:  # type: ignore[no-untyped-def]
+    first = cli("schedule", "seed", "--date", "2026-11-24", "-o", "json")
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout) == {"date": "2026-11-24", "schedule_tasks_created": 4}
+    # By hand a day is synced again (its games are never duplicated by the sync).
+    again = cli("schedule", "seed", "--date", "2026-11-24", "--provider", "nba", "-o", "json")
+    assert json.loads(again.stdout)["schedule_tasks_created"] == 1
