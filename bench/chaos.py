@@ -49,7 +49,7 @@ from bench._common import amqp_as, as_role, free_port
 from manager.schedule_cron import ScheduleCron
 from task_types.feed import feed_day
 from taskmgr import store
-from taskmgr.broker import Consumer, Topology
+from taskmgr.broker import Consumer, Topology, delete_names
 from taskmgr.db import make_engine
 from taskmgr.messages import Event, decode_event
 from taskmgr.migrate import recreate_database, with_database
@@ -339,6 +339,8 @@ class Harness:
     async def run(self) -> dict[str, Any]:
         window = self.minutes * 60
         await recreate_database(self.db_url)
+        # A run with the same seed before (its prefix) may have left messages behind.
+        await delete_names(self.settings.amqp_url, Topology(self.prefix), pools=("default",))
         engine = make_engine(self.db_url, name="taskmgr-chaos")
         service = TaskService(engine=engine)
         for name in ("live_game", "period_score", "schedule"):
@@ -418,6 +420,8 @@ class Harness:
                         p.send_signal(signal.SIGCONT)
             await self.stop_all()
             await engine.dispose()
+            with contextlib.suppress(Exception):
+                await delete_names(self.settings.amqp_url, Topology(self.prefix), pools=("default",))
             del feed
         return result
 

@@ -28,6 +28,11 @@ FOLLOW_ONS_WRITTEN = Counter(
 BAD_RULES = Counter(
     "taskmgr_bad_recurrence_rules_total", "Recurring tasks failed at dispatch: their rule cannot be evaluated"
 )
+RECOVERY_GAVE_UP = Counter(
+    "taskmgr_recovery_failed_total",
+    "Tasks failed by recovery: taken back too often (runner_dead, start_timeout)",
+    ["reason"],
+)
 RECOVERED = Counter("taskmgr_recovered_total", "Tasks dispatched again by recovery", ["reason"])
 
 

@@ -19,6 +19,12 @@ from taskmgr.settings import Settings
 log = logging.getLogger(__name__)
 
 RECOVERY_BATCH = 5000
+# A task whose runners died this many times while holding it fails (a task that kills
+# its runner must not walk through the pool killing each runner in turn).
+MAX_RUNNER_DEATHS = 3
+# A task whose start order no runner took this many times fails (its pool has no
+# consumer): it is not re-sent every start timeout forever.
+MAX_UNDELIVERED = 5
 
 
 @dataclass
@@ -53,6 +59,8 @@ class Recovery:
                     lambda c: c.runner_id in dead,
                     "runner_dead",
                     lambda c: f"runner {c.runner_id} stopped heartbeating",
+                    bound=MAX_RUNNER_DEATHS,
+                    bound_reason=lambda n: f"its runners died {n} times while holding it",
                 )
                 log.warning(
                     "runners declared dead: %s (%d tasks dispatched again)", dead, counts.from_dead_runners
@@ -66,28 +74,33 @@ class Recovery:
                 lambda c: c.state is State.STARTED,
                 "start_timeout",
                 lambda c: "no runner took the start order within the type's start_timeout_s",
+                bound=MAX_UNDELIVERED,
+                bound_reason=lambda n: f"no runner took its start order {n} times: is its pool consumed?",
             )
         return counts
 
-    async def _redispatch(self, conn, ids, now, still, reason_label, reason):  # type: ignore[no-untyped-def]
+    async def _redispatch(self, conn, ids, now, still, reason_label, reason, *, bound, bound_reason):  # type: ignore[no-untyped-def]
         """RETRYING now, same attempt: discovery gives it the next attempt number, which
-        fences the old runner's late reports. Not a failure: max_attempts is untouched."""
+        fences the old runner's late reports. Not a failure: max_attempts is untouched,
+        except that a task taken back `bound` times for the same reason FAILS."""
         if not ids:
             return 0
         current = await store.lock_states(conn, ids)
-        transitions = [
-            Transition(
-                c.task_id,
-                State.RETRYING,
-                c.attempt,
-                "manager",
-                None,
-                {"reason": reason(c), "recovery": reason_label},
-                run_at=now,
-            )
-            for c in current.values()
-            if c.state in (State.STARTED, State.RUNNING) and still(c)
-        ]
+        taken = [c for c in current.values() if c.state in (State.STARTED, State.RUNNING) and still(c)]
+        before = await store.recoveries(conn, [c.task_id for c in taken], reason_label) if taken else {}
+        transitions = []
+        for c in taken:
+            n = before.get(c.task_id, 0) + 1
+            detail = {"reason": reason(c), "recovery": reason_label, "times": n}
+            if n >= bound:
+                detail = {**detail, "reason": f"{bound_reason(n)}; the last: {reason(c)}", "final": True}
+                transitions.append(Transition(c.task_id, State.FAILED, c.attempt, "manager", None, detail))
+                metrics.RECOVERY_GAVE_UP.labels(reason_label).inc()
+                log.error("task %s failed: %s", c.task_id, detail["reason"])
+            else:
+                transitions.append(
+                    Transition(c.task_id, State.RETRYING, c.attempt, "manager", None, detail, run_at=now)
+                )
         await store.apply_transitions(conn, transitions, now, current=current)
         metrics.RECOVERED.labels(reason_label).inc(len(transitions))
         return len(transitions)

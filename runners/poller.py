@@ -34,6 +34,15 @@ START_SPREAD_S = 1.0
 DRIFT_SAMPLES = 100_000
 
 
+# A response body read past this many bytes (decompressed) fails the poll, not the runner.
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+_BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+class TooLarge(Exception):
+    """A response body over the cap."""
+
+
 class TickStats:
     """Tick drift: how late each tick started against its schedule (loop clock)."""
 
@@ -85,6 +94,7 @@ class PollerDeps:
     report: ReportFn
     on_tick: Callable[[Poller], None]
     drift: TickStats
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
 
 @dataclass(frozen=True)
@@ -171,13 +181,13 @@ class Poller:
                 started = loop.time()
                 try:
                     async with asyncio.timeout(order.request_timeout_s):
-                        response = await self.deps.client.get(
-                            self._url, headers=headers, timeout=order.request_timeout_s
-                        )
+                        response = await self._get(headers)
                 finally:
                     metrics.POLL_DURATION.observe(loop.time() - started)
         except asyncio.CancelledError:
             raise
+        except TooLarge as exc:
+            return self._failed("too_large", str(exc), False)
         except Exception as exc:
             if _is_timeout(exc):
                 return self._failed("timeout", f"no response within {order.request_timeout_s} s", True)
@@ -194,6 +204,30 @@ class Poller:
         if status >= 500:
             return self._failed("http_5xx", f"HTTP {status} from {self.host}", True)
         return self._failed(f"http_{status // 100}xx", f"HTTP {status} from {self.host}", False)
+
+    async def _get(self, headers: dict[str, str]) -> httpx.Response:
+        """GET the task's URL, reading at most max_response_bytes of body, counted
+        after decompression (a gzip bomb stops at the cap, not at the end) and on the
+        wire. Raises TooLarge past it; returns the response with its body read."""
+        cap = self.deps.max_response_bytes
+        timeout = self.order.request_timeout_s
+        async with self.deps.client.stream("GET", self._url, headers=headers, timeout=timeout) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise TooLarge(f"{self.host} declares {declared} bytes; at most {cap} are read")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > cap or response.num_bytes_downloaded > cap:
+                    raise TooLarge(f"{self.host} sent more than {cap} bytes (decompressed)")
+                chunks.append(chunk)
+        # The body is read and decoded: a plain response over it, without the encoding
+        # headers that would decode it twice.
+        kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _BODY_HEADERS]
+        return httpx.Response(
+            response.status_code, headers=kept, content=b"".join(chunks), request=response.request
+        )
 
     async def _handle(self, response: httpx.Response) -> _Next:
         order = self.order

@@ -168,6 +168,7 @@ class TaskRunner:
                 report=self._poller_report,
                 on_tick=lambda _p: self._notify(),
                 drift=self.drift,
+                max_response_bytes=s.max_response_bytes,
             )
             self._stack = stack.pop_all()
         return self

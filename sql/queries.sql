@@ -353,3 +353,10 @@ select u.provider, u.league, :day, u.task_id, :now
 from unnest(cast(:providers as text[]), cast(:leagues as text[]), cast(:task_ids as uuid[]))
     as u(provider, league, task_id)
 on conflict (provider, league, day) do nothing;
+
+-- recoveries --
+-- How many times recovery took each of these tasks back for this reason (runner_dead,
+-- start_timeout): past a bound the task fails instead.
+select task_id, count(*) as n from task_events
+where task_id = any(cast(:ids as uuid[])) and applied and detail->>'recovery' = :label
+group by task_id;

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     host_concurrency: int = Field(64, ge=1, description="concurrent requests per API host")
     host_rate: float = Field(0.0, ge=0, description="requests/s per API host (0: no limit)")
     host_limits: str = ""  # "host=concurrency:rate,..." overrides per host
+    max_response_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="bytes of an API response body read at most (decompressed)"
+    )
 
     # Providers: base URL per provider. Empty: the simulated feed at feed_url.
     feed_url: str = "http://127.0.0.1:8765"

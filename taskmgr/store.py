@@ -403,6 +403,12 @@ async def current_attempts(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UU
     return {r.task_id: TaskAttempt(r.task_id, State(r.state), r.attempt, r.runner_id) for r in rows}
 
 
+async def recoveries(conn: Conn, ids: Sequence[uuid.UUID], label: str) -> dict[uuid.UUID, int]:
+    """How many times recovery took each task back for `label` (runner_dead, start_timeout)."""
+    rows = await _run(conn, "recoveries", {"ids": list(ids), "label": label})
+    return {r.task_id: r.n for r in rows}
+
+
 async def start_timeouts(conn: Conn, now: datetime, limit: int) -> list[uuid.UUID]:
     return [r[0] for r in await _run(conn, "start_timeouts", {"now": now, "limit": limit})]
 

@@ -284,6 +284,65 @@ async def test_start_order_nobody_takes_is_dispatched_again(
     assert (await service.get_task(tid)).attempt == 2
 
 
+async def test_an_order_nobody_ever_takes_fails_after_a_bounded_number_of_tries(
+    engine,
+    service,
+    publisher,
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    """A pool nobody consumes: not re-sent every start timeout forever."""
+    from manager.recovery import MAX_UNDELIVERED
+
+    await service.create_type({"name": "orphan", "handler": "noop", "start_timeout_s": 5, "pool": "nobody"})
+    clock = Clock(datetime.now(UTC))
+    [tid] = await schedule(service, "orphan", 1, due_at=clock.now)
+    disp = dispatcher(engine, publisher, settings, clock)
+    recovery = Recovery(engine=engine, settings=settings, clock=clock)
+    for _ in range(MAX_UNDELIVERED):
+        assert (await disp.poll_once()).claimed == 1
+        clock.advance(6)
+        assert (await recovery.run_once()).start_timeouts == 1
+    task = await service.get_task(tid)
+    assert (task.state, task.attempt) == (State.FAILED, MAX_UNDELIVERED)
+    reason = (await service.history(tid))[-1].detail["reason"]
+    assert f"no runner took its start order {MAX_UNDELIVERED} times" in reason
+    assert (await disp.poll_once()).claimed == 0
+
+
+async def test_a_task_whose_runners_keep_dying_fails(
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
+) -> None:
+    """A task that kills its runner does not walk through the pool: after a bounded
+    number of deaths of the runner holding it, it fails; a task whose runner died
+    fewer times is dispatched again."""
+    from manager.recovery import MAX_RUNNER_DEATHS
+
+    clock = Clock(datetime.now(UTC))
+    poison, lucky = await schedule(service, poll_type, 2, due_at=clock.now)
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    disp = dispatcher(engine, publisher, settings, clock)
+    recovery = Recovery(engine=engine, settings=settings, clock=clock)
+    for death in range(1, MAX_RUNNER_DEATHS + 1):
+        await disp.poll_once()
+        runner = f"r{death}"
+        held = [(poison, death, "running")] + ([(lucky, death, "running")] if death == 1 else [])
+        await intake.apply(
+            [Heartbeat(runner_id=runner, pool="default", at=clock.now), _reports(runner, *held)]
+        )
+        clock.advance(settings.runner_dead_after + 1)
+        assert (await recovery.run_once()).dead_runners == 1
+    task = await service.get_task(poison)
+    assert task.state == State.FAILED
+    assert (
+        f"its runners died {MAX_RUNNER_DEATHS} times" in (await service.history(poison))[-1].detail["reason"]
+    )
+    assert (await service.get_task(lucky)).state in (State.RETRYING, State.STARTED)
+
+
 async def test_heartbeat_reconciles_what_a_runner_holds(
     engine,
     service,

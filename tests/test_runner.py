@@ -691,6 +691,74 @@ async def test_default_transport_against_a_local_server(
         await server.cleanup()
 
 
+async def test_an_oversized_response_or_a_gzip_bomb_fails_the_poll_not_the_runner(
+    settings: Settings, engine: AsyncEngine, service: TaskService, manager: FakeManager
+) -> None:
+    """Through the real transport: a body over the cap, declared or not, and a gzip bomb
+    (about 10 KB on the wire, 10 MB inflated) each fail their poll (kind too_large) while
+    the runner lives and another task keeps polling."""
+    import gzip
+
+    from aiohttp import web
+
+    cap = 64 * 1024
+    bomb = gzip.compress(b"0" * 10_000_000)
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"score": "' + b"9" * (2 * cap) + b'"}', content_type="application/json")
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(200):  # no length announced: only counting stops it
+            await response.write(b" " * 4096)
+        await response.write_eof()
+        return response
+
+    async def gzipped(request: web.Request) -> web.Response:
+        return web.Response(
+            body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
+
+    async def fine(request: web.Request) -> web.Response:
+        return web.json_response({"score": 1})
+
+    app = web.Application()
+    for path, route in (("/games/big", big), ("/games/chunked", chunked), ("/games/bomb", gzipped)):
+        app.router.add_get(path, route)
+    app.router.add_get("/games/fine", fine)
+    server = web.AppRunner(app, shutdown_timeout=1.0)
+    await server.setup()
+    site = web.TCPSite(server, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        await make_type(
+            service, "local", poll_interval_s=0.05, request_timeout_s=2.0, max_consecutive_failures=2
+        )
+        bad = {
+            g: await order_for(service, "local", {"host": f"127.0.0.1:{port}", "game": g})
+            for g in ("big", "chunked", "bomb")
+        }
+        ok = await order_for(service, "local", {"host": f"127.0.0.1:{port}", "game": "fine"})
+        stop = asyncio.Event()
+        capped = settings.model_copy(update={"max_response_bytes": cap})
+        async with TaskRunner(settings=capped, registry=REGISTRY) as runner:
+            task = asyncio.create_task(runner.run(stop))
+            await manager.start(ok, *bad.values())
+            await manager.wait(lambda: all(manager.of(o.task_id, "failed") for o in bad.values()))
+            ticks = runner.poller(ok.task_id).ticks  # type: ignore[union-attr]
+            await runner.wait_for(lambda: runner.poller(ok.task_id).ticks >= ticks + 2)  # type: ignore[union-attr]
+            stop.set()
+            await task
+        for game, order in bad.items():
+            kinds = {e.detail["kind"] for e in manager.of(order.task_id, "poll_error")}
+            assert kinds == {"too_large"}, (game, kinds)
+    finally:
+        await server.cleanup()
+
+
 async def test_a_dying_side_coroutine_stops_the_runner_loudly(
     settings: Settings, engine: AsyncEngine, service: TaskService, manager: FakeManager
 ) -> None:
