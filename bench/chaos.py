@@ -463,20 +463,27 @@ class Harness:
             await asyncio.sleep(1)
         return False
 
-    async def dead_letters(self) -> list[bytes]:
-        """Everything in the dead-letter queue (read as the development user)."""
+    async def dead_letters(self) -> tuple[list[bytes], int]:
+        """Everything in the dead-letter queue (read as the development user), but the
+        start orders that expired unread (their start timeout passed: recovery has
+        dispatched those tasks again), which are counted."""
         import aio_pika
 
         bodies: list[bytes] = []
+        expired = 0
         conn = await aio_pika.connect(self.settings.amqp_url)
         try:
             ch = await conn.channel()
             queue = await ch.get_queue(Topology(self.prefix).dead, ensure=False)
             while (m := await queue.get(fail=False, no_ack=True)) is not None:
-                bodies.append(m.body)
+                deaths = m.headers.get("x-death") or [{}]
+                if isinstance(deaths, list) and deaths and deaths[0].get("reason") == "expired":  # type: ignore[union-attr]
+                    expired += 1
+                else:
+                    bodies.append(m.body)
         finally:
             await conn.close()
-        return bodies
+        return bodies, expired
 
     async def lateness(self, engine: Any) -> tuple[float, int, int]:
         """p99 dispatch lateness (s) of the starts outside leaderless windows, and how
@@ -499,11 +506,12 @@ class Harness:
         truth = {g["game_id"]: g for g in (await self.truth())["games"]}
         inv: dict[str, dict[str, Any]] = {"all games ended in time": {"ok": ended}}
         inv["no process died but those the harness killed"] = {"ok": not died, "died": died}
-        dead = await self.dead_letters()
+        dead, expired = await self.dead_letters()
         unexpected = [b[:200].decode(errors="replace") for b in dead if b not in self.poison]
         inv["every dead letter is one the harness made poison"] = {
             "ok": not unexpected,
             "dead_letters": len(dead),
+            "expired_start_orders": expired,
             "poison_sent": self.poison_sent,
             "unexpected": unexpected[:5],
         }

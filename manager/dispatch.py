@@ -38,6 +38,8 @@ RELAY_AFTER_S = 3.0
 # Start orders are packed several to an AMQP message up to this many bytes of JSON (and
 # TASKMGR_ORDERS_PER_MESSAGE orders): payloads may be up to 64 KiB each.
 MAX_START_MESSAGE_BYTES = 256 * 1024
+# task_types.start_timeout_s's default, for an order that does not carry its own.
+DEFAULT_START_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Dispatcher:
         self._service = service
         self._settings = settings
         self._clock = clock
+        self._in_flight: set[uuid.UUID] = set()  # tasks whose orders are being published
 
     async def poll_once(self) -> DispatchCounts:
         """Claim and send everything due now, batch after batch; then relay the outbox."""
@@ -198,12 +201,19 @@ class Dispatcher:
         return orders, len(rows)
 
     async def _send(self, orders: Sequence[tuple[str, StartOrder]], counts: DispatchCounts) -> None:
-        sent = await self._publish(orders)
-        counts.published += len(sent)
-        counts.publish_failed += len(orders) - len(sent)
-        if sent:
-            async with self._engine.begin() as conn:
-                await store.mark_sent(conn, sent, self._clock())
+        # The relay leaves these alone until they are marked sent: their publisher may
+        # still be waiting for the confirms past RELAY_AFTER_S (a slow broker).
+        ids = {o.task_id for _, o in orders}
+        self._in_flight |= ids
+        try:
+            sent = await self._publish(orders)
+            counts.published += len(sent)
+            counts.publish_failed += len(orders) - len(sent)
+            if sent:
+                async with self._engine.begin() as conn:
+                    await store.mark_sent(conn, sent, self._clock())
+        finally:
+            self._in_flight -= ids
 
     async def _publish(self, orders: Sequence[tuple[str, StartOrder]]) -> list[tuple[uuid.UUID, int]]:
         """Publish orders grouped by pool, several per message (at most
@@ -224,8 +234,14 @@ class Dispatcher:
                 batches.append((pool, chunk, body))
         results = await asyncio.gather(
             *(
-                self._publisher.publish_start(pool, body, message_id=uuid.uuid4().hex)
-                for pool, _, body in batches
+                self._publisher.publish_start(
+                    pool,
+                    body,
+                    message_id=uuid.uuid4().hex,
+                    # Expires when its orders would be dispatched again anyway.
+                    expiration=min(o.start_timeout_s or DEFAULT_START_TIMEOUT_S for o in chunk),
+                )
+                for pool, chunk, body in batches
             ),
             return_exceptions=True,
         )
@@ -256,6 +272,8 @@ class Dispatcher:
             ids = await store.outbox(
                 conn, now - timedelta(seconds=RELAY_AFTER_S), self._settings.dispatch_batch
             )
+            # An order whose first publisher still waits for its confirm is not lost.
+            ids = [i for i in ids if i not in self._in_flight]
             if not ids:
                 return 0
             rows = await store.start_orders(conn, ids)
@@ -304,4 +322,5 @@ def _order(r: Mapping[str, Any], attempt: int, claimed_at: datetime) -> StartOrd
         max_consecutive_failures=r["max_consecutive_failures"],
         due_at=r["due_at"],
         claimed_at=claimed_at,
+        start_timeout_s=r["start_timeout_s"],
     )

@@ -300,6 +300,12 @@ class TaskRunner:
     def _take(self, order: StartOrder) -> asyncio.Future[None] | None:
         """Register one order; the future resolves when its report is confirmed."""
         tid = order.task_id
+        if order.start_timeout_s is not None and (
+            datetime.now(UTC) - order.claimed_at
+        ).total_seconds() > order.start_timeout_s:
+            # Recovery has dispatched the task again by now: this order is stale.
+            self.counts["stale_orders"] += 1
+            return None
         current = self._pollers.get(tid)
         if current is not None:
             if current.attempt >= order.attempt:

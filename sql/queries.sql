@@ -91,7 +91,7 @@ where s.task_id = u.task_id;
 select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.payload,
     t.due_at, t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by, t.created_at,
     tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
-    tt.max_consecutive_failures, tt.misfire_policy, tt.misfire_grace_s
+    tt.max_consecutive_failures, tt.misfire_policy, tt.misfire_grace_s, tt.start_timeout_s
 from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
 where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now
 order by s.run_at
@@ -121,7 +121,7 @@ with due as (
         round(extract(epoch from (cast(:now as timestamptz) - greatest(st.run_at, t.created_at))) * 1000)
             as lateness_ms,
         tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
-        tt.max_consecutive_failures
+        tt.max_consecutive_failures, tt.start_timeout_s
     from started st join tasks t on t.id = st.task_id join task_types tt on tt.name = t.type
 ), events as (
     insert into task_events (time, task_id, state, attempt, source, detail)
@@ -134,7 +134,7 @@ select * from claimed;
 -- What a runner needs to start each (task, attempt) still waiting in the outbox.
 select s.task_id, s.attempt, s.changed_at, t.type, t.payload, t.root_id, t.due_at,
     tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
-    tt.max_consecutive_failures
+    tt.max_consecutive_failures, tt.start_timeout_s
 from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
 where s.task_id = any(cast(:ids as uuid[])) and s.state = 'STARTED' and s.sent_at is null;
 

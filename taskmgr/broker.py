@@ -205,6 +205,7 @@ class Publisher:
         message_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
         mandatory: bool = False,
+        expiration: float | None = None,
     ) -> None:
         msg = aio_pika.Message(
             body,
@@ -213,6 +214,7 @@ class Publisher:
             message_id=message_id,
             headers=dict(headers or {}),
             user_id=self.user,
+            expiration=expiration,
         )
         try:
             await exchange.publish(msg, routing_key=routing_key, mandatory=mandatory)
@@ -229,12 +231,16 @@ class Publisher:
             await queue.bind(self._ex["start"], routing_key=pool)
             self._pools.add(pool)
 
-    async def publish_start(self, pool: str, body: bytes, *, message_id: str) -> None:
+    async def publish_start(
+        self, pool: str, body: bytes, *, message_id: str, expiration: float | None = None
+    ) -> None:
         """Raises BrokerError when the broker cannot route the order to the pool's queue
         (the order stays in the outbox); the queue is declared again on the next try."""
         await self.ensure_pool(pool)
         try:
-            await self._publish(self._ex["start"], pool, body, message_id=message_id, mandatory=True)
+            await self._publish(
+                self._ex["start"], pool, body, message_id=message_id, mandatory=True, expiration=expiration
+            )
         except BrokerError:
             self._pools.discard(pool)
             raise

@@ -99,6 +99,9 @@ class StartOrder(_Message):
     max_consecutive_failures: int = Field(ge=1)
     due_at: datetime
     claimed_at: datetime
+    # An order older than claimed_at + this is stale: recovery has dispatched the task
+    # again by then, so a runner drops it (the message's AMQP expiration is the same).
+    start_timeout_s: float | None = Field(None, gt=0)
 
 
 class StartBatch(_Message):

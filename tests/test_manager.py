@@ -22,7 +22,7 @@ from taskmgr.messages import Heartbeat, Report, RunnerReports, ServiceReport, en
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
-from tests.helpers import drain, schedule, start_orders, wait_for
+from tests.helpers import drain, queue_depth, schedule, start_orders, wait_for
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -742,3 +742,50 @@ async def test_start_messages_are_split_by_bytes_as_well_as_count(
     assert len(start_orders(bodies)) == 10
     assert all(len(b) <= MAX_START_MESSAGE_BYTES for b in bodies), [len(b) for b in bodies]
     assert len(bodies) >= 3
+
+
+async def test_the_relay_never_resends_an_order_its_publisher_still_waits_on(
+    engine, service, settings, topology
+) -> None:  # type: ignore[no-untyped-def]
+    """A broker slow to confirm (past RELAY_AFTER_S): the relay must not publish the
+    same order again meanwhile."""
+    from manager.dispatch import RELAY_AFTER_S
+
+    class SlowConfirms(Publisher):
+        release = asyncio.Event()
+
+        async def publish_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            await self.release.wait()
+            await super().publish_start(*args, **kwargs)
+
+    clock = Clock(datetime.now(UTC))
+    await service.create_type({"name": "box", "handler": "noop"})
+    [tid] = await schedule(service, "box", 1, due_at=clock.now)
+    async with SlowConfirms(url=settings.amqp_url, topology=topology) as slow:
+        disp = dispatcher(engine, slow, settings, clock)
+        first = asyncio.create_task(disp.poll_once())
+        async with asyncio.timeout(5):
+            while (await service.get_task(tid)).state is not State.STARTED:
+                await asyncio.sleep(0.02)
+        clock.advance(RELAY_AFTER_S + 1)
+        relay = asyncio.create_task(disp.relay_once())
+        await asyncio.sleep(0.2)
+        slow.release.set()
+        assert await relay == 0
+        assert (await first).published == 1
+    bodies = await drain(settings.amqp_url, topology.start_queue("default"), expect=1)
+    assert start_orders(bodies) == [(tid, 1)]
+
+
+async def test_a_start_order_expires_after_its_start_timeout(
+    engine, service, publisher, settings, topology
+) -> None:  # type: ignore[no-untyped-def]
+    """Nobody consumes the pool: the order does not pile up in its queue."""
+    await service.create_type({"name": "brief", "handler": "noop", "start_timeout_s": 0.5, "pool": "bench"})
+    await schedule(service, "brief", 1, due_at=datetime.now(UTC))
+    assert (await dispatcher(engine, publisher, settings).poll_once()).published == 1
+    queue = topology.start_queue("bench")
+    assert await queue_depth(settings.amqp_url, queue) == 1
+    async with asyncio.timeout(5):
+        while await queue_depth(settings.amqp_url, queue):
+            await asyncio.sleep(0.1)

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import httpx
@@ -451,6 +451,26 @@ async def test_a_stop_reaches_the_runner_while_start_orders_fill_its_prefetch(
         await r.wait_for(lambda: order.task_id not in r.active, within_s=5)
         assert r.counts["stopped"] == 1
         gate.open.set()
+
+
+async def test_a_stale_start_order_is_dropped(
+    settings: Settings, engine: AsyncEngine, service: TaskService, manager: FakeManager
+) -> None:
+    """An order older than its start timeout (recovery has dispatched the task again by
+    now) starts nothing; its message is settled."""
+    await make_type(service)
+    api = FakeAPI()
+    api.routes["/games/g1"] = scripted({"score": 0})
+    order = await order_for(service, "scores", {"host": "api.test", "game": "g1"})
+    stale = order.model_copy(
+        update={"claimed_at": datetime.now(UTC) - timedelta(seconds=60), "start_timeout_s": 30.0}
+    )
+    async with running(settings, engine, api) as run:
+        r = run.runner
+        await manager.start(stale)
+        await r.wait_for(lambda: r.counts["start_acked"] == 1)
+        assert r.counts["stale_orders"] == 1 and r.active == {}
+        assert manager.statuses(order.task_id) == []
 
 
 # -- failures ----------------------------------------------------------------------------
