@@ -22,6 +22,7 @@ from task_types.base import ChildSync, EmittedEvent, FollowOn, Handler, HandlerE
 from taskmgr.broker import BrokerError, Publisher
 from taskmgr.logs import task_fields
 from taskmgr.messages import Event, FollowOnOrder, ReportStatus, StartOrder, SyncOrder, encode
+from taskmgr.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,7 @@ class Poller:
         return _Next()
 
     def _failed(self, kind: str, error: str, transient: bool, retry_after: float | None = None) -> _Next:
+        error = redact_text(error)  # an error may quote the URL, and its credentials
         self._count(kind)
         self.failures += 1
         n = self.failures

@@ -15,6 +15,7 @@ Invariants it keeps (see DESIGN.md):
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import gc
 import logging
 import os
@@ -49,6 +50,7 @@ from taskmgr.messages import (
     decode_stop,
     encode,
 )
+from taskmgr.redact import redact_url
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,19 @@ SHUTDOWN_PUBLISH_TIMEOUT_S = 4.0
 # (task, attempt)s that ended here, remembered so a late duplicate start does not
 # restart them.
 ENDED_MEMORY = 50_000
+
+
+def allowed_hosts(base_urls: Mapping[str, str], extra: str) -> list[tuple[str, int | None]]:
+    """(host pattern, port or None for any) pairs: the base URLs' hosts and `extra`."""
+    out: list[tuple[str, int | None]] = []
+    for base in base_urls.values():
+        u = httpx.URL(base)
+        if u.host:
+            out.append((u.host, u.port))
+    for item in filter(None, (i.strip() for i in extra.split(","))):
+        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+        out.append((host.lower(), int(port) if port.isdigit() else None))
+    return out
 
 
 def default_runner_id() -> str:
@@ -115,6 +130,7 @@ class TaskRunner:
         self._registry = registry
         self._transport = transport
         self._base_urls = dict(base_urls if base_urls is not None else settings.base_urls())
+        self._allowed_hosts = allowed_hosts(self._base_urls, settings.allowed_hosts)
         self._limiter = HostLimiter(
             HostLimit(settings.host_concurrency, settings.host_rate), parse_host_limits(settings.host_limits)
         )
@@ -153,7 +169,9 @@ class TaskRunner:
             )
             client = httpx.AsyncClient(
                 transport=self._transport or fast_transport(),
-                follow_redirects=True,
+                # Redirects are not followed: one could lead to any host, past the
+                # allow-list and the per-host limits (a 3xx fails the poll).
+                follow_redirects=False,
                 headers={"User-Agent": USER_AGENT},
             )
             stack.push_async_callback(client.aclose)
@@ -297,6 +315,14 @@ class TaskRunner:
         finally:
             self._notify()
 
+    def _allowed(self, url: httpx.URL) -> bool:
+        """Whether the runner may call this URL's host: a provider's host (the base URLs
+        in use) or one TASKMGR_ALLOWED_HOSTS names (host, host:port or *.domain)."""
+        return any(
+            fnmatch.fnmatch(url.host, host) and (port is None or port == url.port)
+            for host, port in self._allowed_hosts
+        )
+
     def _take(self, order: StartOrder) -> asyncio.Future[None] | None:
         """Register one order; the future resolves when its report is confirmed."""
         tid = order.task_id
@@ -331,7 +357,12 @@ class TaskRunner:
             url = handler.url(order.url_template, order.payload, self._base_urls)
             parsed = httpx.URL(url)
             if parsed.scheme not in ("http", "https") or not parsed.host:
-                raise HandlerError(f"{url!r} is not an http(s) URL")
+                raise HandlerError(f"{redact_url(url)!r} is not an http(s) URL")
+            if not self._allowed(parsed):
+                # A payload must not make a runner call a host of its choosing (SSRF).
+                raise HandlerError(
+                    f"host {parsed.host!r} is not allowed (the providers' hosts and TASKMGR_ALLOWED_HOSTS)"
+                )
         except UnknownHandler as exc:
             # Not the task's fault: this runner is older or newer than the task type (a
             # rolling upgrade). Handed back as a rejection, it goes to another runner
@@ -354,7 +385,7 @@ class TaskRunner:
         metrics.ACTIVE_POLLERS.inc()
         self.counts["pollers_started"] += 1
         # Queued before the poller's first tick can report anything: reports keep order.
-        poller.running_report = self._report(order, "running", {"url": url}, confirm=True)
+        poller.running_report = self._report(order, "running", {"url": redact_url(url)}, confirm=True)
         poller.task = asyncio.create_task(self._run_poller(poller), name=f"poll-{tid}-{order.attempt}")
         return poller.running_report
 

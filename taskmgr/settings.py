@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     host_concurrency: int = Field(64, ge=1, description="concurrent requests per API host")
     host_rate: float = Field(0.0, ge=0, description="requests/s per API host (0: no limit)")
     host_limits: str = ""  # "host=concurrency:rate,..." overrides per host
+    # Hosts a runner may call besides the providers' (their base URLs): host, host:port
+    # or *.domain, comma-separated.
+    allowed_hosts: str = ""
     max_response_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="bytes of an API response body read at most (decompressed)"
     )

@@ -77,6 +77,7 @@ def settings(database_url: str, topology: broker.Topology) -> Settings:
         heartbeat_interval=0.3,
         runner_dead_after=2.0,
         schedule_cron="",  # tests seed the days they play; tests/test_seeding.py sets it
+        allowed_hosts="*.test,127.0.0.1",  # the fake APIs of the tests
     )
 
 

@@ -41,6 +41,7 @@ from taskmgr.messages import (
     decode_progress,
     encode,
 )
+from taskmgr.redact import redact_text, redact_url
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 
@@ -815,3 +816,86 @@ async def test_run_runner_entry_point(settings: Settings, manager: FakeManager) 
     async with asyncio.timeout(5):
         await task
     await manager.wait(lambda: manager.heartbeats[-1].stopping)
+
+
+# -- URLs a task may call -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:hunter2@api.example.com/x", "https://user:***@api.example.com/x"),
+        ("https://api.example.com/x?apiKey=s3cret&day=1", "https://api.example.com/x?apiKey=***&day=1"),
+        (
+            "https://api.example.com/x?api_key=a&token=b&sig=c",
+            "https://api.example.com/x?api_key=***&token=***&sig=***",
+        ),
+        ("https://api.example.com/x?day=1", "https://api.example.com/x?day=1"),
+    ],
+)
+def test_credentials_are_redacted(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert redact_text(f"ConnectError: cannot reach {url} now") == f"ConnectError: cannot reach {shown} now"
+
+
+async def test_a_payload_cannot_send_a_runner_to_another_host(
+    engine, service, settings: Settings, manager: FakeManager
+) -> None:  # type: ignore[no-untyped-def]
+    """The type's URL template takes the host from the payload: a host outside the
+    allow-list fails the order (kind url) and nothing is fetched from it."""
+    await make_type(service)
+    api = FakeAPI()
+    api.routes["/games/g1"] = scripted({"score": 0})
+    inside = await order_for(service, "scores", {"host": "api.test", "game": "g1"})
+    outside = await order_for(service, "scores", {"host": "169.254.169.254", "game": "g1"})
+    async with running(settings, engine, api) as run:
+        await manager.start(inside, outside)
+        await manager.wait(
+            lambda: manager.of(outside.task_id, "failed") and manager.of(inside.task_id, "running")
+        )
+        assert run.runner.active == {inside.task_id: 1}
+    failed = manager.of(outside.task_id, "failed")[0].detail
+    assert (
+        failed["kind"] == "url"
+        and "169.254.169.254" in failed["reason"]
+        and "not allowed" in failed["reason"]
+    )
+    assert api.on_host("169.254.169.254") == 0
+
+
+async def test_redirects_are_not_followed_and_the_recorded_url_has_no_secret(
+    engine, service, settings: Settings, manager: FakeManager
+) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    await service.create_type(
+        {
+            "name": "keyed",
+            "handler": "test_scores",
+            "url_template": "http://u:pw@{host}/games/{game}?apiKey=s3cret",
+            "poll_interval_s": 0.05,
+            "max_consecutive_failures": 2,
+        }
+    )
+    api = FakeAPI()
+    api.routes["/games/moved"] = lambda r: httpx.Response(
+        302, headers={"Location": "http://evil.example/steal"}
+    )
+    order = await order_for(service, "keyed", {"host": "api.test", "game": "moved"})
+    async with running(settings, engine, api):
+        await manager.start(order)
+        await manager.wait(lambda: manager.of(order.task_id, "failed"))
+    assert api.on_host("evil.example") == 0
+    assert {e.detail["kind"] for e in manager.of(order.task_id, "poll_error")} == {"http_3xx"}
+    recorded = manager.of(order.task_id, "running")[0].detail["url"]
+    assert "pw" not in recorded and "s3cret" not in recorded and recorded.startswith("http://u:***@api.test")
+
+
+def test_allowed_hosts_take_patterns_and_ports() -> None:
+    from runners.runner import allowed_hosts
+
+    pairs = allowed_hosts(
+        {"nba": "https://cdn.nba.com", "feed": "http://127.0.0.1:8765"}, "*.espn.com, stats.test:8443"
+    )
+    assert ("cdn.nba.com", None) in pairs and ("127.0.0.1", 8765) in pairs
+    assert ("*.espn.com", None) in pairs and ("stats.test", 8443) in pairs
