@@ -23,6 +23,7 @@ import click
 import yaml
 
 from taskmgr.errors import InvalidInput, TaskmgrError
+from taskmgr.redact import redact_text
 from taskmgr.settings import Settings
 
 T = TypeVar("T")
@@ -70,7 +71,7 @@ def run(coro: Awaitable[T]) -> T:
     except InvalidInput as exc:
         raise BadInput(str(exc)) from None
     except (TaskmgrError, LookupError) as exc:
-        raise Fail(str(exc).strip("'\"")) from None
+        raise Fail(redact_text(str(exc).strip("'\""))) from None
 
 
 def serve(main: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings) -> None:

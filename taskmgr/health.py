@@ -7,10 +7,12 @@ from datetime import timedelta
 from typing import Any
 
 import aio_pika
+from yarl import URL
 
 from taskmgr import store
 from taskmgr.db import make_engine
 from taskmgr.migrate import current_version
+from taskmgr.redact import redact_text
 from taskmgr.service import utcnow
 from taskmgr.settings import Settings
 
@@ -21,9 +23,28 @@ async def _broker_ok(settings: Settings) -> tuple[bool, str]:
     try:
         conn = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), CHECK_TIMEOUT_S)
     except Exception as exc:
-        return False, f"RabbitMQ unreachable: {exc!r}"[:300]
+        return False, redact_text(f"RabbitMQ unreachable: {exc!r}")[:300]
     await conn.close()
     return True, "reachable"
+
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
+
+
+def development_passwords(settings: Settings) -> list[str]:
+    """The connections that use a development password (none, the user's own name, or
+    guest/guest) against a host other than this one: fine on a developer's machine,
+    not in production."""
+    found = []
+    for what, url in (("database", settings.database_url), ("broker", settings.amqp_url)):
+        u = URL(url)
+        user = u.user or ("guest" if what == "broker" else "")
+        password = u.password or ""
+        if (u.host or "") in LOCAL_HOSTS:
+            continue
+        if not password or password == user or (user, password) == ("guest", "guest"):
+            found.append(f"{what}: user {user!r} on {u.host} has a development password (set a real one)")
+    return found
 
 
 async def check_health(settings: Settings, *, need_runners: bool = True) -> dict[str, tuple[bool, str]]:
@@ -46,8 +67,11 @@ async def check_health(settings: Settings, *, need_runners: bool = True) -> dict
             if need_runners:
                 results["runners"] = (bool(runners), f"{len(runners)} heartbeating")
         except Exception as exc:
-            results["database"] = (False, f"PostgreSQL unreachable: {exc!r}"[:300])
+            results["database"] = (False, redact_text(f"PostgreSQL unreachable: {exc!r}")[:300])
         results["broker"] = await _broker_ok(settings)
+        weak = development_passwords(settings)
+        if weak:
+            results["passwords"] = (False, "; ".join(weak))
     finally:
         await engine.dispose()
     return results

@@ -10,6 +10,8 @@ from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
+from taskmgr.redact import redact_text
+
 TASK_FIELDS = ("task_id", "root_task_id", "task_runner_id", "attempt")
 
 
@@ -30,9 +32,22 @@ class _TextFormatter(logging.Formatter):
         return f"{line} [{tags}]" if tags else line
 
 
+class RedactSecrets(logging.Filter):
+    """Every URL in a line has its password and secret query values masked (a library's
+    error message may quote a connection URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
 def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Root logging to `stream` (default: stderr) in the chosen format."""
+    """Root logging to `stream` (default: stderr) in the chosen format, secrets masked."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(RedactSecrets())
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"asctime": "time"})

@@ -226,3 +226,52 @@ def test_schedule_seed_by_hand(cli, sports_types) -> None:  # type: ignore[no-un
     # By hand a day is synced again (its games are never duplicated by the sync).
     again = cli("schedule", "seed", "--date", "2026-11-24", "--provider", "nba", "-o", "json")
     assert json.loads(again.stdout)["schedule_tasks_created"] == 1
+
+
+# -- secrets hygiene -------------------------------------------------------------------
+
+
+def test_check_reports_development_passwords_against_a_remote_host() -> None:
+    env = {
+        "TASKMGR_DATABASE_URL": "postgresql+asyncpg://taskmgr_manager:taskmgr_manager@db.invalid:5432/taskmgr",
+        "TASKMGR_AMQP_URL": "amqp://guest:guest@rabbit.invalid:5672/",
+    }
+    result = CliRunner().invoke(main, ["check", "--no-runners", "-o", "json"], env=env)
+    assert result.exit_code == 1
+    checks = {c["check"]: c for c in json.loads(result.stdout)}
+    assert not checks["passwords"]["ok"]
+    assert "database: user 'taskmgr_manager' on db.invalid" in checks["passwords"]["detail"]
+    assert "broker: user 'guest' on rabbit.invalid" in checks["passwords"]["detail"]
+    assert "taskmgr_manager:taskmgr_manager" not in result.stdout
+
+
+def test_development_passwords_are_fine_on_this_machine_and_real_ones_anywhere() -> None:
+    from taskmgr.health import development_passwords
+
+    local = Settings(
+        database_url="postgresql+asyncpg://postgres@127.0.0.1/x", amqp_url="amqp://guest:guest@localhost/"
+    )
+    assert development_passwords(local) == []
+    real = Settings(
+        database_url="postgresql+asyncpg://taskmgr_manager:Zq8-long-random@db.example/x",
+        amqp_url="amqp://taskmgr_manager:Yx7-long-random@mq.example/",
+    )
+    assert development_passwords(real) == []
+
+
+def test_no_password_in_help_errors_or_logs(capsys) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import logging
+
+    from taskmgr.logs import configure
+
+    secret_env = {"TASKMGR_DATABASE_URL": "postgresql+asyncpg://u:s3cret-pw@127.0.0.1:1/none"}
+    helped = CliRunner().invoke(main, ["--help"], env=secret_env)
+    assert "s3cret-pw" not in helped.output
+    failed = CliRunner().invoke(main, ["tasks", "list"], env=secret_env)
+    assert failed.exit_code == 1 and "s3cret-pw" not in failed.output
+    stream = io.StringIO()
+    configure("INFO", "text", stream)
+    logging.getLogger("t").warning("cannot connect to %s", "amqp://mq:s3cret-pw@mq.example/?apiKey=k3y")
+    assert "s3cret-pw" not in stream.getvalue() and "k3y" not in stream.getvalue()
+    assert "amqp://mq:***@mq.example/?apiKey=***" in stream.getvalue()
