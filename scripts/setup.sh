@@ -128,21 +128,17 @@ create_database() {
 rabbit_users() {
   local existing
   existing=$(rabbitmqctl -q list_users 2>/dev/null | cut -f1)
-  local spec user conf write read
-  # user, then the configure, write and read permission patterns (space-separated).
-  for spec in \
-    'taskmgr_manager ^[^.]+\.(start|start\..+|control|events|reports|dlx|dead|progress)$ ^[^.]+\.(start|start\..+|control|events|dlx|dead|progress)$ ^[^.]+\.(start|start\..+|events|reports|dlx|dead|progress)$' \
-    'taskmgr_runner ^[^.]+\.(start\..+|control\..+)$ ^[^.]+\.(reports|events|dlx|control\..+)$ ^[^.]+\.(start\..+|control|control\..+)$' \
-    'taskmgr_service ^$ ^[^.]+\.reports$ ^$' \
-    'taskmgr_consumer ^(amq\.gen-.*|amq_[0-9a-f]+|[^.]+\.consumer\..+)$ ^(amq\.gen-.*|amq_[0-9a-f]+|[^.]+\.consumer\..+)$ ^([^.]+\.events|amq\.gen-.*|amq_[0-9a-f]+|[^.]+\.consumer\..+)$'; do
-    read -r user conf write read <<<"$spec"
+  local user conf write read
+  # One line per user in scripts/rabbitmq-users: the configure, write and read patterns.
+  while read -r user conf write read; do
+    [[ -z "$user" || "$user" == \#* ]] && continue
     if ! grep -qx "$user" <<<"$existing"; then
       say "creating RabbitMQ user $user"
       local var="TASKMGR_RABBIT_PASSWORD_${user^^}"
-      rabbitmqctl -q add_user "$user" "${!var:-$user}" >/dev/null
+      rabbitmqctl -q add_user "$user" "${!var:-$user}" >/dev/null </dev/null
     fi
-    rabbitmqctl -q set_permissions -p / "$user" "$conf" "$write" "$read" >/dev/null
-  done
+    rabbitmqctl -q set_permissions -p / "$user" "$conf" "$write" "$read" >/dev/null </dev/null
+  done <"$here/scripts/rabbitmq-users"
 }
 
 make_venv() {

@@ -309,8 +309,8 @@ def test_prometheus_scrapes_the_manager_and_runner_services() -> None:
     # The dashboard's "Runners up" counts the runner job by name.
     assert "taskmgr-runner" in targets and targets["taskmgr-runner"] == {"runner:9100"}
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    env = compose["x-taskmgr"]["environment"]
-    assert env["TASKMGR_METRICS_PORT"] == "9100"
+    for service in ("manager", "runner"):
+        assert compose["services"][service]["environment"]["TASKMGR_METRICS_PORT"] == "9100"
     assert (
         "./docs/observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
         in (compose["services"]["prometheus"]["volumes"])
