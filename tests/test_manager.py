@@ -789,3 +789,23 @@ async def test_a_start_order_expires_after_its_start_timeout(
     async with asyncio.timeout(5):
         while await queue_depth(settings.amqp_url, queue):
             await asyncio.sleep(0.1)
+
+
+async def test_an_unroutable_start_order_stays_in_the_outbox(
+    engine, service, publisher, settings, topology, poll_type
+) -> None:  # type: ignore[no-untyped-def]
+    """The pool's queue is deleted after the publisher declared it: the broker returns
+    the mandatory order (basic.return) and it must not count as sent; the relay sends it
+    once the queue is declared again."""
+    [tid] = await schedule(service, poll_type, 1, due_at=datetime.now(UTC) - timedelta(seconds=1))
+    queue = topology.start_queue("default")
+    await publisher.ensure_pool("default")
+    conn = await aio_pika.connect(settings.amqp_url)
+    async with conn:
+        await (await conn.channel()).queue_delete(queue)
+    counts = await dispatcher(engine, publisher, settings).poll_once()
+    assert counts.claimed == 1
+    assert counts.published == 0 and counts.publish_failed == 1, "a returned order counted as sent"
+    clock = Clock(datetime.now(UTC) + timedelta(seconds=10))
+    assert await dispatcher(engine, publisher, settings, clock).relay_once() == 1
+    assert start_orders(await drain(settings.amqp_url, queue, expect=1)) == [(tid, 1)]
