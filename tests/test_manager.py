@@ -309,6 +309,42 @@ async def test_an_order_nobody_ever_takes_fails_after_a_bounded_number_of_tries(
     assert (await disp.poll_once()).claimed == 0
 
 
+async def test_undelivered_orders_are_counted_in_a_row_since_the_task_last_ran(
+    engine, service, publisher, settings
+) -> None:  # type: ignore[no-untyped-def]
+    """Start timeouts count towards MAX_UNDELIVERED only in a row: a runner reporting
+    RUNNING resets the count, so a long-lived task that met a few restarts of its pool
+    over its life does not fail for them."""
+    from manager.recovery import MAX_UNDELIVERED
+
+    await service.create_type({"name": "quick", "handler": "noop", "start_timeout_s": 5})
+    clock = Clock(datetime.now(UTC))
+    [tid] = await schedule(service, "quick", 1, due_at=clock.now)
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    disp = dispatcher(engine, publisher, settings, clock)
+    recovery = Recovery(engine=engine, settings=settings, clock=clock)
+
+    async def undelivered_times(n: int) -> None:
+        for _ in range(n):
+            assert (await disp.poll_once()).claimed == 1
+            clock.advance(6)
+            assert (await recovery.run_once()).start_timeouts == 1
+
+    await undelivered_times(MAX_UNDELIVERED - 1)
+    await disp.poll_once()
+    attempt = (await service.get_task(tid)).attempt
+    await intake.apply(
+        [Heartbeat(runner_id="r1", pool="default", at=clock.now), _reports("r1", (tid, attempt, "running"))]
+    )
+    assert (await service.get_task(tid)).state is State.RUNNING
+    clock.advance(settings.runner_dead_after + 1)
+    assert (await recovery.run_once()).from_dead_runners == 1
+    await undelivered_times(MAX_UNDELIVERED - 1)
+    assert (await service.get_task(tid)).state is State.RETRYING
+    await undelivered_times(1)
+    assert (await service.get_task(tid)).state is State.FAILED
+
+
 async def test_a_task_whose_runners_keep_dying_fails(
     engine,
     service,
