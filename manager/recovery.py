@@ -22,8 +22,9 @@ RECOVERY_BATCH = 5000
 # A task whose runners died this many times while holding it fails (a task that kills
 # its runner must not walk through the pool killing each runner in turn).
 MAX_RUNNER_DEATHS = 3
-# A task whose start order no runner took this many times fails (its pool has no
-# consumer): it is not re-sent every start timeout forever.
+# A task whose start order no runner took this many times in a row (since a runner last
+# reported it RUNNING) fails (its pool has no consumer): not re-sent every start timeout
+# forever, while a long-lived task that met a few pool restarts over its life goes on.
 MAX_UNDELIVERED = 5
 
 
@@ -76,10 +77,13 @@ class Recovery:
                 lambda c: "no runner took the start order within the type's start_timeout_s",
                 bound=MAX_UNDELIVERED,
                 bound_reason=lambda n: f"no runner took its start order {n} times: is its pool consumed?",
+                since_running=True,
             )
         return counts
 
-    async def _redispatch(self, conn, ids, now, still, reason_label, reason, *, bound, bound_reason):  # type: ignore[no-untyped-def]
+    async def _redispatch(  # type: ignore[no-untyped-def]
+        self, conn, ids, now, still, reason_label, reason, *, bound, bound_reason, since_running=False
+    ):
         """RETRYING now, same attempt: discovery gives it the next attempt number, which
         fences the old runner's late reports. Not a failure: max_attempts is untouched,
         except that a task taken back `bound` times for the same reason FAILS."""
@@ -87,7 +91,13 @@ class Recovery:
             return 0
         current = await store.lock_states(conn, ids)
         taken = [c for c in current.values() if c.state in (State.STARTED, State.RUNNING) and still(c)]
-        before = await store.recoveries(conn, [c.task_id for c in taken], reason_label) if taken else {}
+        before = (
+            await store.recoveries(
+                conn, [c.task_id for c in taken], reason_label, since_running=since_running
+            )
+            if taken
+            else {}
+        )
         transitions = []
         for c in taken:
             n = before.get(c.task_id, 0) + 1

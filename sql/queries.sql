@@ -356,7 +356,11 @@ on conflict (provider, league, day) do nothing;
 
 -- recoveries --
 -- How many times recovery took each of these tasks back for this reason (runner_dead,
--- start_timeout): past a bound the task fails instead.
-select task_id, count(*) as n from task_events
-where task_id = any(cast(:ids as uuid[])) and applied and detail->>'recovery' = :label
-group by task_id;
+-- start_timeout): past a bound the task fails instead. since_running: only those since
+-- the task last reached RUNNING (undelivered orders count in a row; deaths do not reset).
+select e.task_id, count(*) as n from task_events e
+where e.task_id = any(cast(:ids as uuid[])) and e.applied and e.detail->>'recovery' = :label
+  and (not cast(:since_running as boolean) or e.seq > coalesce((
+      select max(r.seq) from task_events r
+      where r.task_id = e.task_id and r.applied and r.state = 'RUNNING'), 0))
+group by e.task_id;

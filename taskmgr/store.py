@@ -403,9 +403,12 @@ async def current_attempts(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UU
     return {r.task_id: TaskAttempt(r.task_id, State(r.state), r.attempt, r.runner_id) for r in rows}
 
 
-async def recoveries(conn: Conn, ids: Sequence[uuid.UUID], label: str) -> dict[uuid.UUID, int]:
-    """How many times recovery took each task back for `label` (runner_dead, start_timeout)."""
-    rows = await _run(conn, "recoveries", {"ids": list(ids), "label": label})
+async def recoveries(
+    conn: Conn, ids: Sequence[uuid.UUID], label: str, *, since_running: bool = False
+) -> dict[uuid.UUID, int]:
+    """How many times recovery took each task back for `label` (runner_dead, start_timeout);
+    since_running: only since the task last reached RUNNING (a count in a row)."""
+    rows = await _run(conn, "recoveries", {"ids": list(ids), "label": label, "since_running": since_running})
     return {r.task_id: r.n for r in rows}
 
 

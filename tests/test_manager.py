@@ -309,6 +309,42 @@ async def test_an_order_nobody_ever_takes_fails_after_a_bounded_number_of_tries(
     assert (await disp.poll_once()).claimed == 0
 
 
+async def test_undelivered_orders_are_counted_in_a_row_since_the_task_last_ran(
+    engine, service, publisher, settings
+) -> None:  # type: ignore[no-untyped-def]
+    """Start timeouts count towards MAX_UNDELIVERED only in a row: a runner reporting
+    RUNNING resets the count, so a long-lived task that met a few restarts of its pool
+    over its life does not fail for them."""
+    from manager.recovery import MAX_UNDELIVERED
+
+    await service.create_type({"name": "quick", "handler": "noop", "start_timeout_s": 5})
+    clock = Clock(datetime.now(UTC))
+    [tid] = await schedule(service, "quick", 1, due_at=clock.now)
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    disp = dispatcher(engine, publisher, settings, clock)
+    recovery = Recovery(engine=engine, settings=settings, clock=clock)
+
+    async def undelivered_times(n: int) -> None:
+        for _ in range(n):
+            assert (await disp.poll_once()).claimed == 1
+            clock.advance(6)
+            assert (await recovery.run_once()).start_timeouts == 1
+
+    await undelivered_times(MAX_UNDELIVERED - 1)
+    await disp.poll_once()
+    attempt = (await service.get_task(tid)).attempt
+    await intake.apply(
+        [Heartbeat(runner_id="r1", pool="default", at=clock.now), _reports("r1", (tid, attempt, "running"))]
+    )
+    assert (await service.get_task(tid)).state is State.RUNNING
+    clock.advance(settings.runner_dead_after + 1)
+    assert (await recovery.run_once()).from_dead_runners == 1
+    await undelivered_times(MAX_UNDELIVERED - 1)
+    assert (await service.get_task(tid)).state is State.RETRYING
+    await undelivered_times(1)
+    assert (await service.get_task(tid)).state is State.FAILED
+
+
 async def test_a_task_whose_runners_keep_dying_fails(
     engine,
     service,
@@ -789,3 +825,23 @@ async def test_a_start_order_expires_after_its_start_timeout(
     async with asyncio.timeout(5):
         while await queue_depth(settings.amqp_url, queue):
             await asyncio.sleep(0.1)
+
+
+async def test_an_unroutable_start_order_stays_in_the_outbox(
+    engine, service, publisher, settings, topology, poll_type
+) -> None:  # type: ignore[no-untyped-def]
+    """The pool's queue is deleted after the publisher declared it: the broker returns
+    the mandatory order (basic.return) and it must not count as sent; the relay sends it
+    once the queue is declared again."""
+    [tid] = await schedule(service, poll_type, 1, due_at=datetime.now(UTC) - timedelta(seconds=1))
+    queue = topology.start_queue("default")
+    await publisher.ensure_pool("default")
+    conn = await aio_pika.connect(settings.amqp_url)
+    async with conn:
+        await (await conn.channel()).queue_delete(queue)
+    counts = await dispatcher(engine, publisher, settings).poll_once()
+    assert counts.claimed == 1
+    assert counts.published == 0 and counts.publish_failed == 1, "a returned order counted as sent"
+    clock = Clock(datetime.now(UTC) + timedelta(seconds=10))
+    assert await dispatcher(engine, publisher, settings, clock).relay_once() == 1
+    assert start_orders(await drain(settings.amqp_url, queue, expect=1)) == [(tid, 1)]
