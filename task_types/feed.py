@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import hashlib
 import json
 import random
@@ -76,6 +77,11 @@ class Faults:
     slow_s: float = 2.0
     postponed: list[str] = field(default_factory=list)  # game ids served as postponed
     moved: dict[str, float] = field(default_factory=dict)  # game id -> seconds its start moves
+    # Game ids whose first score is taken back later in its period (a disallowed goal, a
+    # reviewed basket): the truth and every body follow the corrected score.
+    reversals: list[str] = field(default_factory=list)
+    # Game ids answered with a gzip bomb (BOMB_BYTES of zeros, a few KB on the wire).
+    bombs: list[str] = field(default_factory=list)
 
     def updated(self, changes: dict[str, Any]) -> Faults:
         known = {f.name for f in fields(self)}
@@ -84,8 +90,10 @@ class Faults:
             raise ValueError(f"unknown fault settings: {', '.join(sorted(unknown))}")
         merged = {**asdict(self), **changes}
         faults = Faults(
-            **{k: v for k, v in merged.items() if k not in ("postponed", "moved")},
+            **{k: v for k, v in merged.items() if k not in ("postponed", "reversals", "bombs", "moved")},
             postponed=[str(g) for g in merged["postponed"]],
+            reversals=[str(g) for g in merged["reversals"]],
+            bombs=[str(g) for g in merged["bombs"]],
             moved={str(k): float(v) for k, v in dict(merged["moved"]).items()},
         )
         for name in ("error_5xx", "timeout", "rate_limit_429", "malformed", "slow"):
@@ -287,6 +295,19 @@ class SimulatedDay:
         moved = self.faults.moved.get(game.game_id, 0.0)
         return self.epoch + timedelta(seconds=game.start_offset_s + moved)
 
+    def scores_of(self, game: SimGame) -> tuple[Score, ...]:
+        """The game's scoring plays, with the reversal of its first one when the game is
+        in faults.reversals: halfway between that play and the next one of the period
+        (or the period's end), the same points are taken back."""
+        if game.game_id not in self.faults.reversals or not game.scores:
+            return game.scores
+        first = min(game.scores, key=lambda s: s.offset_s)
+        step = self.config.period_s + self.config.intermission_s
+        period_end = (first.period - 1) * step + self.config.period_s
+        later = [s.offset_s for s in game.scores if s.period == first.period and s.offset_s > first.offset_s]
+        back = (first.offset_s + min([*later, period_end])) / 2
+        return (*game.scores, Score(back, first.period, first.side, -first.points))
+
     def snapshot(self, game: SimGame, at: datetime) -> Snapshot:
         start = self.start(game)
         periods = PERIODS[game.provider]
@@ -305,7 +326,7 @@ class SimulatedDay:
             period = min(int(elapsed // step) + 1, periods)
             in_period = elapsed - (period - 1) * step
         intermission = not final and in_period >= cfg.period_s
-        seen = [s for s in game.scores if s.offset_s <= elapsed]
+        seen = [s for s in self.scores_of(game) if s.offset_s <= elapsed]
         lines: list[tuple[int | None, int | None]] = []
         for number in range(1, period + 1):
             home = sum(s.points for s in seen if s.period == number and s.side == "home")
@@ -341,7 +362,7 @@ class SimulatedDay:
             snap = self.snapshot(game, at)
             home = away = 0
             changes = []
-            for score in sorted(game.scores, key=lambda s: s.offset_s):
+            for score in sorted(self.scores_of(game), key=lambda s: s.offset_s):
                 home += score.points if score.side == "home" else 0
                 away += score.points if score.side == "away" else 0
                 changes.append(
@@ -772,6 +793,16 @@ class SimulatedDay:
         return body
 
 
+# A gzip bomb for the `bombs` fault: this many bytes once inflated.
+BOMB_BYTES = 64 * 1024 * 1024
+BOMB = object()  # what _game_body returns for a game answered with the bomb
+
+
+@cache
+def _bomb() -> bytes:
+    return gzip.compress(b"0" * BOMB_BYTES, compresslevel=9)
+
+
 def _ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
@@ -851,6 +882,10 @@ class _FeedServer:
         body = make_body()
         if body is None:
             return web.json_response({"error": "not found"}, status=404)
+        if body is BOMB:
+            return web.Response(
+                body=_bomb(), headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            )
         if malformed:
             raw = json.dumps(body, separators=(",", ":")).encode()
             cut = raw[: max(1, len(raw) // 2)]
@@ -858,6 +893,8 @@ class _FeedServer:
         return self._json(request, body)
 
     def _game_body(self, provider: str, game_id: str) -> Any:
+        if game_id in self.day.faults.bombs:
+            return BOMB
         game = self.day.game(provider, game_id)
         return None if game is None else self.day.game_body(provider, game, self.now())
 

@@ -99,14 +99,26 @@ def observe(ctx: PollContext, game: Game) -> Outcome:
 
     score = [game.away_score, game.home_score]
     if under_way and None not in score and score != state.get("score"):
+        # The key names the observation (the same score seen by two polls has one id),
+        # with a generation that grows whenever a score goes back (a disallowed goal, a
+        # reviewed basket): the corrected score is a new event, not a repeat consumers
+        # would drop. Box scores carry no play sequence to count instead, so a new
+        # attempt (its runner died; it cannot know what the old one saw) starts a
+        # generation of its own and never reuses an old id for a score that has since
+        # changed.
+        previous = state.get("score")
+        back = bool(previous) and (score[0] < previous[0] or score[1] < previous[1])
+        reversals = int(state.get("reversals", 0)) + (1 if back else 0)
+        generation = "" if (ctx.attempt, reversals) == (1, 0) else f":a{ctx.attempt}r{reversals}"
         events.append(
             EmittedEvent(
                 "score.changed",
-                f"p{game.period}:{game.away_score}-{game.home_score}",
+                f"p{game.period}:{game.away_score}-{game.home_score}{generation}",
                 {**ref, **_scores(game), "period": game.period},
             )
         )
         state["score"] = score
+        state["reversals"] = reversals
 
     # A period is over when a later one has begun, or when the game is final.
     last_over = game.period if game.status is GameStatus.FINAL else game.period - 1

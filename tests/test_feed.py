@@ -4,6 +4,7 @@ put in the past (or games are moved) instead."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -219,3 +220,26 @@ async def test_unknown_game_and_other_days(feed: RunningFeed) -> None:
         )
         week = reply.json()["gameWeek"]
         assert [len(d["games"]) for d in week[:3]] == [0, 2, 0]
+
+
+async def test_bomb_and_reversal_controls(feed: RunningFeed) -> None:
+    """The faults the chaos day uses: one game answered with a gzip bomb, another whose
+    first score is taken back (the truth shows the score going back)."""
+    from task_types.feed import BOMB_BYTES
+
+    nba, nhl = feed.day.of("nba")[0], feed.day.of("nhl")[0]
+    async with httpx.AsyncClient(timeout=10) as client:
+        await set_faults(client, feed, bombs=[nba.game_id], reversals=[nhl.game_id])
+        adapter = get_provider("nba")
+        url = feed.base_urls()["nba"] + adapter.game_path(nba.game_id, nba.league)
+        async with client.stream("GET", url) as reply:
+            assert reply.headers["content-encoding"] == "gzip"
+            wire = int(reply.headers["content-length"])
+            inflated = sum([len(chunk) async for chunk in reply.aiter_bytes()])
+        assert wire < 200_000 and inflated == BOMB_BYTES
+        truth = {g["game_id"]: g for g in (await client.get(f"{feed.url}/_truth")).json()["games"]}
+        changes = [(c["home"], c["away"]) for c in truth[nhl.game_id]["score_changes"]]
+        assert any(b[0] < a[0] or b[1] < a[1] for a, b in itertools.pairwise(changes)), changes
+        game = await get_game(client, feed, "nhl", nhl.game_id)
+        assert (game.home_score, game.away_score) == changes[-1]
+        await set_faults(client, feed, bombs=[], reversals=[])

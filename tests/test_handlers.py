@@ -62,7 +62,9 @@ def sim(**overrides: Any) -> SimulatedDay:
     return SimulatedDay(config, EPOCH)
 
 
-def run_game(day: SimulatedDay, provider: str, step_s: float) -> tuple[list[Outcome], dict[str, Any]]:
+def run_game(
+    day: SimulatedDay, provider: str, step_s: float, max_polls: int = 500
+) -> tuple[list[Outcome], dict[str, Any]]:
     """Poll one simulated game every step_s until the handler says done."""
     game = day.of(provider)[0]
     payload = {
@@ -75,7 +77,7 @@ def run_game(day: SimulatedDay, provider: str, step_s: float) -> tuple[list[Outc
     state: dict[str, Any] = {}
     outcomes = []
     at = EPOCH
-    for _ in range(500):
+    for _ in range(max_polls):
         outcome = handler.handle(ctx(payload, state, at), response(day.game_body(provider, game, at)))
         outcomes.append(outcome)
         state = dict(outcome.state)
@@ -344,3 +346,42 @@ def test_schedule_from_the_feed_drops_postponed(provider: str) -> None:
     assert after.sync.follow_ons[1].due_at == moved == day.start(games[2]).replace(**precision)
     assert after.events[0].key != before.events[0].key
     assert after.events[0].data["by_status"]["postponed"] == 1
+
+
+@pytest.mark.parametrize("provider", ["nba", "espn", "mlb", "nhl"])
+def test_a_score_taken_back_is_a_new_event_with_the_corrected_score(provider: str) -> None:
+    """The feed takes a game's first score back later in its period: the poller emits
+    the corrected score as an event of its own (before, it got the id of the first
+    observation of that score, and consumers that drop repeats dropped the correction),
+    and the last score event is the true final."""
+    day = sim()
+    game = day.of(provider)[0]
+    day.faults = day.faults.updated({"reversals": [game.game_id]})
+    outcomes, truth = run_game(day, provider, step_s=0.01, max_polls=5000)
+    scores = [
+        (e.event_id(TASK), (e.data["away_score"], e.data["home_score"]))
+        for o in outcomes
+        for e in o.events
+        if e.name == "score.changed"
+    ]
+    seen = [s for _, s in scores]
+    went_back = [i for i in range(1, len(seen)) if seen[i][0] < seen[i - 1][0] or seen[i][1] < seen[i - 1][1]]
+    assert went_back, f"the reversal was observed: {seen}"
+    reverted = seen[went_back[0]]
+    # Every score event has an id of its own, a score that came back included.
+    assert len({i for i, _ in scores}) == len(scores), scores
+    if provider == "nhl":  # one goal taken back: the score is one seen before
+        assert seen.count(reverted) >= 2
+    assert seen[-1] == (truth["final"]["away"], truth["final"]["home"])
+    changes = [(c["away"], c["home"]) for c in truth["score_changes"]]
+    assert reverted in changes[changes.index(seen[went_back[0] - 1]) + 1 :], "the truth shows it too"
+
+
+def test_the_same_observation_polled_twice_has_one_id() -> None:
+    day = sim()
+    game = day.of("nhl")[0]
+    day.faults = day.faults.updated({"reversals": [game.game_id]})
+    first, _ = run_game(day, "nhl", step_s=0.05)
+    again, _ = run_game(day, "nhl", step_s=0.05)
+    ids = lambda os: [e.event_id(TASK) for o in os for e in o.events]  # noqa: E731
+    assert ids(first) == ids(again)
