@@ -106,8 +106,9 @@ def observe(ctx: PollContext, game: Game) -> Outcome:
         # attempt (its runner died; it cannot know what the old one saw) starts a
         # generation of its own and never reuses an old id for a score that has since
         # changed.
-        previous = state.get("score") or score
-        back = score[0] < previous[0] or score[1] < previous[1]
+        previous: list[int] = list(state.get("score") or [0, 0])
+        away, home = int(game.away_score or 0), int(game.home_score or 0)
+        back = away < previous[0] or home < previous[1]
         reversals = int(state.get("reversals", 0)) + (1 if back else 0)
         generation = "" if (ctx.attempt, reversals) == (1, 0) else f":a{ctx.attempt}r{reversals}"
         events.append(
