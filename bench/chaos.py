@@ -5,8 +5,9 @@ runners (running as their least-privilege roles) do the work and this harness in
 faults at random, from a printed seed so a run can be replayed: SIGKILL of a runner,
 SIGKILL of the leading manager, the services' RabbitMQ connections closed, a PostgreSQL
 restart, bursts of API 5xx / timeouts / malformed bodies, the leader frozen (SIGSTOP)
-for longer than the leadership bound, poison progress messages and start orders, and a
-RabbitMQ memory alarm that blocks every publisher for 40 s. A consumer records every
+for longer than the leadership bound, poison progress messages and start orders, a
+RabbitMQ memory alarm that blocks every publisher for 40 s, a game answered with a gzip
+bomb, and a game whose first score is taken back. A consumer records every
 event. At the end the harness checks, against the feed's ground truth:
 
 - every game has exactly one `game.final` event id, with the right final score;
@@ -20,6 +21,7 @@ event. At the end the harness checks, against the feed's ground truth:
 - no (task, attempt) has two STARTED events;
 - no runner or manager died but those the harness killed;
 - every dead-lettered message is one the harness made poison;
+- a game whose score was taken back ends, for consumers, on the corrected score;
 - dispatch lateness p99 stays under 10 s outside the windows where no leader could act
   (a leader killed or frozen, PostgreSQL restarting, publishes blocked by the alarm).
 
@@ -56,7 +58,9 @@ from taskmgr.migrate import recreate_database, with_database
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 
-KINDS = ("runner", "manager", "broker", "postgres", "api", "freeze", "poison", "alarm")
+KINDS = ("runner", "manager", "broker", "postgres", "api", "freeze", "poison", "alarm", "bomb", "reversal")
+# How long the feed answers one game with a gzip bomb.
+BOMB_S = 2.0
 # How long the leader stays frozen: longer than the leadership bound (manager/leadership).
 FREEZE_S = 20.0
 # A RabbitMQ memory alarm this long (publishers blocked), longer than a runner's confirm
@@ -120,6 +124,7 @@ class Harness:
         self.killed: set[str] = set()  # processes the harness killed on purpose
         self.poison: set[bytes] = set()  # bodies the harness made poison
         self.poison_sent = 0
+        self.reversed: set[str] = set()  # games whose first score the feed takes back
         self.leaderless: list[tuple[float, float]] = []  # wall-clock windows (epoch s)
         self.background: set[asyncio.Task[Any]] = set()
         self.watermark: str | None = None  # RabbitMQ's, before the first alarm
@@ -203,6 +208,17 @@ class Harness:
             return f"closed {closed} RabbitMQ connections"
         if kind == "freeze":
             return await self.freeze(engine)
+        if kind == "bomb":
+            gid = await self.a_game()
+            await self.set_feed_faults({"bombs": [gid]})
+            await asyncio.sleep(BOMB_S)
+            await self.set_feed_faults({"bombs": []})
+            return f"game {gid} answered with a gzip bomb for {BOMB_S:.0f} s"
+        if kind == "reversal":
+            gid = await self.a_game()
+            self.reversed.add(gid)
+            await self.set_feed_faults({"reversals": sorted(self.reversed)})
+            return f"game {gid}: its first score is taken back"
         if kind == "poison":
             return await self.send_poison()
         if kind == "alarm":
@@ -224,6 +240,12 @@ class Harness:
         await asyncio.sleep(self.rng.uniform(2, 5))
         await self.set_feed_faults({"error_5xx": 0.0, "malformed": 0.0, "timeout": 0.0})
         return f"API faults {rates}"
+
+    async def a_game(self) -> str:
+        """A game not over yet (any game if all are), chosen by the seeded generator."""
+        games = (await self.truth())["games"]
+        live = [g["game_id"] for g in games if g["status"] != "final"] or [g["game_id"] for g in games]
+        return str(self.rng.choice(sorted(live)))
 
     async def freeze(self, engine: Any) -> str:
         """SIGSTOP the leader for longer than the leadership bound, then SIGCONT: a
@@ -549,6 +571,23 @@ class Harness:
                 if score not in real:
                     phantom.append((gid, score))
                 seen_scores[gid].add(score)
+        last_score: dict[str, tuple[Any, Any]] = {}
+        for _, ev in self.events:
+            if ev.event == "score.changed":
+                last_score[str(ev.data.get("game_id"))] = (
+                    ev.data.get("home_score"),
+                    ev.data.get("away_score"),
+                )
+        stale = {
+            g: last_score.get(g)
+            for g in self.reversed
+            if g in truth and last_score.get(g) != (truth[g]["final"]["home"], truth[g]["final"]["away"])
+        }
+        inv["games with a score taken back end on the corrected score"] = {
+            "ok": not stale,
+            "games": len(self.reversed),
+            "bad": stale,
+        }
         bad_finals = {g: len(finals.get(g, ())) for g in truth if len(finals.get(g, ())) != 1}
         inv["one game.final event id per game"] = {"ok": not bad_finals, "bad": bad_finals}
         inv["final scores match the feed"] = {"ok": not wrong_final, "bad": wrong_final}

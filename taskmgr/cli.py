@@ -1050,7 +1050,7 @@ _lazy_bench(
     default="all",
     show_default=True,
     help="Fault kinds to inject, comma-separated, or all: runner, manager, broker, postgres, api, freeze, "
-    "poison, alarm.",
+    "poison, alarm, bomb, reversal.",
 )
 @click.pass_context
 def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str) -> None:

@@ -505,3 +505,13 @@ def test_parse_file(tmp_path: Path) -> None:
     with pytest.raises(ParseError, match=r"^nba: \$\.game: missing"):
         parse_file("nba", "game", str(FIXTURES / NBA_BOARD))
     assert copy.deepcopy(result) == result
+
+
+def test_an_nba_board_that_has_not_rolled_over_is_not_seeded_as_today() -> None:
+    """todaysScoreboard still shows yesterday's games for hours after midnight: the
+    schedule poll fails (and is tried again) until its gameDate is the day asked for."""
+    body = json.loads((FIXTURES / "nba" / "dliu713_nba-scores-website__todaysScoreboard_00.json").read_text())
+    nba = get_provider("nba")
+    assert nba.parse_schedule(body, "nba", day=date(2023, 4, 20))
+    with pytest.raises(ParseError, match="not rolled over yet"):
+        nba.parse_schedule(body, "nba", day=date(2023, 4, 21))

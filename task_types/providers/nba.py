@@ -24,7 +24,14 @@ class NbaProvider:
 
     def parse_schedule(self, body: Any, league: str, *, day: date | None = None) -> list[Game]:
         root = J(NAME, body)
-        return [parse_nba_game(node, league) for node in root["scoreboard"]["games"].items()]
+        board = root["scoreboard"]
+        if day is not None:
+            # todaysScoreboard rolls over to the new day some hours after midnight: until
+            # then it still lists yesterday's games, which must not be seeded as today's.
+            shown = board["gameDate"]
+            if str(shown.value) != day.isoformat():
+                raise shown.fail(f"the board shows {shown.value!r}, not {day.isoformat()}: not rolled over yet")
+        return [parse_nba_game(node, league) for node in board["games"].items()]
 
     def parse_game(self, body: Any, league: str) -> Game:
         return parse_nba_game(J(NAME, body)["game"], league)
