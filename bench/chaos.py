@@ -215,7 +215,9 @@ class Harness:
             await self.set_feed_faults({"bombs": []})
             return f"game {gid} answered with a gzip bomb for {BOMB_S:.0f} s"
         if kind == "reversal":
-            gid = await self.a_game()
+            gid = await self.a_game(unscored=True)
+            if not gid:
+                return "reversal: every game has scored already (nothing taken back)"
             self.reversed.add(gid)
             await self.set_feed_faults({"reversals": sorted(self.reversed)})
             return f"game {gid}: its first score is taken back"
@@ -241,10 +243,18 @@ class Harness:
         await self.set_feed_faults({"error_5xx": 0.0, "malformed": 0.0, "timeout": 0.0})
         return f"API faults {rates}"
 
-    async def a_game(self) -> str:
-        """A game not over yet (any game if all are), chosen by the seeded generator."""
-        games = (await self.truth())["games"]
+    async def a_game(self, *, unscored: bool = False) -> str:
+        """A game not over yet (any game if all are), chosen by the seeded generator.
+        unscored: one whose first score is still to come, so taking it back changes no
+        score the truth has already shown ("" when there is none)."""
+        truth = await self.truth()
+        now = truth["now"]
+        games = truth["games"]
         live = [g["game_id"] for g in games if g["status"] != "final"] or [g["game_id"] for g in games]
+        if unscored:
+            live = [g["game_id"] for g in games if all(c["at"] > now for c in g["score_changes"])]
+            if not live:
+                return ""
         return str(self.rng.choice(sorted(live)))
 
     async def freeze(self, engine: Any) -> str:
@@ -626,7 +636,7 @@ class Harness:
                 await conn.execute(
                     text(
                         "select count(*) from (select task_id, attempt from task_events"
-                        " where state = 'STARTED'"
+                        " where state = 'STARTED' and applied"
                         " group by 1, 2 having count(*) > 1) x"
                     )
                 )

@@ -37,6 +37,7 @@ DRIFT_SAMPLES = 100_000
 
 # A response body read past this many bytes (decompressed) fails the poll, not the runner.
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+MAX_ERROR_CHARS = 2000
 _BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
@@ -338,7 +339,9 @@ class Poller:
         return _Next()
 
     def _failed(self, kind: str, error: str, transient: bool, retry_after: float | None = None) -> _Next:
-        error = redact_text(error)  # an error may quote the URL, and its credentials
+        # An error may quote the URL (and its credentials), or be huge: a report's
+        # detail is bounded (taskmgr.messages), and one over it would lose its batch.
+        error = redact_text(error)[:MAX_ERROR_CHARS]
         self._count(kind)
         self.failures += 1
         n = self.failures

@@ -249,9 +249,18 @@ on conflict (task_id, service) do update set attempt = excluded.attempt,
 select service, attempt, state, detail from task_services where task_id = :task_id;
 
 -- sync_scope --
--- Tasks filed under a schedule scope (dedup keys "<scope>/<key>"), with their state.
-select t.id, t.dedup_key, t.due_at, s.state from tasks t join task_state s on s.task_id = t.id
+-- Tasks filed under a schedule scope (dedup keys "<scope>/<key>", or "<scope>/<key>#<n>"
+-- for a game revived after the schedule cancelled it), with their state and who made
+-- their last change.
+select t.id, t.dedup_key, t.due_at, s.state,
+    (select e.source from task_events e where e.task_id = t.id and e.applied
+     order by e.seq desc limit 1) as last_source
+from tasks t join task_state s on s.task_id = t.id
 where t.dedup_key like :prefix escape '\';
+
+-- lock_scope --
+-- Two syncs of one schedule scope take turns (until the end of the transaction).
+select pg_advisory_xact_lock(hashtext(:scope));
 
 -- move_due --
 update tasks set due_at = :due_at where id = :id;

@@ -66,8 +66,14 @@ class ScheduleHandler(BaseHandler):
             "game_ids": sorted(f.dedup_key for f in follow_ons),
         }
         scope = f"{provider.name}:{league}:{day.isoformat()}"
+        fingerprint = _fingerprint(games)
+        if ctx.state.get("listing") != fingerprint:
+            # A listing is synced only when a second fetch shows the same: an empty or
+            # sharply shrunken response (a provider's glitch) would otherwise cancel every
+            # game in scope. The next poll comes at the type's interval.
+            return Outcome(state={"listing": fingerprint, "games": len(games)})
         return Outcome(
-            events=[EmittedEvent("schedule.synced", f"{day.isoformat()}:{_fingerprint(games)}", data)],
+            events=[EmittedEvent("schedule.synced", f"{day.isoformat()}:{fingerprint}", data)],
             done=True,
             sync=ChildSync(scope=scope, follow_ons=follow_ons),
         )

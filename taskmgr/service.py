@@ -375,7 +375,16 @@ class TaskService:
         in the caller's transaction."""
         parent_id, root_id = _ids_of(parent)
         now = self._clock()
-        existing = {r["dedup_key"]: r for r in await store.sync_scope(conn, scope)}
+        await store.lock_scope(conn, scope)
+        # The latest generation of each game's task: a game the schedule cancelled that
+        # comes back gets a new task under "<key>#<n>" (a cancelled task stays cancelled).
+        existing: dict[str, Any] = {}
+        generation: dict[str, int] = {}
+        for r in await store.sync_scope(conn, scope):
+            base, _, n = r["dedup_key"].partition("#")
+            g = int(n) if n.isdigit() else 1
+            if g >= generation.get(base, 0):
+                existing[base], generation[base] = r, g
         wanted: dict[str, Any] = {f"{scope}/{f.dedup_key}": f for f in follow_ons}
         new, moved, cancels, unchanged = [], 0, [], 0
         for key, f in wanted.items():
@@ -383,6 +392,11 @@ class TaskService:
             row = existing.get(key)
             if row is None:
                 new.append(NewTask(f.type, f.payload, due, key, parent_id, root_id, None, "schedule"))
+            elif row["state"] == State.CANCELLED and row["last_source"] == "schedule":
+                # Dropped from an earlier listing (postponed, or a short listing) and
+                # listed again: revived as a new task; an operator's cancel stands.
+                revived = f"{key}#{generation[key] + 1}"
+                new.append(NewTask(f.type, f.payload, due, revived, parent_id, root_id, None, "schedule"))
             elif row["state"] == State.SCHEDULED and row["due_at"] != due:
                 await store.move_due(conn, row["id"], due, now)
                 await store.insert_events(
@@ -402,6 +416,8 @@ class TaskService:
                 moved += 1
             else:
                 unchanged += 1
+        # Only games still waiting are cancelled: one under way is never stopped by a
+        # listing (it ends by its own poll), and a running one is never cancelled here.
         for key, row in existing.items():
             if key not in wanted and row["state"] == State.SCHEDULED:
                 cancels.append(

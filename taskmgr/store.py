@@ -456,6 +456,11 @@ async def sync_scope(conn: Conn, scope: str) -> list[Mapping[str, Any]]:
     return [r._mapping for r in await _run(conn, "sync_scope", {"prefix": prefix})]
 
 
+async def lock_scope(conn: Conn, scope: str) -> None:
+    """Serialise the schedule syncs of one scope, until the transaction ends."""
+    await _run(conn, "lock_scope", {"scope": scope})
+
+
 async def move_due(conn: Conn, task_id: uuid.UUID, due_at: datetime, now: datetime) -> None:
     await _run(conn, "move_due", {"id": task_id, "due_at": due_at})
     await _run(conn, "move_run_at", {"id": task_id, "due_at": due_at, "now": now})

@@ -158,3 +158,41 @@ async def test_the_manager_applies_follow_ons_from_the_progress_queue(
         counts = await intake.handle_messages(got)
     assert counts.reports == 1
     assert [c.payload for c in await service.list_tasks(type="period")] == [{"period": 1}]
+
+
+async def test_a_game_the_schedule_cancelled_comes_back_when_listed_again(
+    engine, service: TaskService, publisher, settings: Settings, started: uuid.UUID
+) -> None:
+    """Dropped from one listing (the task is cancelled), listed again: a new task for it
+    (the cancelled one stays cancelled); an operator's cancel is not undone."""
+    intake = intake_of(engine, publisher, settings)
+    start = datetime.now(UTC) + timedelta(hours=2)
+    both = SyncOrder(scope="feed:day", follow_ons=[period(1, due_at=start), period(2, due_at=start)])
+    await intake.apply([reports((started, 1, "progress"), sync=both)])
+    only_one = SyncOrder(scope="feed:day", follow_ons=[period(1, due_at=start)])
+    await intake.apply([reports((started, 1, "progress"), sync=only_one)])
+    operator_cancelled = next(t for t in await service.list_tasks(type="period") if t.payload["period"] == 1)
+    await service.cancel(operator_cancelled.id)
+    await intake.apply([reports((started, 1, "progress"), sync=both)])
+    tasks = {t.dedup_key: t for t in await service.list_tasks(type="period")}
+    assert tasks["feed:day/period-2"].state == State.CANCELLED
+    assert tasks["feed:day/period-2#2"].state == State.SCHEDULED, "revived"
+    assert tasks["feed:day/period-1"].state == State.CANCELLED and "feed:day/period-1#2" not in tasks
+    # The same listing again changes nothing more.
+    await intake.apply([reports((started, 1, "progress"), sync=both)])
+    assert len(await service.list_tasks(type="period")) == 3
+
+
+async def test_a_sync_never_cancels_a_game_under_way(
+    engine, service: TaskService, publisher, settings: Settings, started: uuid.UUID
+) -> None:
+    intake = intake_of(engine, publisher, settings)
+    now = datetime.now(UTC)
+    await intake.apply(
+        [reports((started, 1, "progress"), sync=SyncOrder(scope="s", follow_ons=[period(1, due_at=now)]))]
+    )
+    [child] = await service.list_tasks(type="period")
+    disp = Dispatcher(engine=engine, publisher=publisher, service=service, settings=settings)
+    assert (await disp.poll_once()).claimed == 1
+    await intake.apply([reports((started, 1, "progress"), sync=SyncOrder(scope="s", follow_ons=[]))])
+    assert (await service.get_task(child.id)).state == State.STARTED

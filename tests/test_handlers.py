@@ -3,6 +3,7 @@ simulated feed's bodies, through a game from before the start to the final."""
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from datetime import UTC, date, datetime, timedelta
@@ -302,10 +303,35 @@ def test_stat_correction() -> None:
 # -- schedule ---------------------------------------------------------------------------
 
 
+def confirmed(payload: dict[str, Any], body: Any) -> Outcome:
+    """A schedule listing is synced when a second fetch shows the same: two polls."""
+    first = ScheduleHandler().handle(ctx(payload), response(body))
+    assert first.sync is None and not first.done and first.events == []
+    return ScheduleHandler().handle(ctx(payload, dict(first.state)), response(body))
+
+
+def test_a_listing_is_synced_only_when_a_second_fetch_agrees() -> None:
+    """An empty (or shrunken) response, a provider's glitch, would cancel every game in
+    scope: it must be confirmed by the next fetch, and the full listing that follows it
+    is what gets synced."""
+    body = load("nhl/austinegri_NhlGamesTodayLambda__scheduleResponseWithGames.json")
+    payload = {"provider": "nhl", "league": "nhl", "date": "2023-12-17", "lead_s": 300}
+    empty = copy.deepcopy(body)
+    for week_day in empty["gameWeek"]:
+        week_day["games"] = []
+    handler = ScheduleHandler()
+    glitch = handler.handle(ctx(payload), response(empty))
+    assert glitch.sync is None and not glitch.done
+    recovered = handler.handle(ctx(payload, dict(glitch.state)), response(body))
+    assert recovered.sync is None, "a different listing starts the confirmation again"
+    agreed = handler.handle(ctx(payload, dict(recovered.state)), response(body))
+    assert agreed.done and agreed.sync is not None and len(agreed.sync.follow_ons) == 5
+
+
 def test_schedule_from_recorded_nhl_week() -> None:
     body = load("nhl/austinegri_NhlGamesTodayLambda__scheduleResponseWithGames.json")
     payload = {"provider": "nhl", "league": "nhl", "date": "2023-12-17", "lead_s": 300}
-    outcome = ScheduleHandler().handle(ctx(payload), response(body))
+    outcome = confirmed(payload, body)
     assert outcome.done and outcome.sync is not None
     assert outcome.sync.scope == "nhl:nhl:2023-12-17"
     follow = outcome.sync.follow_ons
@@ -328,18 +354,17 @@ def test_schedule_from_the_feed_drops_postponed(provider: str) -> None:
         "date": "2026-03-01",
         "game_type": "live_game",
     }
-    handler = ScheduleHandler()
-    before = handler.handle(ctx(payload), response(day.schedule_body(provider, EPOCH)))
+    before = confirmed(payload, day.schedule_body(provider, EPOCH))
     assert before.sync is not None
     assert [f.dedup_key for f in before.sync.follow_ons] == [g.game_id for g in games]
     # ESPN lists start times to the minute.
     precision = {"second": 0} if provider == "espn" else {}
     assert [f.due_at for f in before.sync.follow_ons] == [day.start(g).replace(**precision) for g in games]
-    again = handler.handle(ctx(payload), response(day.schedule_body(provider, EPOCH)))
+    again = confirmed(payload, day.schedule_body(provider, EPOCH))
     assert again.events[0].key == before.events[0].key  # same listing, same key
 
     day.faults = Faults(postponed=[games[1].game_id], moved={games[2].game_id: 600})
-    after = handler.handle(ctx(payload), response(day.schedule_body(provider, EPOCH)))
+    after = confirmed(payload, day.schedule_body(provider, EPOCH))
     assert after.sync is not None
     assert [f.dedup_key for f in after.sync.follow_ons] == [games[0].game_id, games[2].game_id]
     moved = before.sync.follow_ons[2].due_at + timedelta(seconds=600)

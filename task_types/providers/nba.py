@@ -30,7 +30,8 @@ class NbaProvider:
             # then it still lists yesterday's games, which must not be seeded as today's.
             shown = board["gameDate"]
             if str(shown.value) != day.isoformat():
-                raise shown.fail(f"the board shows {shown.value!r}, not {day.isoformat()}: not rolled over yet")
+                wanted = day.isoformat()
+                raise shown.fail(f"the board shows {shown.value!r}, not {wanted}: not rolled over yet")
         return [parse_nba_game(node, league) for node in board["games"].items()]
 
     def parse_game(self, body: Any, league: str) -> Game:
