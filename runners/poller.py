@@ -331,8 +331,9 @@ class Poller:
         if outcome is not None:
             # Remember validators only once the response was fully acted on, so a failed
             # tick sees the same data again instead of a 304.
-            self.etag = response.headers.get("etag")
-            self.last_modified = response.headers.get("last-modified")
+            refetch = outcome.refetch
+            self.etag = None if refetch else response.headers.get("etag")
+            self.last_modified = None if refetch else response.headers.get("last-modified")
             if outcome.done:
                 self.deps.report(self.order, "finished", {"polls": self.ticks + 1})
                 return _Next(end=True)

@@ -94,6 +94,9 @@ class Outcome:
     done: bool = False
     next_interval_s: float | None = None  # None: the task type's interval
     sync: ChildSync | None = None
+    # True: fetch the whole body next time (no If-None-Match / If-Modified-Since), as a
+    # handler that must see a response twice to trust it needs (a 304 never reaches it).
+    refetch: bool = False
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class ScheduleHandler(BaseHandler):
             # A listing is synced only when a second fetch shows the same: an empty or
             # sharply shrunken response (a provider's glitch) would otherwise cancel every
             # game in scope. The next poll comes at the type's interval.
-            return Outcome(state={"listing": fingerprint, "games": len(games)})
+            return Outcome(state={"listing": fingerprint, "games": len(games)}, refetch=True)
         return Outcome(
             events=[EmittedEvent("schedule.synced", f"{day.isoformat()}:{fingerprint}", data)],
             done=True,

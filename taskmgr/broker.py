@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 REASON_HEADER = "x-taskmgr-reason"
+# A publish not confirmed within this fails (BrokerError) and is tried again by its caller.
+PUBLISH_TIMEOUT_S = 15.0
 # Unacked control messages (stops) a runner may hold; they are handled at once.
 CONTROL_PREFETCH = 100
 
@@ -217,7 +219,11 @@ class Publisher:
             expiration=expiration,
         )
         try:
-            await exchange.publish(msg, routing_key=routing_key, mandatory=mandatory)
+            # Bounded: a publish whose confirm never comes (its channel closed while the
+            # broker blocked publishers) must not hold its caller, or the orders it
+            # carries, for good; the caller tries again.
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await exchange.publish(msg, routing_key=routing_key, mandatory=mandatory)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

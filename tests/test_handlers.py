@@ -307,6 +307,7 @@ def confirmed(payload: dict[str, Any], body: Any) -> Outcome:
     """A schedule listing is synced when a second fetch shows the same: two polls."""
     first = ScheduleHandler().handle(ctx(payload), response(body))
     assert first.sync is None and not first.done and first.events == []
+    assert first.refetch, "the confirming fetch must get the whole body, not a 304"
     return ScheduleHandler().handle(ctx(payload, dict(first.state)), response(body))
 
 
