@@ -91,3 +91,10 @@ async def sports_types(database_url: str, clean: None) -> None:
         await conn.execute((SQL_DIR / "0002_sports_types.sql").read_text())
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def publisher(settings: Settings, topology: broker.Topology) -> AsyncIterator[broker.Publisher]:
+    """The manager's side of the broker for a test: the topology declared, publishing."""
+    async with broker.Publisher(url=settings.amqp_url, topology=topology) as pub:
+        yield pub

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -103,3 +103,16 @@ async def queue_depth(url: str, queue: str) -> int:
 
 def topology_of(prefix: str) -> Topology:
     return Topology(prefix)
+
+
+class Clock:
+    """A clock the test moves: pass it as `clock=` to the manager's components."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)

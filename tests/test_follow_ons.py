@@ -12,7 +12,6 @@ import pytest
 from manager.dispatch import Dispatcher
 from manager.intake import ProgressIntake
 from taskmgr import broker
-from taskmgr.broker import Publisher
 from taskmgr.messages import FollowOnOrder, Report, RunnerReports, SyncOrder, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
@@ -20,12 +19,6 @@ from taskmgr.settings import Settings
 from tests.helpers import schedule
 
 pytestmark = pytest.mark.usefixtures("clean")
-
-
-@pytest.fixture
-async def publisher(settings: Settings, topology: broker.Topology):  # type: ignore[no-untyped-def]
-    async with Publisher(url=settings.amqp_url, topology=topology) as pub:
-        yield pub
 
 
 @pytest.fixture

@@ -23,26 +23,9 @@ from taskmgr.migrate import asyncpg_dsn
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
-from tests.helpers import queue_depth, schedule
+from tests.helpers import Clock, queue_depth, schedule
 
 pytestmark = pytest.mark.usefixtures("clean")
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-async def publisher(settings: Settings, topology: broker.Topology):  # type: ignore[no-untyped-def]
-    async with Publisher(url=settings.amqp_url, topology=topology) as pub:
-        yield pub
 
 
 async def _running(engine, service, publisher, settings, clock, n: int) -> list[uuid.UUID]:  # type: ignore[no-untyped-def]

@@ -21,27 +21,9 @@ from taskmgr.broker import Publisher
 from taskmgr.messages import Heartbeat, Report, RunnerReports, ServiceReport, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
-from taskmgr.settings import Settings
-from tests.helpers import drain, queue_depth, schedule, start_orders, wait_for
+from tests.helpers import Clock, drain, queue_depth, schedule, start_orders, wait_for
 
 pytestmark = pytest.mark.usefixtures("clean")
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-async def publisher(settings: Settings, topology: broker.Topology):  # type: ignore[no-untyped-def]
-    async with Publisher(url=settings.amqp_url, topology=topology) as pub:
-        yield pub
 
 
 @pytest.fixture

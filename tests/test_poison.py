@@ -20,7 +20,7 @@ from taskmgr.broker import REASON_HEADER, Consumer, Publisher
 from taskmgr.messages import BadMessage, Heartbeat, Report, RunnerReports, decode_progress, encode
 from taskmgr.models import State
 from taskmgr.settings import Settings
-from tests.helpers import schedule
+from tests.helpers import queue_depth, schedule
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -52,12 +52,6 @@ POISON = {
 def test_poison_is_a_bad_message(kind: str) -> None:
     with pytest.raises(BadMessage):
         decode_progress(json.dumps(POISON[kind]).encode())
-
-
-@pytest.fixture
-async def publisher(settings: Settings, topology: broker.Topology):  # type: ignore[no-untyped-def]
-    async with Publisher(url=settings.amqp_url, topology=topology) as pub:
-        yield pub
 
 
 async def take(settings: Settings, publisher: Publisher, bodies: list[bytes], queue: str) -> list[Any]:
@@ -110,18 +104,6 @@ async def dead_letters(settings: Settings, topology: broker.Topology, n: int) ->
     return got
 
 
-async def queue_depth(settings: Settings, name: str) -> int:
-    import aio_pika
-
-    conn = await aio_pika.connect(settings.amqp_url)
-    try:
-        ch = await conn.channel()
-        q = await ch.declare_queue(name, passive=True)
-        return q.declaration_result.message_count or 0
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 async def running_tasks(engine, service, publisher, settings: Settings) -> list[uuid.UUID]:  # type: ignore[no-untyped-def]
     await service.create_type({"name": "p", "handler": "noop"})
@@ -152,7 +134,7 @@ async def test_poison_in_a_batch_is_dead_lettered_and_the_rest_applied_once(
     assert sorted(b for b, _ in dead) == sorted(poison)
     assert all(reason.startswith("progress message:") for _, reason in dead)
     await asyncio.sleep(0.3)
-    assert await queue_depth(settings, topology.progress) == 0  # all settled, nothing requeued
+    assert await queue_depth(settings.amqp_url, topology.progress) == 0  # all settled, nothing requeued
 
 
 async def test_a_message_that_fails_in_postgresql_is_isolated(
@@ -195,4 +177,4 @@ async def test_a_message_that_fails_in_postgresql_is_isolated(
         runners = set((await conn.execute(text("select id from runners"))).scalars())
     assert runners == {"ok0", "ok1", "ok2"}
     await asyncio.sleep(0.3)
-    assert await queue_depth(settings, topology.progress) == 0
+    assert await queue_depth(settings.amqp_url, topology.progress) == 0
