@@ -1,6 +1,7 @@
 # ruff: noqa: ASYNC110
 """Pieces the benchmarks share: their own database and RabbitMQ prefix, subprocesses that
-are always stopped, per-process CPU and memory from /proc, percentiles, the machine."""
+are always stopped, per-process CPU and memory from /proc, percentiles, the machine.
+(Ports, role URLs and waiting are taskmgr.testing's, shared with the tests.)"""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import asyncio
 import contextlib
 import os
 import platform
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,22 +34,6 @@ async def fresh_database(settings: Settings, db: str, *, migrated: bool = True) 
     url = with_database(settings.database_url, db)
     await recreate_database(url, migrated=migrated)
     return url
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def as_role(database_url: str, role: str) -> str:
-    """The database URL for one of the roles of sql/0003 (trust auth on dev machines)."""
-    return re.sub(r"//[^@/]*@", f"//{role}@", database_url)
-
-
-def amqp_as(url: str, user: str) -> str:
-    """The broker URL for one of scripts/setup.sh's users (development passwords)."""
-    return re.sub(r"//[^@/]*@", f"//{user}:{user}@", url)
 
 
 def new_prefix() -> str:
@@ -144,14 +127,3 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "note": "PostgreSQL, RabbitMQ and every benchmark process share these cores",
     }
-
-
-async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(interval)

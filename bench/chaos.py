@@ -47,9 +47,9 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from bench._common import amqp_as, as_role, free_port
-from manager.schedule_cron import ScheduleCron
+from task_types.daily import DailySchedule
 from task_types.feed import feed_day
+from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.broker import Consumer, Topology, delete_names
 from taskmgr.db import make_engine
@@ -57,6 +57,7 @@ from taskmgr.messages import Event, decode_event
 from taskmgr.migrate import recreate_database, with_database
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
+from taskmgr.testing import amqp_as, as_role, free_port
 
 KINDS = ("runner", "manager", "broker", "postgres", "api", "freeze", "poison", "alarm", "bomb", "reversal")
 # How long the feed answers one game with a gzip bomb.
@@ -112,9 +113,13 @@ class Harness:
             update={
                 "database_url": self.db_url,
                 "amqp_prefix": self.prefix,
-                "feed_url": f"http://127.0.0.1:{self.feed_port}",
-                "schedule_lead_s": 0.0,
             }
+        )
+        self.sports = SportsSettings(
+            feed_url=f"http://127.0.0.1:{self.feed_port}",
+            schedule_lead_s=0.0,
+            schedule_cron="",
+            leagues="nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl",
         )
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.counter = 0
@@ -142,7 +147,7 @@ class Harness:
                 else as_role(self.db_url, role),
                 "TASKMGR_AMQP_URL": amqp_as(self.settings.amqp_url, role),
                 "TASKMGR_AMQP_PREFIX": self.prefix,
-                "TASKMGR_FEED_URL": self.settings.feed_url,
+                "TASKMGR_FEED_URL": self.sports.feed_url,
                 "TASKMGR_POLL_INTERVAL": "0.3",
                 "TASKMGR_RECOVERY_INTERVAL": "0.5",
                 "TASKMGR_HEARTBEAT_INTERVAL": "0.5",
@@ -357,7 +362,7 @@ class Harness:
 
     async def set_feed_faults(self, changes: dict[str, Any]) -> None:
         async with httpx.AsyncClient() as client:
-            await client.post(f"{self.settings.feed_url}/_faults", json=changes)
+            await client.post(f"{self.sports.feed_url}/_faults", json=changes)
 
     async def leader_pid(self, engine: Any) -> int | None:
         with contextlib.suppress(Exception):
@@ -396,7 +401,7 @@ class Harness:
             "--spread-s",
             str(spread),
         )
-        day = await feed_day(self.settings.feed_url)
+        day = await feed_day(self.sports.feed_url)
         for _ in range(MANAGERS):
             await self.spawn("manager", "manager", role="taskmgr_manager")
         for _ in range(RUNNERS):
@@ -458,10 +463,9 @@ class Harness:
         return result
 
     async def seed_day(self, service: TaskService, day: Any) -> None:
-        settings = self.settings.model_copy(update={"leagues": "nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl"})
         for _ in range(20):  # PostgreSQL may be restarting
             try:
-                await ScheduleCron(service=service, settings=settings).run_once(day)
+                await DailySchedule(service=service, settings=self.sports).run_once(day)
                 return
             except Exception as exc:
                 log(f"seeding failed ({exc}); again")
@@ -469,7 +473,7 @@ class Harness:
 
     async def truth(self) -> dict[str, Any]:
         async with httpx.AsyncClient() as client:
-            return (await client.get(f"{self.settings.feed_url}/_truth")).json()  # type: ignore[no-any-return]
+            return (await client.get(f"{self.sports.feed_url}/_truth")).json()  # type: ignore[no-any-return]
 
     async def wait_done(self, engine: Any, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

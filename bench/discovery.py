@@ -94,7 +94,7 @@ async def main(
                 "name": "bench_disc",
                 "pool": POOL,
                 "handler": "noop",
-                "url_template": "{base}/noop",
+                "url_template": "http://127.0.0.1:8765/noop",
                 "start_timeout_s": 3600,
             }
         )

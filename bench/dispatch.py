@@ -37,20 +37,12 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench._common import (
-    Procs,
-    child_env,
-    fresh_database,
-    log,
-    machine,
-    new_prefix,
-    percentile,
-    wait_for,
-)
+from bench._common import Procs, child_env, fresh_database, log, machine, new_prefix, percentile
 from taskmgr import broker, store
 from taskmgr.db import make_engine
 from taskmgr.service import NewTask, TaskService
 from taskmgr.settings import Settings
+from taskmgr.testing import wait_for
 
 DB = "taskmgr_bench"
 POOL = "bench"
@@ -98,7 +90,7 @@ def summarize(n: int, due: float, arrivals: list[tuple[str, int, float, float]])
 
 
 async def run_taskmgr(
-    settings: Settings, tasks: int, profile: str | None = None, variant: str = ""
+    settings: Settings, tasks: int, profile: str | None = None
 ) -> dict[str, Any]:
     procs = Procs("dispatch")
     prefix = new_prefix()
@@ -112,7 +104,7 @@ async def run_taskmgr(
         common = {
             "pool": POOL,
             "handler": "noop",
-            "url_template": "{base}/noop",
+            "url_template": "http://127.0.0.1:8765/noop",
             "start_timeout_s": 3600,
             "poll_interval_s": 5,
         }
@@ -150,7 +142,7 @@ async def run_taskmgr(
         if line.strip() != b"ready":
             raise RuntimeError(f"receiver did not start: {line!r}")
         manager_args = (
-            ["-m", "bench.manager_variant", variant] if variant else ["-m", "taskmgr.cli", "manager"]
+            ["-m", "taskmgr.cli", "manager"]
         )
         manager = procs.start(manager_args, env)
 
@@ -226,7 +218,7 @@ async def run_taskmgr(
             "dispatch_batch": settings.dispatch_batch,
             "orders_per_message": settings.orders_per_message,
             "receiver_prefetch": settings.prefetch_messages,
-            "manager": f"bench.manager_variant {variant}" if variant else "taskmgr.cli manager",
+            "manager": "taskmgr.cli manager",
         }
         async with engine.connect() as conn:
             mgr = (
@@ -258,7 +250,6 @@ async def main(
     tasks: int = 10000,
     vs: str = "",
     profile: str | None = None,
-    variant: str = "",
     **_: Any,
 ) -> dict[str, Any]:
     peers = [p.strip() for p in vs.split(",") if p.strip()]
@@ -271,7 +262,7 @@ async def main(
         },
         "machine": machine(),
     }
-    own = await run_taskmgr(settings, tasks, profile, variant or "")
+    own = await run_taskmgr(settings, tasks, profile)
     if not peers:
         result.update(own)
         return result

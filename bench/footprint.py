@@ -20,22 +20,12 @@ from typing import Any
 
 import httpx
 
-from bench._common import (
-    Procs,
-    child_env,
-    cpu_seconds,
-    free_port,
-    fresh_database,
-    log,
-    machine,
-    new_prefix,
-    rss_mb,
-    wait_for,
-)
+from bench._common import Procs, child_env, cpu_seconds, fresh_database, log, machine, new_prefix, rss_mb
 from bench.runner import run_pollers
 from taskmgr import broker, store
 from taskmgr.db import make_engine
 from taskmgr.settings import Settings
+from taskmgr.testing import free_port, wait_for
 
 DB = "taskmgr_bench_footprint"
 IDLE_S = 5.0

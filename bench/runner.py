@@ -37,20 +37,11 @@ from typing import Any
 
 import httpx
 
-from bench._common import (
-    Procs,
-    child_env,
-    cpu_seconds,
-    free_port,
-    fresh_database,
-    log,
-    machine,
-    new_prefix,
-    rss_mb,
-)
+from bench._common import Procs, child_env, cpu_seconds, fresh_database, log, machine, new_prefix, rss_mb
 from taskmgr import broker
 from taskmgr.messages import StartBatch, StartOrder, encode
 from taskmgr.settings import Settings
+from taskmgr.testing import free_port
 
 DB = "taskmgr_bench_runner"
 POOL = "benchpoll"

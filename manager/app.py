@@ -1,10 +1,11 @@
 """The Task Manager process.
 
-Several may run; the one holding a PostgreSQL advisory lock (on a dedicated connection)
-leads: it dispatches, takes progress and runs the periodic jobs. The others wait for the
-lock, which PostgreSQL releases when the leader's connection dies, so a standby takes
-over within TASKMGR_LEADER_RETRY seconds. Claims stay exclusive even if two leaders
-overlap for a moment (row locks with SKIP LOCKED), so a false takeover costs nothing.
+Several may run; the holder of the leadership lease (manager/leadership.py) leads: it
+dispatches, takes progress and runs the periodic jobs, its own and those the parts
+above the engine contribute (taskmgr/jobs.py: the sports part's daily schedule). The
+others campaign every TASKMGR_LEADER_RETRY and take over within lease + retry + 3 s.
+Claims stay exclusive even if two leaders overlapped (row locks with SKIP LOCKED), and
+the fence refuses a former leader's writes.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from manager.dispatch import DispatchCounts, Dispatcher
 from manager.intake import IntakeCounts, ProgressIntake
 from manager.leadership import Elector, FencedEngine, manager_server_settings
 from manager.recovery import Recovery, Retention
-from manager.schedule_cron import ScheduleCron
 from taskmgr import store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
+from taskmgr.db import make_engine
+from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
 from taskmgr.messages import Stop, encode
 from taskmgr.migrate import asyncpg_dsn
 from taskmgr.service import CANCEL_CHANNEL, WAKEUP_CHANNEL, TaskService, utcnow
@@ -42,7 +44,6 @@ INTAKE_BATCH = 500
 INTAKE_LINGER_S = 0.01
 PROGRESS_PREFETCH = 2000
 LOCK_CHECK_S = 1.0
-SEEDING_CHECK_S = 60.0
 
 
 async def leader_present(engine: AsyncEngine) -> bool:
@@ -58,7 +59,9 @@ class TaskManager:
         engine: AsyncEngine,
         clock: Callable[[], datetime] = utcnow,
         name: str | None = None,
+        jobs: LeaderJobs | None = None,
     ) -> None:
+        """jobs: the leader jobs of the parts above the engine (the daily schedule)."""
         self.settings = settings
         self.engine = engine
         self.name = name or f"manager-{uuid.uuid4().hex[:8]}"
@@ -78,7 +81,7 @@ class TaskManager:
         )
         self.recovery = Recovery(engine=fenced, settings=settings, clock=clock)
         self.retention = Retention(engine=fenced, settings=settings, clock=clock)
-        self.schedule_cron = ScheduleCron(service=self.service, settings=settings, clock=clock, engine=fenced)
+        self.jobs: list[LeaderJob] = list(jobs(JobContext(self.service, fenced, clock))) if jobs else []
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
@@ -179,24 +182,13 @@ class TaskManager:
         )
         s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
         s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
-        if self.settings.schedule_cron.strip():  # empty: no daily job (seeded by hand)
-            # Each day's seeding is recorded; a day whose cron moment passed unseeded (no
-            # leader then, a database blip, a late loop) is seeded at once by this leader
-            # and checked again every minute.
-            s.add_job(
-                self._job(self.schedule_cron.catch_up),
-                "interval",
-                seconds=SEEDING_CHECK_S,
-                next_run_time=utcnow(),
-                **every,
-            )
-            s.add_job(
-                self._job(self.schedule_cron.run_once),
-                CronTrigger.from_crontab(
-                    self.settings.schedule_cron, timezone=self.settings.schedule_timezone
-                ),
-                **every,
-            )
+        for job in self.jobs:
+            when: dict[str, Any] = {"next_run_time": utcnow()} if job.at_start else {}
+            if job.cron is not None:
+                trigger: Any = CronTrigger.from_crontab(job.cron, timezone=job.timezone)
+                s.add_job(self._job(job.run), trigger, name=job.name, **when, **every)
+            else:
+                s.add_job(self._job(job.run), "interval", seconds=job.every_s, name=job.name, **when, **every)
         return s
 
     def _job(self, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -284,14 +276,12 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
             await stop.wait()
 
 
-async def run_manager(settings: Settings, stop: asyncio.Event) -> None:
-    from taskmgr.db import make_engine
-
+async def run_manager(settings: Settings, stop: asyncio.Event, *, jobs: LeaderJobs | None = None) -> None:
     engine = make_engine(
         settings.database_url, name="taskmgr-manager", server_settings=manager_server_settings()
     )
     try:
-        async with TaskManager(settings=settings, engine=engine) as manager:
+        async with TaskManager(settings=settings, engine=engine, jobs=jobs) as manager:
             await manager.run(stop)
     finally:
         await engine.dispose()

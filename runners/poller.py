@@ -18,8 +18,8 @@ import httpx
 
 from runners import metrics
 from runners.limits import HostLimiter
-from task_types.base import ChildSync, EmittedEvent, FollowOn, Handler, HandlerError, Outcome, PollContext
 from taskmgr.broker import BrokerError, Publisher
+from taskmgr.handlers import ChildSync, EmittedEvent, FollowOn, Handler, HandlerError, Outcome, PollContext
 from taskmgr.logs import task_fields
 from taskmgr.messages import Event, FollowOnOrder, ReportStatus, StartOrder, SyncOrder, encode
 from taskmgr.redact import redact_text

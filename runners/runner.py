@@ -22,7 +22,7 @@ import os
 import socket
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
@@ -33,10 +33,9 @@ from runners import metrics
 from runners.limits import HostLimit, HostLimiter, parse_host_limits
 from runners.poller import Poller, PollerDeps, TickStats
 from runners.reports import ReportBuffer
-from task_types.base import HandlerError
-from task_types.registry import Registry, UnknownHandler
 from taskmgr import broker
 from taskmgr.broker import BrokerError, Consumer, Publisher, Topology
+from taskmgr.handlers import HandlerError, Registry, UnknownHandler
 from taskmgr.logs import task_fields
 from taskmgr.messages import (
     BadMessage,
@@ -75,10 +74,10 @@ SHUTDOWN_PUBLISH_TIMEOUT_S = 4.0
 ENDED_MEMORY = 50_000
 
 
-def allowed_hosts(base_urls: Mapping[str, str], extra: str) -> list[tuple[str, int | None]]:
+def allowed_hosts(base_urls: Iterable[str], extra: str) -> list[tuple[str, int | None]]:
     """(host pattern, port or None for any) pairs: the base URLs' hosts and `extra`."""
     out: list[tuple[str, int | None]] = []
-    for base in base_urls.values():
+    for base in base_urls:
         u = httpx.URL(base)
         if u.host:
             out.append((u.host, u.port))
@@ -122,15 +121,16 @@ class TaskRunner:
         registry: Registry,
         runner_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        base_urls: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.runner_id = runner_id or default_runner_id()
         self.topology = Topology(settings.amqp_prefix)
         self._registry = registry
         self._transport = transport
-        self._base_urls = dict(base_urls if base_urls is not None else settings.base_urls())
-        self._allowed_hosts = allowed_hosts(self._base_urls, settings.allowed_hosts)
+        # The hosts the handlers' URLs point at, and those named in TASKMGR_ALLOWED_HOSTS.
+        self._allowed_hosts = allowed_hosts(
+            (base for h in registry for base in h.base_urls()), settings.allowed_hosts
+        )
         self._limiter = HostLimiter(
             HostLimit(settings.host_concurrency, settings.host_rate), parse_host_limits(settings.host_limits)
         )
@@ -354,7 +354,7 @@ class TaskRunner:
             return None
         try:
             handler = self._registry.get(order.handler)
-            url = handler.url(order.url_template, order.payload, self._base_urls)
+            url = handler.url(order.url_template, order.payload)
             parsed = httpx.URL(url)
             if parsed.scheme not in ("http", "https") or not parsed.host:
                 raise HandlerError(f"{redact_url(url)!r} is not an http(s) URL")

@@ -352,17 +352,6 @@ select id, root_id from tasks where id = any(cast(:ids as uuid[]));
 -- off the state machine's edges (sql/0009's trigger; never for taskmgr_manager).
 select set_config('taskmgr.rebuild', 'on', true);
 
--- seeded --
--- Which (provider, league) pairs have their day seeded already.
-select provider, league from schedule_seedings where day = :day;
-
--- record_seedings --
-insert into schedule_seedings (provider, league, day, task_id, seeded_at)
-select u.provider, u.league, :day, u.task_id, :now
-from unnest(cast(:providers as text[]), cast(:leagues as text[]), cast(:task_ids as uuid[]))
-    as u(provider, league, task_id)
-on conflict (provider, league, day) do nothing;
-
 -- recoveries --
 -- How many times recovery took each of these tasks back for this reason (runner_dead,
 -- start_timeout): past a bound the task fails instead. since_running: only those since

@@ -7,16 +7,15 @@ box score emit the same event ids and consumers drop the repeat.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
 
 import httpx
 
-from task_types.base import BaseHandler, EmittedEvent, FollowOn, Outcome, PollContext
 from task_types.providers._json import clock_seconds
 from task_types.providers.model import Game, GameStatus
-from task_types.sports import fill_url, game_ref, game_url_template, parse_game, require
+from task_types.sports import SportsHandler, game_ref, game_url_template, parse_game, require
+from taskmgr.handlers import EmittedEvent, FollowOn, Outcome, PollContext
 
 __all__ = ["LiveGameHandler", "game_url_template"]
 
@@ -29,11 +28,8 @@ CLOSE_FINISH_S = 120.0
 _DEFAULT_REGULATION = {"nba": 4, "espn": 4, "nhl": 3, "mlb": 9}
 
 
-class LiveGameHandler(BaseHandler):
+class LiveGameHandler(SportsHandler):
     name: ClassVar[str] = "live_game"
-
-    def url(self, url_template: str, payload: Mapping[str, Any], base_urls: Mapping[str, str]) -> str:
-        return fill_url(url_template, payload, base_urls)
 
     def handle(self, ctx: PollContext, response: httpx.Response) -> Outcome:
         require(ctx.payload, "game_id")

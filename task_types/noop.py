@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import httpx
 
-from task_types.base import BaseHandler, EmittedEvent, Outcome, PollContext
+from taskmgr.handlers import BaseHandler, EmittedEvent, Outcome, PollContext
 
 
 class NoopHandler(BaseHandler):

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import httpx
 
-from task_types.base import BaseHandler, ChildSync, EmittedEvent, FollowOn, Outcome, PollContext, json_body
 from task_types.providers.model import Game, GameStatus
-from task_types.sports import GENERIC_SCHEDULE_URL_TEMPLATE, fill_url, payload_day, provider_of
-
-__all__ = ["GENERIC_SCHEDULE_URL_TEMPLATE", "ScheduleHandler", "schedule_url_template"]
+from task_types.sports import SportsHandler, payload_day, provider_of
+from taskmgr.handlers import ChildSync, EmittedEvent, FollowOn, Outcome, PollContext, json_body
 
 # Games that will not be played get no task: leaving them out of the sync cancels theirs.
 _NOT_PLAYED = frozenset({GameStatus.POSTPONED, GameStatus.CANCELLED})
-
-
-def schedule_url_template(provider: str) -> str:
-    """The schedule URL template: the date's format differs by provider, so the path is
-    computed from the payload (`{schedule_path}`) rather than spelled out."""
-    return GENERIC_SCHEDULE_URL_TEMPLATE
 
 
 def _fingerprint(games: list[Game]) -> str:
@@ -31,11 +22,8 @@ def _fingerprint(games: list[Game]) -> str:
     return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
 
 
-class ScheduleHandler(BaseHandler):
+class ScheduleHandler(SportsHandler):
     name: ClassVar[str] = "schedule"
-
-    def url(self, url_template: str, payload: Mapping[str, Any], base_urls: Mapping[str, str]) -> str:
-        return fill_url(url_template, payload, base_urls)
 
     def handle(self, ctx: PollContext, response: httpx.Response) -> Outcome:
         payload = ctx.payload

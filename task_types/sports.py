@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date
 from typing import Any
 
 import httpx
 
-from task_types.base import HandlerError, json_body
 from task_types.providers import UnknownProvider, get_provider
 from task_types.providers.model import Game
 from task_types.providers.protocol import Provider
+from task_types.settings import SportsSettings
+from taskmgr.handlers import BaseHandler, HandlerError, json_body
 
-# One template for every provider: the handlers fill `{game_path}` / `{schedule_path}`
-# from the payload's provider, so a single task-type row serves all of them.
-GENERIC_GAME_URL_TEMPLATE = "{base}{game_path}"
-GENERIC_SCHEDULE_URL_TEMPLATE = "{base}{schedule_path}"
+
+class SportsHandler(BaseHandler):
+    """A handler that calls the providers' APIs: `{base}` in its URL template is the
+    payload's provider's base URL (SportsSettings: the real API or the simulated feed)."""
+
+    def __init__(self, bases: Mapping[str, str] | None = None) -> None:
+        self._bases = dict(bases if bases is not None else SportsSettings().base_urls())
+
+    def url(self, url_template: str, payload: Mapping[str, Any]) -> str:
+        return fill_url(url_template, payload, self._bases)
+
+    def base_urls(self) -> Sequence[str]:
+        return list(self._bases.values())
 
 
 def game_url_template(provider: str) -> str:

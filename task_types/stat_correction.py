@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import httpx
 
-from task_types.base import BaseHandler, EmittedEvent, HandlerError, Outcome, PollContext
-from task_types.sports import fill_url, game_ref, parse_game
+from task_types.sports import SportsHandler, game_ref, parse_game
+from taskmgr.handlers import EmittedEvent, HandlerError, Outcome, PollContext
 
 
-class StatCorrectionHandler(BaseHandler):
+class StatCorrectionHandler(SportsHandler):
     name: ClassVar[str] = "stat_correction"
-
-    def url(self, url_template: str, payload: Mapping[str, Any], base_urls: Mapping[str, str]) -> str:
-        return fill_url(url_template, payload, base_urls)
 
     def handle(self, ctx: PollContext, response: httpx.Response) -> Outcome:
         try:

@@ -117,7 +117,7 @@ ReportStatus = Literal["running", "progress", "poll_error", "finished", "failed"
 
 
 class FollowOnOrder(_Message):
-    """A task a handler asks for (task_types.base.FollowOn on the wire). The manager
+    """A task a handler asks for (taskmgr.handlers.FollowOn on the wire). The manager
     writes it, idempotently: the dedup key is scoped to the parent task."""
 
     type: Annotated[Name, Field(min_length=1)]
@@ -128,7 +128,7 @@ class FollowOnOrder(_Message):
 
 
 class SyncOrder(_Message):
-    """Make the tasks under `scope` exactly `follow_ons` (task_types.base.ChildSync)."""
+    """Make the tasks under `scope` exactly `follow_ons` (taskmgr.handlers.ChildSync)."""
 
     scope: Annotated[Name, Field(min_length=1)]
     follow_ons: list[FollowOnOrder] = Field(default_factory=list, max_length=MAX_FOLLOW_ONS)

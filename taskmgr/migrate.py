@@ -1,18 +1,20 @@
-"""Forward-only plain-SQL migrations from sql/NNNN_name.sql, each applied in its own
-transaction and recorded in schema_migrations."""
+"""Forward-only plain-SQL migrations (NNNN_name.sql, from the engine's sql/ and each
+registered part's), applied in version order, each in its own transaction, and
+recorded in schema_migrations."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 
 import asyncpg
 
 from taskmgr.errors import MigrationsMissing, TimescaleMissing
-from taskmgr.resources import sql_dir
+from taskmgr.resources import migration_dirs
 
-SQL_DIR = sql_dir()
+SQL_DIRS = migration_dirs()
 MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Migrations from several processes at once take turns on this lock.
 MIGRATION_LOCK_KEY = 0x7A5C_0001
@@ -25,14 +27,19 @@ class Migration:
     sql: str
 
 
-def available(sql_dir: Traversable = SQL_DIR) -> list[Migration]:
-    found = []
-    files = sql_dir.iterdir() if sql_dir.is_dir() else []
-    for path in sorted(files, key=lambda p: p.name):
-        m = MIGRATION_RE.match(path.name)
-        if m:
-            found.append(Migration(m.group(1), path.name.removesuffix(".sql"), path.read_text()))
-    return found
+def available(sql_dirs: Sequence[Traversable] = SQL_DIRS) -> list[Migration]:
+    """Every migration of these folders, by version (two files of one version: an error)."""
+    found: dict[str, Migration] = {}
+    for folder in sql_dirs:
+        for path in folder.iterdir() if folder.is_dir() else []:
+            m = MIGRATION_RE.match(path.name)
+            if not m:
+                continue
+            if m.group(1) in found:
+                other = found[m.group(1)].name
+                raise ValueError(f"two migrations of version {m.group(1)}: {other}, {path.name}")
+            found[m.group(1)] = Migration(m.group(1), path.name.removesuffix(".sql"), path.read_text())
+    return [found[v] for v in sorted(found)]
 
 
 def asyncpg_dsn(database_url: str) -> str:
@@ -40,12 +47,12 @@ def asyncpg_dsn(database_url: str) -> str:
     return re.sub(r"^postgresql\+asyncpg://", "postgresql://", database_url)
 
 
-async def migrate(database_url: str, sql_dir: Traversable = SQL_DIR) -> list[str]:
+async def migrate(database_url: str, sql_dirs: Sequence[Traversable] = SQL_DIRS) -> list[str]:
     """Apply the missing migrations; return the versions applied (empty when none).
     Raises MigrationsMissing when it finds no migration at all (an installation without
     its SQL), before touching the database."""
-    if not available(sql_dir):
-        raise MigrationsMissing(str(sql_dir))
+    if not available(sql_dirs):
+        raise MigrationsMissing(", ".join(map(str, sql_dirs)))
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
@@ -57,7 +64,7 @@ async def migrate(database_url: str, sql_dir: Traversable = SQL_DIR) -> list[str
         )
         done = {r["version"] for r in await conn.fetch("select version from schema_migrations")}
         applied = []
-        for mig in available(sql_dir):
+        for mig in available(sql_dirs):
             if mig.version in done:
                 continue
             async with conn.transaction():

@@ -371,7 +371,7 @@ class TaskService:
     async def sync_children(
         self, conn: Any, parent: Task | Mapping[str, Any], scope: str, follow_ons: Sequence[Any]
     ) -> SyncResult:
-        """Make the tasks under `scope` exactly `follow_ons` (see task_types.base.ChildSync),
+        """Make the tasks under `scope` exactly `follow_ons` (see taskmgr.handlers.ChildSync),
         in the caller's transaction."""
         parent_id, root_id = _ids_of(parent)
         now = self._clock()

@@ -31,13 +31,6 @@ class Settings(BaseSettings):
     leader_lease: float = Field(
         10.0, gt=0, description="seconds a leadership lease lasts unless renewed (the hand-over bound)"
     )
-    # Manager: the daily schedule cron.
-    # Empty: no daily job (a harness or an operator seeds days with `schedule seed`).
-    schedule_cron: str = "0 6 * * *"
-    schedule_timezone: str = "America/New_York"
-    schedule_lead_s: float = 300.0
-    leagues: str = "nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl"  # provider:league pairs
-
     # Who may send what on the progress queue: RabbitMQ users (the messages' validated
     # user_id), comma-separated. guest can only connect from localhost (RabbitMQ's
     # loopback_users), so allowing it serves development and tests only.
@@ -59,22 +52,10 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="bytes of an API response body read at most (decompressed)"
     )
 
-    # Providers: base URL per provider. Empty: the simulated feed at feed_url.
-    feed_url: str = "http://127.0.0.1:8765"
-    provider_urls: str = ""  # "nba=https://cdn.nba.com,espn=https://site.api.espn.com,..."
-
     # Observability.
     log_level: str = "INFO"
     log_format: str = "text"  # or json
     metrics_port: int = 0  # 0: no metrics endpoint
-
-    def base_urls(self) -> dict[str, str]:
-        """Base URL per provider: the configured real API, or the simulated feed."""
-        urls = {p: f"{self.feed_url.rstrip('/')}/{p}" for p in ("nba", "espn", "mlb", "nhl")}
-        for item in filter(None, (s.strip() for s in self.provider_urls.split(","))):
-            name, _, url = item.partition("=")
-            urls[name.strip()] = url.strip().rstrip("/")
-        return urls
 
     def senders(self) -> dict[str, frozenset[str]]:
         """The RabbitMQ users allowed to send each kind of progress message."""
@@ -84,10 +65,3 @@ class Settings(BaseSettings):
 
         runners = names(self.runner_users)
         return {"reports": runners, "heartbeat": runners, "service": names(self.service_users)}
-
-    def league_list(self) -> list[tuple[str, str]]:
-        pairs = []
-        for item in filter(None, (s.strip() for s in self.leagues.split(","))):
-            provider, _, league = item.partition(":")
-            pairs.append((provider.strip(), (league or provider).strip()))
-        return pairs

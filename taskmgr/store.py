@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields, replace
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -464,29 +464,6 @@ async def lock_scope(conn: Conn, scope: str) -> None:
 async def move_due(conn: Conn, task_id: uuid.UUID, due_at: datetime, now: datetime) -> None:
     await _run(conn, "move_due", {"id": task_id, "due_at": due_at})
     await _run(conn, "move_run_at", {"id": task_id, "due_at": due_at, "now": now})
-
-
-async def seeded(conn: Conn, day: date) -> set[tuple[str, str]]:
-    """The (provider, league) pairs whose schedule for `day` is seeded already."""
-    return {(r.provider, r.league) for r in await _run(conn, "seeded", {"day": day})}
-
-
-async def record_seedings(
-    conn: Conn, day: date, seedings: Sequence[tuple[str, str, uuid.UUID]], now: datetime
-) -> None:
-    """Record (provider, league, schedule task) seedings of `day`; a repeat is a no-op."""
-    if seedings:
-        await _run(
-            conn,
-            "record_seedings",
-            {
-                "day": day,
-                "now": now,
-                "providers": [p for p, _, _ in seedings],
-                "leagues": [league for _, league, _ in seedings],
-                "task_ids": [t for _, _, t in seedings],
-            },
-        )
 
 
 async def drop_chunks(conn: Conn, older_than: datetime) -> int:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from taskmgr import broker
 from taskmgr.db import make_engine
-from taskmgr.migrate import asyncpg_dsn, recreate_database
+from taskmgr.migrate import asyncpg_dsn, available, recreate_database
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 
@@ -76,7 +76,6 @@ def settings(database_url: str, topology: broker.Topology) -> Settings:
         recovery_interval=0.3,
         heartbeat_interval=0.3,
         runner_dead_after=2.0,
-        schedule_cron="",  # tests seed the days they play; tests/test_seeding.py sets it
         allowed_hosts="*.test,127.0.0.1",  # the fake APIs of the tests
     )
 
@@ -84,11 +83,10 @@ def settings(database_url: str, topology: broker.Topology) -> Settings:
 @pytest.fixture
 async def sports_types(database_url: str, clean: None) -> None:
     """The built-in sports task types (migration 0002), back after the truncate."""
-    from taskmgr.migrate import SQL_DIR
-
+    [sports] = [m for m in available() if m.name == "0002_sports_types"]
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        await conn.execute((SQL_DIR / "0002_sports_types.sql").read_text())
+        await conn.execute(sports.sql)
     finally:
         await conn.close()
 

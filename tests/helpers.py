@@ -1,35 +1,30 @@
-"""Small helpers for tests that talk to the real services (URL and port helpers are
-shared with the benchmarks: bench/_common.py)."""
+"""Small helpers for tests that talk to the real services (those shared with the
+benchmarks are taskmgr.testing's)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import aio_pika
 
-# Re-exported for the tests: one copy, shared with the benchmarks.
-from bench._common import amqp_as as amqp_as
-from bench._common import as_role as as_role
-from bench._common import free_port as free_port
+from task_types.game import LiveGameHandler
+from task_types.noop import NoopHandler
+from task_types.period_score import PeriodScoreHandler
+from task_types.schedule import ScheduleHandler
+from task_types.stat_correction import StatCorrectionHandler
 from taskmgr.broker import Topology
+from taskmgr.handlers import Registry
 from taskmgr.messages import StartBatch, decode_start
 from taskmgr.service import NewTask, TaskService
 
-
-async def wait_for(
-    predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, every: float = 0.05
-) -> Any:
-    """Poll an async predicate until it is truthy; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            await asyncio.sleep(every)
+# Re-exported for the tests: one copy, shared with the benchmarks.
+from taskmgr.testing import amqp_as as amqp_as
+from taskmgr.testing import as_role as as_role
+from taskmgr.testing import free_port as free_port
+from taskmgr.testing import wait_for as wait_for
 
 
 async def schedule(
@@ -116,3 +111,16 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
+
+
+def sports_registry(bases: dict[str, str]) -> Registry:
+    """The built-in handlers, the sports ones calling `bases` (the feed under test)."""
+    return Registry(
+        [
+            NoopHandler(),
+            LiveGameHandler(bases),
+            PeriodScoreHandler(bases),
+            StatCorrectionHandler(bases),
+            ScheduleHandler(bases),
+        ]
+    )

@@ -17,8 +17,9 @@ import pytest
 from sqlalchemy import text
 
 from manager.app import TaskManager
-from manager.schedule_cron import ScheduleCron
+from task_types.daily import DailySchedule
 from task_types.feed import FeedConfig, start_feed
+from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.broker import Consumer, Topology
 from taskmgr.messages import decode_event
@@ -179,9 +180,7 @@ async def test_runner_killed_mid_game_its_games_finish_on_the_other(
             providers=("nba", "nhl"),
         )
     )
-    settings = settings.model_copy(
-        update={"feed_url": feed.url, "schedule_lead_s": 0.0, "leagues": "nba:nba,nhl:nhl"}
-    )
+    sports = SportsSettings(feed_url=feed.url, schedule_lead_s=0.0, leagues="nba:nba,nhl:nhl")
     env = env_of(settings, "taskmgr_runner", TASKMGR_FEED_URL=feed.url)
     events: list[Any] = []
     stop = asyncio.Event()
@@ -199,7 +198,7 @@ async def test_runner_killed_mid_game_its_games_finish_on_the_other(
             run = asyncio.create_task(manager.run(stop))
             r1 = await procs.start(env, "runner")
             r2 = await procs.start(env, "runner")
-            await ScheduleCron(service=service, settings=settings).run_once(feed.day.day)
+            await DailySchedule(service=service, settings=sports).run_once(feed.day.day)
 
             async def both_running() -> bool:
                 tasks = await service.list_tasks(type="live_game", state=State.RUNNING, limit=100)
@@ -247,16 +246,14 @@ async def test_sigterm_hands_tasks_back_and_exits_within_10_s(
     feed = await start_feed(
         FeedConfig(seed=3, games_per_provider=2, first_start_s=0, spread_s=1, period_s=60, providers=("nba",))
     )
-    settings = settings.model_copy(
-        update={"feed_url": feed.url, "schedule_lead_s": 0.0, "leagues": "nba:nba"}
-    )
+    sports = SportsSettings(feed_url=feed.url, schedule_lead_s=0.0, leagues="nba:nba")
     env = env_of(settings, "taskmgr_runner", TASKMGR_FEED_URL=feed.url)
     stop = asyncio.Event()
     try:
         async with TaskManager(settings=settings, engine=engine) as manager:
             run = asyncio.create_task(manager.run(stop))
             r1 = await procs.start(env, "runner")
-            await ScheduleCron(service=service, settings=settings).run_once(feed.day.day)
+            await DailySchedule(service=service, settings=sports).run_once(feed.day.day)
 
             async def running(n: int, not_runner: str | None = None) -> bool:
                 tasks = await service.list_tasks(type="live_game", state=State.RUNNING, limit=10)

@@ -23,12 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager.app import TaskManager
 from runners import TaskRunner
 from task_types.feed import FeedConfig, start_feed
-from task_types.registry import Registry
 from taskmgr import broker
 from taskmgr.broker import Publisher
+from taskmgr.handlers import Registry
 from taskmgr.messages import Event, encode
 from taskmgr.settings import Settings
-from tests.helpers import wait_for
+from tests.helpers import sports_registry, wait_for
 
 pytestmark = [pytest.mark.usefixtures("clean"), pytest.mark.timeout(90)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +67,8 @@ async def spawn(settings: Settings, *args: str, **env: Any) -> asyncio.subproces
     )
 
 
-async def cli(settings: Settings, *args: str, within_s: float = 60) -> Ran:
-    proc = await spawn(settings, *args)
+async def cli(settings: Settings, *args: str, within_s: float = 60, **env: Any) -> Ran:
+    proc = await spawn(settings, *args, **env)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), within_s)
     except TimeoutError:
@@ -87,6 +87,7 @@ class Live:
         self.runner: TaskRunner | None = None
         self.stops: dict[str, asyncio.Event] = {}
         self.runs: dict[str, asyncio.Task[None]] = {}
+        self.feed_url = ""
 
     async def stop(self, which: str) -> None:
         self.stops[which].set()
@@ -99,19 +100,19 @@ async def live(
 ) -> AsyncIterator[Live]:
     out = Live()
     async with AsyncExitStack() as stack:
-        base_urls: dict[str, str] = {}
+        registry = Registry.default()
         if feed:
             running = await start_feed(FeedConfig(seed=3, games_per_provider=1), port=0)
             stack.push_async_callback(running.close)
-            base_urls = running.base_urls()
+            registry = sports_registry(running.base_urls())
+            out.feed_url = running.url
         out.manager = await stack.enter_async_context(TaskManager(settings=settings, engine=engine))
         procs: list[tuple[str, Any]] = [("manager", out.manager)]
         if runner:
             out.runner = await stack.enter_async_context(
                 TaskRunner(
                     settings=settings,
-                    registry=Registry.default(),
-                    base_urls=base_urls or None,
+                    registry=registry,
                 )
             )
             procs.append(("runner", out.runner))
@@ -233,8 +234,14 @@ async def test_events_tail_stops_at_its_timeout_and_without_the_exchange_fails_i
 async def test_end2end_finishes_every_task_with_a_manager_a_runner_and_the_feed(
     engine: AsyncEngine, settings: Settings
 ) -> None:
-    async with live(engine, settings, runner=True, feed=True):
-        ran = await cli(settings, "end2end", "-n", "20", "--deadline", "60", "-o", "json", within_s=80)
+    async with live(engine, settings, runner=True, feed=True) as world:
+        ran = await cli(
+            settings,
+            "end2end",
+            *("-n", "20", "--deadline", "60", "-o", "json"),
+            within_s=80,
+            TASKMGR_FEED_URL=world.feed_url,
+        )
     assert ran.code == 0, ran
     result = json.loads(ran.stdout)
     assert result["result"] == "success"

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from task_types.base import ParseError, json_body
 from task_types.feed import FeedConfig, RunningFeed, start_feed
 from task_types.providers import GameStatus, get_provider
+from taskmgr.handlers import ParseError, json_body
 
 PROVIDERS = ["nba", "espn", "mlb", "nhl"]
 

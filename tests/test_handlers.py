@@ -13,13 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
-from task_types.base import HandlerError, Outcome, ParseError, PollContext
 from task_types.feed import Faults, FeedConfig, SimulatedDay
 from task_types.game import LiveGameHandler, game_url_template
 from task_types.period_score import PeriodScoreHandler
-from task_types.registry import Registry
 from task_types.schedule import ScheduleHandler
 from task_types.stat_correction import StatCorrectionHandler
+from taskmgr.handlers import HandlerError, Outcome, ParseError, PollContext, Registry
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EPOCH = datetime(2026, 3, 1, 18, 0, tzinfo=UTC)
@@ -240,29 +239,29 @@ def test_bad_payload_and_body() -> None:
 
 def test_urls() -> None:
     bases = {"nba": "http://127.0.0.1:9/nba", "espn": "http://127.0.0.1:9/espn"}
-    handler = LiveGameHandler()
+    handler = LiveGameHandler(bases)
     nba = {"provider": "nba", "league": "nba", "game_id": "0042200123"}
     assert game_url_template("nba") == "{base}/static/json/liveData/boxscore/boxscore_{game_id}.json"
-    assert handler.url(game_url_template("nba"), nba, bases) == (
+    assert handler.url(game_url_template("nba"), nba) == (
         "http://127.0.0.1:9/nba/static/json/liveData/boxscore/boxscore_0042200123.json"
     )
     espn = {"provider": "espn", "league": "nba", "game_id": "401869412"}
-    assert handler.url("{base}{game_path}", espn, bases) == (
+    assert handler.url("{base}{game_path}", espn) == (
         "http://127.0.0.1:9/espn/apis/site/v2/sports/basketball/nba/summary?event=401869412"
     )
     mlb = {"provider": "mlb", "league": "mlb", "game_id": "744914"}
     assert (
-        handler.url("{base}{game_path}", mlb, {}) == "https://statsapi.mlb.com/api/v1.1/game/744914/feed/live"
+        LiveGameHandler({}).url("{base}{game_path}", mlb) == "https://statsapi.mlb.com/api/v1.1/game/744914/feed/live"
     )
     schedule = {"provider": "espn", "league": "basketball/nba", "date": "2026-05-02"}
-    assert ScheduleHandler().url("{base}{schedule_path}", schedule, bases) == (
+    assert ScheduleHandler(bases).url("{base}{schedule_path}", schedule) == (
         "http://127.0.0.1:9/espn/apis/site/v2/sports/basketball/nba/scoreboard?dates=20260502"
     )
 
 
 def test_registered() -> None:
-    registry = Registry.default(with_entry_points=False)
-    for name in ("live_game", "period_score", "stat_correction", "schedule"):
+    registry = Registry.default()  # through the taskmgr.handlers entry points
+    for name in ("noop", "live_game", "period_score", "stat_correction", "schedule"):
         assert registry.get(name).name == name
 
 

@@ -222,7 +222,7 @@ async def test_cancel_while_started_reaches_the_runner_that_later_takes_the_orde
 
     from manager.app import TaskManager
     from runners import TaskRunner
-    from task_types.registry import Registry
+    from taskmgr.handlers import Registry
     from tests.helpers import drain
 
     calls: list[str] = []

@@ -235,7 +235,7 @@ async def test_dispatch_and_polling_run_under_their_roles(
 
     from manager.app import TaskManager
     from runners import TaskRunner
-    from task_types.registry import Registry
+    from taskmgr.handlers import Registry
 
     await service.create_type(
         {"name": "ping", "handler": "noop", "url_template": "http://api.test/ping", "poll_interval_s": 0.1}
@@ -256,7 +256,7 @@ async def test_dispatch_and_polling_run_under_their_roles(
                 settings=settings.model_copy(
                     update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_runner")}
                 ),
-                registry=Registry.default(with_entry_points=False),
+                registry=Registry.default(),
                 transport=transport,
             ) as r,
         ):

@@ -21,10 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager.app import TaskManager
 from runners import TaskRunner
-from task_types.base import BaseHandler, EmittedEvent, FollowOn, Outcome, PollContext
 from task_types.noop import NoopHandler
-from task_types.registry import Registry
 from taskmgr import store
+from taskmgr.handlers import BaseHandler, EmittedEvent, FollowOn, Outcome, PollContext, Registry
 from taskmgr.messages import ServiceReport, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
@@ -49,7 +48,7 @@ class GameHandler(BaseHandler):
         )
 
 
-REGISTRY = Registry({"obs_game": GameHandler(), "noop": NoopHandler()})
+REGISTRY = Registry([GameHandler(), NoopHandler()])
 
 
 @pytest.fixture(scope="module")

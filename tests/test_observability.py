@@ -25,9 +25,9 @@ import runners.metrics
 from manager.dispatch import Dispatcher
 from runners import TaskRunner
 from task_types.noop import NoopHandler
-from task_types.registry import Registry
 from taskmgr import logs
 from taskmgr.broker import Publisher
+from taskmgr.handlers import Registry
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 from tests.helpers import schedule
@@ -90,7 +90,7 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
         Publisher(url=settings.amqp_url, topology=_topology(settings)) as pub,
         TaskRunner(
             settings=settings,
-            registry=Registry({"noop": NoopHandler()}),
+            registry=Registry([NoopHandler()]),
             transport=httpx.MockTransport(api),
             runner_id="runner-logs",
         ) as runner,

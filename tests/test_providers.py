@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from task_types.base import ParseError
 from task_types.providers import PROVIDERS, GameStatus, PeriodScore, UnknownProvider, get_provider
 from task_types.providers.cli import ParseFileError, parse_file
+from taskmgr.handlers import ParseError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NBA_BOARD = "nba/dliu713_nba-scores-website__todaysScoreboard_00.json"

@@ -24,11 +24,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from runners import TaskRunner
 from runners.limits import HostLimit, parse_host_limits
 from runners.poller import _retry_after
-from task_types.base import BaseHandler, EmittedEvent, FollowOn, Outcome, ParseError, PollContext, json_body
 from task_types.noop import NoopHandler
-from task_types.registry import Registry
 from taskmgr import broker
 from taskmgr.errors import InvalidInput
+from taskmgr.handlers import (
+    BaseHandler,
+    EmittedEvent,
+    FollowOn,
+    Outcome,
+    ParseError,
+    PollContext,
+    Registry,
+    json_body,
+)
 from taskmgr.messages import (
     Event,
     Heartbeat,
@@ -69,7 +77,7 @@ class ScoreHandler(BaseHandler):
         return Outcome(events=events, follow_ons=follow_ons, state={"score": score}, done=done)
 
 
-REGISTRY = Registry({"test_scores": ScoreHandler(), "noop": NoopHandler()})
+REGISTRY = Registry([ScoreHandler(), NoopHandler()])
 
 Route = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
 
@@ -894,8 +902,6 @@ async def test_redirects_are_not_followed_and_the_recorded_url_has_no_secret(
 def test_allowed_hosts_take_patterns_and_ports() -> None:
     from runners.runner import allowed_hosts
 
-    pairs = allowed_hosts(
-        {"nba": "https://cdn.nba.com", "feed": "http://127.0.0.1:8765"}, "*.espn.com, stats.test:8443"
-    )
+    pairs = allowed_hosts(["https://cdn.nba.com", "http://127.0.0.1:8765"], "*.espn.com, stats.test:8443")
     assert ("cdn.nba.com", None) in pairs and ("127.0.0.1", 8765) in pairs
     assert ("*.espn.com", None) in pairs and ("stats.test", 8443) in pairs

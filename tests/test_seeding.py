@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import text
 
 from manager.app import TaskManager
-from manager.schedule_cron import ScheduleCron
+from task_types.daily import DailySchedule, daily_schedule_jobs
+from task_types.settings import SportsSettings
 from taskmgr.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("sports_types")
@@ -40,18 +41,18 @@ async def schedule_tasks(engine) -> int:  # type: ignore[no-untyped-def]
         )
 
 
-def cron_at(service, settings: Settings, now: datetime) -> ScheduleCron:  # type: ignore[no-untyped-def]
-    s = settings.model_copy(update={"leagues": LEAGUES, "schedule_cron": "0 6 * * *"})
-    return ScheduleCron(service=service, settings=s, clock=lambda: now)
+def cron_at(service, now: datetime) -> DailySchedule:  # type: ignore[no-untyped-def]
+    s = SportsSettings(leagues=LEAGUES, schedule_cron="0 6 * * *", schedule_timezone="America/New_York")
+    return DailySchedule(service=service, settings=s, clock=lambda: now)
 
 
 async def test_a_day_whose_cron_moment_passed_unseeded_is_caught_up_once(engine, service, settings) -> None:  # type: ignore[no-untyped-def]
     # Before 06:00 the latest cron moment is yesterday's: that day, nothing older.
-    assert await cron_at(service, settings, at(5, 59)).catch_up() == 2
+    assert await cron_at(service, at(5, 59)).catch_up() == 2
     assert {d for *_, d in await seedings(engine)} == {"2026-11-23"}
-    assert await cron_at(service, settings, at(6, 30)).catch_up() == 2
-    assert await cron_at(service, settings, at(7, 0)).catch_up() == 0, "once"
-    assert await cron_at(service, settings, at(6, 0)).run_once() == 0, "the cron itself, late: once"
+    assert await cron_at(service, at(6, 30)).catch_up() == 2
+    assert await cron_at(service, at(7, 0)).catch_up() == 0, "once"
+    assert await cron_at(service, at(6, 0)).run_once() == 0, "the cron itself, late: once"
     assert [s for s in await seedings(engine) if s[2] == "2026-11-24"] == [
         ("nba", "nba", "2026-11-24"),
         ("nhl", "nhl", "2026-11-24"),
@@ -60,7 +61,7 @@ async def test_a_day_whose_cron_moment_passed_unseeded_is_caught_up_once(engine,
 
 
 async def test_by_hand_a_day_is_synced_again(engine, service, settings) -> None:  # type: ignore[no-untyped-def]
-    cron = cron_at(service, settings, at(6, 30))
+    cron = cron_at(service, at(6, 30))
     assert await cron.catch_up() == 2
     assert await cron.run_once(at(6).astimezone(NY).date(), providers=["nhl"], manual=True) == 1
     assert await schedule_tasks(engine) == 3
@@ -74,10 +75,10 @@ async def test_a_leader_that_takes_over_after_the_cron_moment_seeds_the_day_once
     leads next seeds the day as it takes over, and a third one, later, adds nothing."""
     now = datetime.now(UTC)
     cron = f"{(now - timedelta(minutes=1)).minute} {(now - timedelta(minutes=1)).hour} * * *"
-    s = settings.model_copy(update={"leagues": LEAGUES, "schedule_cron": cron, "schedule_timezone": "UTC"})
+    jobs = daily_schedule_jobs(SportsSettings(leagues=LEAGUES, schedule_cron=cron, schedule_timezone="UTC"))
     for _ in range(2):
         stop = asyncio.Event()
-        async with TaskManager(settings=s, engine=engine) as manager:
+        async with TaskManager(settings=settings, engine=engine, jobs=jobs) as manager:
             run = asyncio.create_task(manager.run(stop))
             async with asyncio.timeout(15):
                 while len(await seedings(engine)) < 2:

@@ -16,17 +16,17 @@ import httpx
 import pytest
 
 from manager.app import TaskManager
-from manager.schedule_cron import ScheduleCron
 from runners import TaskRunner
+from task_types.daily import DailySchedule
 from task_types.feed import FeedConfig, RunningFeed, start_feed
-from task_types.registry import Registry
+from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.broker import Consumer
 from taskmgr.messages import Event, decode_event
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
-from tests.helpers import wait_for
+from tests.helpers import sports_registry, wait_for
 
 pytestmark = pytest.mark.usefixtures("sports_types")
 
@@ -38,6 +38,7 @@ class World:
     feed: RunningFeed
     service: TaskService
     settings: Settings
+    sports: SportsSettings
     events: list[tuple[str, Event]] = field(default_factory=list)
 
     def by_game(self) -> dict[str, list[Event]]:
@@ -51,19 +52,15 @@ class World:
 @contextlib.asynccontextmanager
 async def world(engine, settings: Settings, config: FeedConfig, runners: int = 2) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
     feed = await start_feed(config)
-    settings = settings.model_copy(
-        update={
-            "feed_url": feed.url,
-            "schedule_lead_s": 0.0,
-            "leagues": "nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl",
-        }
+    sports = SportsSettings(
+        feed_url=feed.url, schedule_lead_s=0.0, leagues="nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl"
     )
     service = TaskService(engine=engine)
     for name in ("live_game", "period_score", "stat_correction", "schedule"):
         await service.update_type(name, **FAST)
-    w = World(feed=feed, service=service, settings=settings)
+    w = World(feed=feed, service=service, settings=settings, sports=sports)
     stop = asyncio.Event()
-    registry = Registry.default(with_entry_points=False)
+    registry = sports_registry(feed.base_urls())
     async with contextlib.AsyncExitStack() as stack:
         consumer = await stack.enter_async_context(
             Consumer(url=settings.amqp_url, topology=_topo(settings), prefetch=500)
@@ -78,7 +75,7 @@ async def world(engine, settings: Settings, config: FeedConfig, runners: int = 2
         tasks = [asyncio.create_task(manager.run(stop))]
         for _ in range(runners):
             r = await stack.enter_async_context(
-                TaskRunner(settings=settings, registry=registry, base_urls=feed.base_urls())
+                TaskRunner(settings=settings, registry=registry)
             )
             tasks.append(asyncio.create_task(r.run(stop)))
         try:
@@ -117,7 +114,7 @@ def fast_day(**kw: Any) -> FeedConfig:
 
 async def test_a_simulated_day_end_to_end(engine, settings) -> None:  # type: ignore[no-untyped-def]
     async with world(engine, settings, fast_day()) as w:
-        assert await ScheduleCron(service=w.service, settings=w.settings).run_once(w.feed.day.day) == 4
+        assert await DailySchedule(service=w.service, settings=w.sports).run_once(w.feed.day.day) == 4
         await wait_for(lambda: games_done(engine), timeout=90, every=0.3)
         truth = {g["game_id"]: g for g in w.feed.truth()["games"]}
     games = await w.service.list_tasks(type="live_game", limit=100)
@@ -162,7 +159,7 @@ async def test_a_simulated_day_end_to_end(engine, settings) -> None:  # type: ig
 async def test_daily_seed_twice_moved_and_postponed_games(engine, settings) -> None:  # type: ignore[no-untyped-def]
     """Games far in the future: only the schedule syncs run."""
     async with world(engine, settings, fast_day(first_start_s=3600), runners=1) as w:
-        cron = ScheduleCron(service=w.service, settings=w.settings)
+        cron = DailySchedule(service=w.service, settings=w.sports)
         await cron.run_once(w.feed.day.day)
         await wait_for(lambda: _schedules_done(w.service, 4), timeout=30)
         first = {t.payload["game_id"]: t for t in await w.service.list_tasks(type="live_game", limit=100)}
@@ -206,8 +203,8 @@ async def test_faults_during_games_are_survived_and_recorded(engine, settings) -
 
     config = fast_day(providers=("nba", "nhl"), faults=Faults(**faults), period_s=1.5)
     async with world(engine, settings, config) as w:
-        await ScheduleCron(
-            service=w.service, settings=w.settings.model_copy(update={"leagues": "nba:nba,nhl:nhl"})
+        await DailySchedule(
+            service=w.service, settings=w.sports.model_copy(update={"leagues": "nba:nba,nhl:nhl"})
         ).run_once(w.feed.day.day)
         await wait_for(lambda: games_done(engine), timeout=120, every=0.3)
         truth = {g["game_id"]: g for g in w.feed.truth()["games"]}

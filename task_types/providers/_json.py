@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from task_types.base import ParseError
+from taskmgr.handlers import ParseError
 
 
 def _show(value: Any) -> str:
@@ -96,11 +96,6 @@ class J:
                 raise self.fail(f"expected an integer string, got {_show(self.value)}")
             return int(text)
         return self.as_int()
-
-    def as_float(self) -> float:
-        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
-            raise self.fail(f"expected a number, got {_show(self.value)}")
-        return float(self.value)
 
     def as_id(self) -> str:
         """An identifier some providers send as a number and some as a string."""

@@ -1,16 +1,24 @@
-"""The handler contract: what a task type does with the data it polls.
+"""The handler contract, what a task type does with the data it polls, and the
+registry that finds handlers by name.
 
 A runner owns the loop (timing, HTTP, politeness, retries, publishing); a handler only
 interprets one response at a time. That keeps handlers pure and easy to test: give it
 a payload, a response and its carried state, and check what it returns.
+
+Handlers register through the `taskmgr.handlers` entry-point group
+(`name = "package.module:HandlerClass"`, built with no arguments); the built-in ones
+(task_types/) register there too, so the engine knows none of them by name. A Registry
+is an ordinary object built once by each process and passed down: there is no global
+mutable registry for tests to reset.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import httpx
@@ -121,9 +129,14 @@ class Handler(Protocol):
 
     name: ClassVar[str]
 
-    def url(self, url_template: str, payload: Mapping[str, Any], base_urls: Mapping[str, str]) -> str:
-        """The URL to GET for this task. `base_urls` maps provider names to the base
-        URL in use (the real API or the simulated feed)."""
+    def url(self, url_template: str, payload: Mapping[str, Any]) -> str:
+        """The URL to GET for this task, from its type's template and its payload. Raise
+        `HandlerError` when the payload cannot fill the template."""
+        ...
+
+    def base_urls(self) -> Sequence[str]:
+        """The base URLs this handler's URLs point at: their hosts are the ones a runner
+        lets it call (besides TASKMGR_ALLOWED_HOSTS)."""
         ...
 
     def handle(self, ctx: PollContext, response: httpx.Response) -> Outcome:
@@ -134,18 +147,16 @@ class Handler(Protocol):
 
 
 class BaseHandler:
-    """Defaults for handlers: the URL is the type's template filled from the payload
-    and the provider base URLs (`{base}` is the payload's provider's base URL)."""
+    """Defaults for handlers: the URL is the type's template filled from the payload,
+    and no base URLs of its own (its hosts must be in TASKMGR_ALLOWED_HOSTS)."""
 
     name: ClassVar[str] = ""
 
-    def url(self, url_template: str, payload: Mapping[str, Any], base_urls: Mapping[str, str]) -> str:
-        provider = str(payload.get("provider", ""))
-        values = {**payload, "base": base_urls.get(provider, "")}
-        try:
-            return url_template.format(**values)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise HandlerError(f"url template {url_template!r} needs {exc} from the payload") from exc
+    def url(self, url_template: str, payload: Mapping[str, Any]) -> str:
+        return fill_template(url_template, payload)
+
+    def base_urls(self) -> Sequence[str]:
+        return ()
 
     def handle(self, ctx: PollContext, response: httpx.Response) -> Outcome:  # pragma: no cover
         raise NotImplementedError
@@ -157,3 +168,51 @@ def json_body(response: httpx.Response, provider: str) -> Any:
         return response.json()
     except ValueError as exc:
         raise ParseError(provider, "$", f"body is not JSON ({exc})") from exc
+
+
+def fill_template(template: str, values: Mapping[str, Any]) -> str:
+    """`template` (str.format syntax) filled from `values`, or a HandlerError naming
+    the missing field."""
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise HandlerError(f"url template {template!r} needs {exc} from the payload") from exc
+
+
+ENTRY_POINT_GROUP = "taskmgr.handlers"
+
+
+class UnknownHandler(LookupError):
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        super().__init__(
+            f"no handler named {name!r}; known handlers: {', '.join(sorted(known)) or 'none'}"
+            f" (handlers register in the {ENTRY_POINT_GROUP!r} entry-point group)"
+        )
+
+
+class Registry:
+    """Handlers by name."""
+
+    def __init__(self, handlers: Iterable[Handler]) -> None:
+        self._handlers = {h.name: h for h in handlers}
+
+    @classmethod
+    def default(cls) -> Registry:
+        """Every handler of the `taskmgr.handlers` entry-point group, the built-in ones
+        included."""
+        return cls(ep.load()() for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+    def get(self, name: str) -> Handler:
+        try:
+            return self._handlers[name]
+        except KeyError:
+            raise UnknownHandler(name, self._handlers) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._handlers
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(self._handlers.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._handlers)

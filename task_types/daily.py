@@ -1,6 +1,7 @@
-"""The daily schedule job (seed 001's "Sports Api Daily Schedules Job"): one `schedule`
-task per configured provider and league, which a runner executes: it fetches the day's
-schedule and syncs one game task per game (see task_types/schedule.py)."""
+"""The daily schedule job: one `schedule` task per configured provider and league,
+which a runner executes: it fetches the day's schedule and syncs one game task per game
+(see task_types/schedule.py). The leading manager runs it on its cron rule and catches
+up a day nobody seeded (`daily_schedule_jobs`); `taskmgr schedule seed` runs it by hand."""
 
 from __future__ import annotations
 
@@ -9,28 +10,83 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import date, datetime, timedelta
+from functools import cache
+from importlib import resources
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import TextClause
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from taskmgr import store
+from task_types.settings import SportsSettings
 from taskmgr.errors import TaskTypeNotFound
+from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
+from taskmgr.queries import load
 from taskmgr.service import NewTask, TaskService, utcnow
-from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SCHEDULE_TYPE = "schedule"
 GAME_TYPE = "live_game"
+# A day whose cron moment passed unseeded is looked for this often by the leader.
+CATCH_UP_EVERY_S = 60.0
 
 
-class ScheduleCron:
+@cache
+def _q() -> dict[str, TextClause]:
+    """The sports part's own queries (task_types/sql/queries.sql)."""
+    return load(resources.files("task_types") / "sql" / "queries.sql")
+
+
+async def seeded(conn: AsyncConnection, day: date) -> set[tuple[str, str]]:
+    """The (provider, league) pairs whose schedule for `day` is seeded already."""
+    rows = await conn.execute(_q()["seeded"], {"day": day})
+    return {(r.provider, r.league) for r in rows}
+
+
+async def record_seedings(
+    conn: AsyncConnection, day: date, seedings: Sequence[tuple[str, str, uuid.UUID]], now: datetime
+) -> None:
+    """Record (provider, league, schedule task) seedings of `day`; a repeat is a no-op."""
+    if seedings:
+        params = {
+            "day": day,
+            "now": now,
+            "providers": [p for p, _, _ in seedings],
+            "leagues": [league for _, league, _ in seedings],
+            "task_ids": [t for _, _, t in seedings],
+        }
+        await conn.execute(_q()["record_seedings"], params)
+
+
+def daily_schedule_jobs(settings: SportsSettings) -> LeaderJobs:
+    """The leader's jobs for the daily schedule: seed on the cron rule, and catch up a
+    day whose cron moment passed unseeded (no leader then, a database blip, a late
+    loop) at once and every minute. None when TASKMGR_SCHEDULE_CRON is empty."""
+
+    def jobs(ctx: JobContext) -> list[LeaderJob]:
+        if not settings.schedule_cron.strip():
+            return []
+        daily = DailySchedule(service=ctx.service, settings=settings, clock=ctx.clock, engine=ctx.engine)
+        return [
+            LeaderJob("schedule-catch-up", daily.catch_up, every_s=CATCH_UP_EVERY_S, at_start=True),
+            LeaderJob(
+                "daily-schedule",
+                daily.run_once,
+                cron=settings.schedule_cron,
+                timezone=settings.schedule_timezone,
+            ),
+        ]
+
+    return jobs
+
+
+class DailySchedule:
     def __init__(
         self,
         *,
         service: TaskService,
-        settings: Settings,
+        settings: SportsSettings,
         clock: Callable[[], datetime] = utcnow,
         engine: AsyncEngine | None = None,
     ) -> None:
@@ -61,7 +117,7 @@ class ScheduleCron:
         suffix = f":manual:{uuid.uuid4().hex[:12]}" if manual else ""
         try:
             async with self._begin() as conn:
-                done = set() if manual else await store.seeded(conn, day)
+                done = set() if manual else await seeded(conn, day)
                 todo = [pair for pair in pairs if pair not in done]
                 if not todo:
                     return 0
@@ -82,7 +138,7 @@ class ScheduleCron:
                     for provider, league in todo
                 ]
                 scheduled = await self._service.schedule_many(conn, news)
-                await store.record_seedings(
+                await record_seedings(
                     conn, day, [(p, lg, s.id) for (p, lg), s in zip(todo, scheduled, strict=True)], now
                 )
         except TaskTypeNotFound:

@@ -1,5 +1,5 @@
-"""`taskmgr end2end -n N` (seed 003): N tasks against the simulated feed, followed until
-they finish or the deadline passes. Needs a manager, a runner and the feed running."""
+"""`taskmgr end2end -n N`: N tasks against the simulated feed, followed until they
+finish or the deadline passes. Needs a manager, a runner and the feed running."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.db import make_engine
 from taskmgr.errors import TaskTypeNotFound
@@ -15,7 +16,7 @@ from taskmgr.service import NewTask, TaskService
 from taskmgr.settings import Settings
 
 E2E_TYPE = "end2end"
-E2E_URL = "{base}/static/json/liveData/scoreboard/todaysScoreboard_00.json"
+E2E_PATH = "/static/json/liveData/scoreboard/todaysScoreboard_00.json"
 
 
 async def run_end2end(settings: Settings, *, count: int, deadline_s: float, progress: bool) -> dict[str, Any]:
@@ -29,7 +30,7 @@ async def run_end2end(settings: Settings, *, count: int, deadline_s: float, prog
                 {
                     "name": E2E_TYPE,
                     "handler": "noop",
-                    "url_template": E2E_URL,
+                    "url_template": SportsSettings().base_urls()["nba"] + E2E_PATH,
                     "poll_interval_s": 1,
                     "max_attempts": 3,
                 }

@@ -24,7 +24,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from task_types.daily import DailySchedule
 from task_types.feed import feed_day
+from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.broker import Consumer, Topology
 from taskmgr.db import make_engine
@@ -61,12 +63,15 @@ class Demo:
             update={
                 "database_url": demo_url,
                 "amqp_prefix": DEMO_PREFIX,
-                "feed_url": f"http://127.0.0.1:{FEED_PORT}",
-                "provider_urls": provider_urls,
-                "schedule_lead_s": 0.0,
                 "heartbeat_interval": 2.0,
                 "runner_dead_after": 8.0,
             }
+        )
+        self.sports = SportsSettings(
+            feed_url=f"http://127.0.0.1:{FEED_PORT}",
+            provider_urls=provider_urls,
+            schedule_lead_s=0.0,
+            schedule_cron="",
         )
         self.games = games
         self.procs: dict[str, asyncio.subprocess.Process] = {}
@@ -82,8 +87,8 @@ class Demo:
             "TASKMGR_DATABASE_URL": s.database_url,
             "TASKMGR_AMQP_URL": s.amqp_url,
             "TASKMGR_AMQP_PREFIX": s.amqp_prefix,
-            "TASKMGR_FEED_URL": s.feed_url,
-            "TASKMGR_PROVIDER_URLS": s.provider_urls,
+            "TASKMGR_FEED_URL": self.sports.feed_url,
+            "TASKMGR_PROVIDER_URLS": self.sports.provider_urls,
             "TASKMGR_SCHEDULE_CRON": "",  # the demo seeds its day itself
             "TASKMGR_HEARTBEAT_INTERVAL": "2",
             "TASKMGR_RUNNER_DEAD_AFTER": "8",
@@ -152,7 +157,7 @@ class Demo:
         await self.start("manager", "manager")
         await self.start("runner-1", "runner", "--pool", "default")
         await self.start("runner-2", "runner", "--pool", "default")
-        if not self.settings.provider_urls:
+        if not self.sports.provider_urls:
             # The games start 15 s after the feed does, spread over --spread-s.
             await self.start(
                 "feed",
@@ -168,9 +173,9 @@ class Demo:
                 "--period-s",
                 str(self.period_s),
             )
-            day = await feed_day(self.settings.feed_url)
+            day = await feed_day(self.sports.feed_url)
             console.print(
-                f"simulated feed on {self.settings.feed_url}: {self.games} games per provider, day {day}"
+                f"simulated feed on {self.sports.feed_url}: {self.games} games per provider, day {day}"
             )
         else:
             day = datetime.now(UTC).date()
@@ -188,9 +193,7 @@ class Demo:
                     self.on_event(message.routing_key, message.body)
 
                 await consumer.consume_events("#", handle)
-                from manager.schedule_cron import ScheduleCron
-
-                n = await ScheduleCron(service=service, settings=self.settings).run_once(day)
+                n = await DailySchedule(service=service, settings=self.sports).run_once(day)
                 console.print(
                     f"seeded {n} daily schedule tasks for {day}: the runners fetch each league's "
                     "schedule and write one game task per game"

@@ -1,0 +1,3 @@
+from taskmgr.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""`taskmgr bench`: the benchmarks (JSON on the last line of output) and the chaos day."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import click
+
+from bench import chaos, discovery, dispatch, footprint
+from bench import runner as runner_bench
+from taskmgr.cli.common import EXIT_FAILURE, BadInput, run, settings_of
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (JSON on the last line of output)."""
+
+
+def _bench(
+    name: str, main: Callable[..., Awaitable[Any]], help_: str, params: Iterable[click.Parameter]
+) -> None:
+    @bench.command(name, help=help_, params=list(params))
+    @click.pass_context
+    def cmd(ctx: click.Context, **kw: Any) -> None:
+        click.echo(json.dumps(run(main(settings_of(ctx), **kw))))
+
+
+_bench(
+    "dispatch",
+    dispatch.main,
+    "N tasks due at one instant: throughput and lateness to a runner process.",
+    [
+        click.Option(["--tasks"], type=int, default=10000, show_default=True),
+        click.Option(["--vs"], default="", help="Peers to compare: taskiq,procrastinate,..."),
+        click.Option(
+            ["--profile"], default=None, help="Write a py-spy profile (collapsed stacks) of the manager here."
+        ),
+    ],
+)
+_bench(
+    "discovery",
+    discovery.main,
+    "A poll's time with N events in history against an empty history.",
+    [
+        click.Option(["--events"], type=int, default=10_000_000, show_default=True),
+    ],
+)
+_bench(
+    "runner",
+    runner_bench.main,
+    "One runner process polling a local box-score server.",
+    [
+        click.Option(["--pollers"], type=int, default=10000, show_default=True),
+        click.Option(["--interval"], type=float, default=10.0, show_default=True),
+        click.Option(["--seconds"], type=float, default=30.0, show_default=True),
+        click.Option(
+            ["--etag"],
+            type=click.Choice(["both", "on", "off"]),
+            default="both",
+            show_default=True,
+            help="Serve the box score with an ETag (304s), without, or both runs.",
+        ),
+    ],
+)
+_bench(
+    "footprint",
+    footprint.main,
+    "Idle RSS of a manager and a runner, and of a runner holding N pollers.",
+    [
+        click.Option(["--pollers"], type=int, default=10000, show_default=True),
+    ],
+)
+
+
+@bench.command("chaos")
+@click.option("--minutes", type=float, default=5.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Replay a run (printed in its output).")
+@click.option(
+    "--kinds",
+    default="all",
+    show_default=True,
+    help="Fault kinds to inject, comma-separated, or all: runner, manager, broker, postgres, api, freeze, "
+    "poison, alarm, bomb, reversal.",
+)
+@click.pass_context
+def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str) -> None:
+    """A game day under faults; checks the invariants against the feed's ground truth.
+    Exit 1 if one failed. Restarts PostgreSQL (needs root): not for a shared server."""
+    try:
+        result = run(chaos.main(settings_of(ctx), minutes=minutes, seed=seed, kinds=kinds))
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    click.echo(json.dumps(result))
+    if not result["ok"]:
+        sys.exit(EXIT_FAILURE)
