@@ -213,7 +213,7 @@ class TaskManager:
             try:
                 c = await self.dispatcher.poll_once()
                 self._add(self.dispatched, c)
-                nxt = await self.dispatcher.seconds_to_next_due()
+                nxt = self.dispatcher.seconds_to_next_due()
                 if nxt is not None:
                     wait = min(wait, nxt)
             except Exception:

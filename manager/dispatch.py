@@ -70,23 +70,24 @@ class Dispatcher:
         self._settings = settings
         self._clock = clock
         self._in_flight: set[uuid.UUID] = set()  # tasks whose orders are being published
+        self._next_at: datetime | None = None  # the earliest waiting task, as the last poll saw it
 
     async def poll_once(self) -> DispatchCounts:
-        """Claim and send everything due now, batch after batch; then relay the outbox."""
+        """Claim and send everything due now, batch after batch. (The outbox's relay is a
+        periodic job of its own: it only resends orders older than RELAY_AFTER_S.)"""
         counts = DispatchCounts()
         while True:
-            orders, rows = await self._claim_batch(counts)
+            orders, full = await self._claim_batch(counts)
             if orders:
                 await self._send(orders, counts)
-            if rows < self._settings.dispatch_batch:
-                break
-        await self.relay_once(counts)
-        return counts
+            if not full:
+                return counts
 
-    async def _claim_batch(self, counts: DispatchCounts) -> tuple[list[tuple[str, StartOrder]], int]:
-        """One transaction: the due one-off tasks in one statement (store.start_due), then,
-        with what is left of the batch, the due recurring ones. Returns the orders and
-        the number of tasks claimed (skipped misfires included)."""
+    async def _claim_batch(self, counts: DispatchCounts) -> tuple[list[tuple[str, StartOrder]], bool]:
+        """One transaction: the due one-off tasks in one statement (store.start_due); when
+        that leaves room in the batch, one probe for the next due time and for due
+        recurring tasks, which only then are claimed with what is left of the batch.
+        Returns the orders and whether the batch was full (more may be due)."""
         now = self._clock()
         limit = self._settings.dispatch_batch
         async with self._engine.begin() as conn:
@@ -97,10 +98,18 @@ class Dispatcher:
                     r["task_id"], r["root_id"], r["attempt"], float(r["lateness_ms"]) / 1000, counts
                 )
             left = limit - len(started)
-            more, n = await self._claim_recurring(conn, now, left, counts) if left else ([], 0)
+            more: list[tuple[str, StartOrder]] = []
+            n = 0
+            if left:
+                next_at, recurring_due = await store.due_probe(conn, now)
+                if recurring_due:
+                    more, n, next_occurrence = await self._claim_recurring(conn, now, left, counts)
+                    if next_occurrence is not None and (next_at is None or next_occurrence < next_at):
+                        next_at = next_occurrence
+                self._next_at = next_at
         counts.claimed += len(started)
         metrics.CLAIMED.inc(len(started))
-        return orders + more, len(started) + n
+        return orders + more, len(started) + n >= limit
 
     def _observe_lateness(
         self, task_id: uuid.UUID, root_id: uuid.UUID, attempt: int, late_s: float, counts: DispatchCounts
@@ -117,13 +126,14 @@ class Dispatcher:
 
     async def _claim_recurring(
         self, conn: Any, now: datetime, limit: int, counts: DispatchCounts
-    ) -> tuple[list[tuple[str, StartOrder]], int]:
+    ) -> tuple[list[tuple[str, StartOrder]], int, datetime | None]:
         """Due tasks the one-statement claim left (recurring ones): each gets its own
         decision (start, or cancel a misfire) and its next occurrence, through
-        store.apply_transitions."""
+        store.apply_transitions. Returns the orders, the rows claimed and the earliest
+        next occurrence written."""
         rows = await store.claim_due(conn, now, limit)
         if not rows:
-            return [], 0
+            return [], 0, None
         current: dict[uuid.UUID, CurrentState] = {}
         transitions: list[Transition] = []
         orders: list[tuple[str, StartOrder]] = []
@@ -198,7 +208,7 @@ class Dispatcher:
         counts.claimed += len(orders)
         counts.next_occurrences += len(next_rows)
         metrics.CLAIMED.inc(len(orders))
-        return orders, len(rows)
+        return orders, len(rows), min((row["due_at"] for row in next_rows), default=None)
 
     async def _send(self, orders: Sequence[tuple[str, StartOrder]], counts: DispatchCounts) -> None:
         # The relay leaves these alone until they are marked sent: their publisher may
@@ -256,11 +266,11 @@ class Dispatcher:
         metrics.DISPATCHED.inc(len(sent))
         return sent
 
-    async def seconds_to_next_due(self) -> float | None:
-        """How long until the earliest waiting task is due (None: nothing waits), so the
-        manager wakes for it instead of waiting out its poll interval."""
-        async with self._engine.connect() as conn:
-            at = await store.next_run_at(conn)
+    def seconds_to_next_due(self) -> float | None:
+        """How long until the earliest waiting task is due, as the last poll saw it (None:
+        nothing waited), so the manager wakes for it instead of waiting out its poll
+        interval. A task scheduled since then due sooner wakes it by NOTIFY."""
+        at = self._next_at
         return None if at is None else max(0.0, (at - self._clock()).total_seconds())
 
     async def relay_once(self, counts: DispatchCounts | None = None) -> int:

@@ -311,9 +311,17 @@ group by 1, 2 order by 1, 2;
 select (detail->>'lateness_ms')::float as ms from task_events
 where state = 'STARTED' and time >= :since and detail ? 'lateness_ms';
 
--- next_run_at --
--- The earliest waiting task (one index probe): the manager sleeps until then at most.
-select min(run_at) as at from task_state where state in ('SCHEDULED', 'RETRYING');
+-- due_probe --
+-- After a claim that left room in its batch: when the earliest waiting task is due (the
+-- manager sleeps until then at most), and whether a recurring task is due now (only then
+-- does the dispatcher run claim_due). Cost: the first entry of task_state_due_idx and
+-- its entries up to :now, what is due, not what is stored.
+select
+    (select min(run_at) from task_state where state in ('SCHEDULED', 'RETRYING')) as next_at,
+    exists(
+        select 1 from task_state s join tasks t on t.id = s.task_id
+        where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now and t.recurrence is not null
+    ) as recurring_due;
 
 -- rebuild_state --
 -- The projection again from the history: each task's last applied event (tasks whose

@@ -512,8 +512,11 @@ async def lateness_ms(conn: Conn, since: datetime) -> list[float]:
     return [r.ms for r in await _run(conn, "lateness_ms", {"since": since})]
 
 
-async def next_run_at(conn: Conn) -> datetime | None:
-    return (await _run(conn, "next_run_at")).scalar_one()  # type: ignore[no-any-return]
+async def due_probe(conn: Conn, now: datetime) -> tuple[datetime | None, bool]:
+    """When the earliest waiting task is due (None: nothing waits), and whether a
+    recurring task is due at `now`."""
+    row = (await _run(conn, "due_probe", {"now": now})).one()
+    return row.next_at, bool(row.recurring_due)
 
 
 async def rebuild_state(conn: Conn) -> int:
