@@ -37,9 +37,11 @@ from typing import Any
 
 from sqlalchemy import text
 
+from bench import peer_env
 from bench._common import Procs, child_env, fresh_database, log, machine, new_prefix, percentile
 from taskmgr import broker, store
 from taskmgr.db import make_engine
+from taskmgr.errors import InvalidInput
 from taskmgr.service import NewTask, TaskService
 from taskmgr.settings import Settings
 from taskmgr.testing import wait_for
@@ -262,11 +264,19 @@ async def main(
         },
         "machine": machine(),
     }
+    unknown = sorted(set(peers) - set(peer_env.MODULES))
+    if unknown:
+        raise InvalidInput("--vs", f"no driver for {', '.join(unknown)} (known: {', '.join(peer_env.MODULES)})")
+    # Before the measurement: an install is slow, and the peers' modules must be
+    # importable when bench.peers is first imported.
+    installed = peer_env.ensure(peers)
     own = await run_taskmgr(settings, tasks, profile)
     if not peers:
         result.update(own)
         return result
-    from bench import peers as peer_mod
+    from bench import peers as peer_mod  # imports the peers' libraries: only now
+
+    result["installed"] = installed
 
     result["taskmgr"] = own
     result["ratios"] = {}

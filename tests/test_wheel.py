@@ -31,7 +31,7 @@ async def test_migrate_refuses_to_run_without_migrations(database_url: str, tmp_
         await migrate(database_url, sql_dirs=[tmp_path])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 async def test_the_installed_wheel_migrates_a_fresh_database_and_runs(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -101,3 +101,17 @@ async def test_the_installed_wheel_migrates_a_fresh_database_and_runs(
     types = taskmgr("types", "list", "-o", "json")
     assert types.returncode == 0, types.stderr
     assert {"live_game", "schedule"} <= {t["name"] for t in json.loads(types.stdout)}
+
+    # The peers of the comparison install themselves the first time (the bench extra,
+    # from the installed package's metadata), into the environment taskmgr runs from.
+    def importable(module: str) -> bool:
+        probe = [str(venv / "bin" / "python"), "-c", f"import {module}"]
+        return subprocess.run(probe, env=env, capture_output=True).returncode == 0
+
+    assert not importable("taskiq_aio_pika"), "the test needs an environment without the peers"
+    compared = taskmgr("bench", "dispatch", "--tasks", "200", "--vs", "taskiq")
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    result = json.loads(compared.stdout.strip().splitlines()[-1])
+    assert "taskiq>=0.11" in result["installed"], result.get("installed")
+    assert result["taskiq"]["received"] == 200 and result["taskmgr"]["received"] == 200, result
+    assert importable("taskiq_aio_pika") and importable("celery") and importable("procrastinate")
