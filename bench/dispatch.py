@@ -266,7 +266,8 @@ async def main(
     }
     unknown = sorted(set(peers) - set(peer_env.MODULES))
     if unknown:
-        raise InvalidInput("--vs", f"no driver for {', '.join(unknown)} (known: {', '.join(peer_env.MODULES)})")
+        known = ", ".join(peer_env.MODULES)
+        raise InvalidInput("--vs", f"no driver for {', '.join(unknown)} (known: {known})")
     # Before the measurement: an install is slow, and the peers' modules must be
     # importable when bench.peers is first imported.
     installed = peer_env.ensure(peers)

@@ -275,3 +275,20 @@ def test_no_password_in_help_errors_or_logs(capsys) -> None:  # type: ignore[no-
     logging.getLogger("t").warning("cannot connect to %s", "amqp://mq:s3cret-pw@mq.example/?apiKey=k3y")
     assert "s3cret-pw" not in stream.getvalue() and "k3y" not in stream.getvalue()
     assert "amqp://mq:***@mq.example/?apiKey=***" in stream.getvalue()
+
+
+@pytest.mark.usefixtures("sports_types")
+def test_commands_log_only_errors_unless_asked(settings: Settings) -> None:
+    """A command prints its result; its INFO lines show only with --log-level (the
+    processes keep INFO by default)."""
+    env = {
+        "TASKMGR_DATABASE_URL": settings.database_url,
+        "TASKMGR_AMQP_URL": settings.amqp_url,
+        "TASKMGR_LEAGUES": "nba:nba",
+    }
+    seed = ["schedule", "seed", "--date", "2026-11-24", "-o", "json"]
+    quiet = CliRunner().invoke(main, seed, env=env, catch_exceptions=False)
+    assert quiet.exit_code == 0 and json.loads(quiet.stdout)["schedule_tasks_created"] == 1, quiet.output
+    assert "daily schedule job" not in quiet.stderr
+    told = CliRunner().invoke(main, ["--log-level", "INFO", *seed], env=env, catch_exceptions=False)
+    assert told.exit_code == 0 and "daily schedule job: 1 schedule tasks" in told.stderr, told.stderr

@@ -246,6 +246,7 @@ async def test_end2end_finishes_every_task_with_a_manager_a_runner_and_the_feed(
     result = json.loads(ran.stdout)
     assert result["result"] == "success"
     assert (result["tasks"], result["finished"], result["failed"], result["unfinished"]) == (20, 20, 0, 0)
+    assert result["types"] == {"end2end": 10, "end2end_espn": 10}, "a mix of two task types"
 
 
 async def test_end2end_without_a_runner_is_partial_at_its_deadline(

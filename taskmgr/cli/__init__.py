@@ -38,6 +38,10 @@ COMMANDS = {
     "end2end": "ops:end2end",
     "bench": "bench:bench",
 }
+# The long-lived processes log at TASKMGR_LOG_LEVEL's default (INFO); the other commands
+# print their result and log only errors unless --log-level (or the variable) says more.
+PROCESSES = frozenset({"manager", "runner", "feed", "demo"})
+COMMAND_LOG_LEVEL = "ERROR"
 
 
 class LazyGroup(click.Group):
@@ -63,7 +67,12 @@ class LazyGroup(click.Group):
 @opt("--database-url", env="TASKMGR_DATABASE_URL", default=None, help="PostgreSQL (SQLAlchemy asyncpg URL).")
 @opt("--amqp-url", env="TASKMGR_AMQP_URL", default=None, help="RabbitMQ URL.")
 @opt("--amqp-prefix", env="TASKMGR_AMQP_PREFIX", default=None, help="Prefix of exchange and queue names.")
-@opt("--log-level", env="TASKMGR_LOG_LEVEL", default=None, help="DEBUG, INFO, WARNING, ERROR.")
+@opt(
+    "--log-level",
+    env="TASKMGR_LOG_LEVEL",
+    default=None,
+    help="DEBUG, INFO, WARNING, ERROR [default: ERROR for commands, INFO for the processes].",
+)
 @opt(
     "--log-format",
     env="TASKMGR_LOG_FORMAT",
@@ -74,6 +83,8 @@ class LazyGroup(click.Group):
 @click.pass_context
 def main(ctx: click.Context, **overrides: Any) -> None:
     """taskmgr: a task manager for live sports data (TimescaleDB + RabbitMQ)."""
+    if overrides["log_level"] is None and ctx.invoked_subcommand not in PROCESSES:
+        overrides["log_level"] = COMMAND_LOG_LEVEL
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:

@@ -143,7 +143,7 @@ def demo(
 def end2end(ctx: click.Context, count: int, deadline: float, output: str) -> None:
     """Create N tasks against the simulated feed and follow them until done (needs a
     manager, a runner and the feed running)."""
-    result = run(run_end2end(settings_of(ctx), count=count, deadline_s=deadline, progress=output == "table"))
+    result = run(run_end2end(settings_of(ctx), count=count, deadline_s=deadline))
     emit(result, output, list(result))
     if result["finished"] < count:
         sys.exit(EXIT_FAILURE)
