@@ -9,6 +9,7 @@ publish that fails while the connection is down raises BrokerError, and the call
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -166,11 +167,11 @@ class _RobustConnection(aio_pika.RobustConnection):
         transport = self.transport
         if transport is not None:
             conn = transport.connection
-            conn.closing.add_done_callback(lambda _f, c=conn: _unblock(c))
+            conn.closing.add_done_callback(functools.partial(_unblock, conn))
         await super()._on_connected()
 
 
-def _unblock(conn: Any) -> None:
+def _unblock(conn: Any, _closing: object = None) -> None:
     event = getattr(conn, "_Connection__connection_unblocked", None)  # aiormq's, private
     if isinstance(event, asyncio.Event):
         event.set()
