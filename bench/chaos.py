@@ -75,7 +75,12 @@ LEADERLESS_GRACE_S = 25.0
 CHAOS_DB = "taskmgr_chaos"
 RUNNERS = 3
 MANAGERS = 2
+# The PostgreSQL cluster the `postgres` fault restarts (pg_ctlcluster VERSION NAME): it
+# must be the one TASKMGR_DATABASE_URL points at. The RabbitMQ node that rabbitmqctl
+# drives (alarm, closed connections) is RABBITMQ_NODENAME's, which rabbitmqctl honours
+# (default: the local node); it must be the one TASKMGR_AMQP_URL points at.
 PG_MAJOR = os.environ.get("TASKMGR_PG_MAJOR", "15")
+PG_CLUSTER = os.environ.get("TASKMGR_PG_CLUSTER", "main")
 
 
 def _watermark() -> str:
@@ -237,7 +242,7 @@ class Harness:
             self.leaderless.append((time.time(), time.time() + LEADERLESS_GRACE_S))
             await asyncio.to_thread(
                 subprocess.run,
-                ["pg_ctlcluster", "--skip-systemctl-redirect", PG_MAJOR, "main", "restart"],
+                ["pg_ctlcluster", "--skip-systemctl-redirect", PG_MAJOR, PG_CLUSTER, "restart"],
                 check=True,
                 capture_output=True,
             )

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
 from taskmgr import store
-from taskmgr.broker import Message, Publisher
+from taskmgr.broker import BrokerError, Message, Publisher
 from taskmgr.errors import InvalidInput, TaskTypeNotFound
 from taskmgr.messages import (
     BadMessage,
@@ -163,28 +163,51 @@ class ProgressIntake:
         changes nothing)."""
         counts = IntakeCounts(messages=len(messages))
         decoded: list[tuple[Message, RunnerReports | Heartbeat | ServiceReport]] = []
+        settled: set[int] = set()  # rejected already: not in the batch's ack
         for m in messages:
             try:
                 msg = decode_progress(m.body)
             except BadMessage as exc:
-                await self._dead_letter(m.body, str(exc), counts)
+                if await self._dead_letter_or_reject(m, str(exc), counts):
+                    settled.add(id(m))
                 continue
             refused = self._refused_sender(m, msg)
             if refused:
-                await self._dead_letter(m.body, refused, counts)
+                if await self._dead_letter_or_reject(m, refused, counts):
+                    settled.add(id(m))
                 counts.rejected += 1
                 metrics.PROGRESS_REJECTED.labels(msg.kind).inc()
                 continue
             decoded.append((m, msg))
+        unsettled = [m for m in messages if id(m) not in settled]
         try:
             await self._apply_isolating(decoded, counts)
         except Exception:
-            log.exception("progress batch failed; requeueing %d messages", len(messages))
-            for m in messages:
+            log.exception("progress batch failed; requeueing %d messages", len(unsettled))
+            for m in unsettled:
                 await m.nack(requeue=True)
             raise
-        await _ack_all(messages)
+        await _ack_all(unsettled)
         return counts
+
+    async def _dead_letter_or_reject(self, m: Message, reason: str, counts: IntakeCounts) -> bool:
+        """Dead-letter a message with the reason. If that publish fails (a memory alarm
+        blocks the publisher past its timeout, its connection is down), reject it
+        instead: the progress queue's own dead-letter exchange takes it, without the
+        reason. Raising here would leave the whole batch unsettled, to be swept away
+        unapplied by the next batch's `multiple` ack. True when rejected (settled)."""
+        try:
+            await self._dead_letter(m.body, reason, counts)
+            return False
+        except BrokerError as exc:
+            log.error("progress message not dead-lettered (%s); rejecting it instead: %s", exc, reason)
+        try:
+            await m.reject(requeue=False)
+        except Exception as exc:  # a replaced channel: the broker redelivers it
+            log.warning("could not reject a progress message: %r", exc)
+        counts.dead_lettered += 1
+        metrics.DEAD_LETTERED.inc()
+        return True
 
     def _refused_sender(self, m: Message, msg: RunnerReports | Heartbeat | ServiceReport) -> str | None:
         """Why this message's sender may not send it, or None. The sender is the
@@ -221,12 +244,17 @@ class ProgressIntake:
             setattr(counts, name, getattr(counts, name) + value)
         for body, reason in batch.unknown:
             await self._dead_letter(body, reason, counts)
-        for runner_id, stop in batch.stops:
-            try:
-                await self._publisher.publish_control(runner_id, encode(stop))
+        # All at once: during a memory alarm each publish waits out its timeout, and one
+        # after the other they would hold the intake for that many times as long.
+        sent = await asyncio.gather(
+            *(self._publisher.publish_control(rid, encode(stop)) for rid, stop in batch.stops),
+            return_exceptions=True,
+        )
+        for (_, stop), result in zip(batch.stops, sent, strict=True):
+            if isinstance(result, BaseException):  # the next heartbeat asks again
+                log.warning("stop for %s not sent: %s", stop.task_id, result)
+            else:
                 counts.stops += 1
-            except Exception as exc:  # the next heartbeat asks again
-                log.warning("stop for %s not sent: %s", stop.task_id, exc)
 
     async def _dead_letter(self, body: bytes, reason: str, counts: IntakeCounts) -> None:
         await self._publisher.dead_letter(body, reason)

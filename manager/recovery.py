@@ -19,9 +19,20 @@ from taskmgr.settings import Settings
 log = logging.getLogger(__name__)
 
 RECOVERY_BATCH = 5000
-# A task whose runners died this many times while holding it fails (a task that kills
-# its runner must not walk through the pool killing each runner in turn).
+# A task whose runners died this many times soon after it started on them fails (a task
+# that kills its runner must not walk through the pool killing each runner in turn).
 MAX_RUNNER_DEATHS = 3
+# "Soon": a poison task kills its runner at its first polls. A death counts toward
+# MAX_RUNNER_DEATHS only when the runner's last heartbeat came within this window of the
+# task becoming RUNNING on it: the first QUICK_DEATH_POLLS polls have all begun within
+# that many poll intervals of the start (the first tick comes within one interval,
+# runners/poller.py), a response that kills is read within the request timeout after,
+# and the last heartbeat precedes the death by up to one heartbeat interval. A death
+# later than that says nothing about the task (an operator, a host, the chaos harness's
+# SIGKILLs: a long game must not fail for its runners' deaths). Derived per type, so
+# it scales with the type's pace: 28 s for the defaults (5 s polls, 10 s timeout, 3 s
+# heartbeats), 2.4 s on the chaos day's quick clock.
+QUICK_DEATH_POLLS = 3
 # A task whose start order no runner took this many times in a row (since a runner last
 # reported it RUNNING) fails (its pool has no consumer): not re-sent every start timeout
 # forever, while a long-lived task that met a few pool restarts over its life goes on.
@@ -61,7 +72,8 @@ class Recovery:
                     "runner_dead",
                     lambda c: f"runner {c.runner_id} stopped heartbeating",
                     bound=MAX_RUNNER_DEATHS,
-                    bound_reason=lambda n: f"its runners died {n} times while holding it",
+                    bound_reason=lambda n: f"its runners died {n} times soon after it started on them",
+                    counted=self._quick_deaths,
                 )
                 log.warning(
                     "runners declared dead: %s (%d tasks dispatched again)", dead, counts.from_dead_runners
@@ -81,12 +93,47 @@ class Recovery:
             )
         return counts
 
+    def quick_death_window_s(self, poll_interval_s: float, request_timeout_s: float) -> float:
+        """How soon after a task became RUNNING on a runner that runner's death counts
+        toward MAX_RUNNER_DEATHS (see QUICK_DEATH_POLLS)."""
+        return QUICK_DEATH_POLLS * poll_interval_s + request_timeout_s + self._settings.heartbeat_interval
+
+    async def _quick_deaths(self, conn, taken):  # type: ignore[no-untyped-def]
+        """task id -> (whether its runner's death counts, what the event records)."""
+        rows = await store.runner_deaths(conn, [c.task_id for c in taken])
+        out = {}
+        for c in taken:
+            row = rows.get(c.task_id)
+            if row is None:  # not RUNNING (no start on that runner to measure from): counted
+                out[c.task_id] = (True, {"counted": True})
+                continue
+            window = self.quick_death_window_s(row["poll_interval_s"], row["request_timeout_s"])
+            quick = row["held_s"] <= window
+            out[c.task_id] = (
+                quick,
+                {"counted": quick, "held_s": round(row["held_s"], 3), "window_s": round(window, 3)},
+            )
+        return out
+
     async def _redispatch(  # type: ignore[no-untyped-def]
-        self, conn, ids, now, still, reason_label, reason, *, bound, bound_reason, since_running=False
+        self,
+        conn,
+        ids,
+        now,
+        still,
+        reason_label,
+        reason,
+        *,
+        bound,
+        bound_reason,
+        since_running=False,
+        counted=None,
     ):
         """RETRYING now, same attempt: discovery gives it the next attempt number, which
         fences the old runner's late reports. Not a failure: max_attempts is untouched,
-        except that a task taken back `bound` times for the same reason FAILS."""
+        except that a task taken back `bound` times for the same reason FAILS. `counted`
+        (conn, taken) -> {task id: (counts, detail)}: which of these count toward the
+        bound (the others are recorded with counted=false and leave the count as is)."""
         if not ids:
             return 0
         current = await store.lock_states(conn, ids)
@@ -98,11 +145,13 @@ class Recovery:
             if taken
             else {}
         )
+        judged = await counted(conn, taken) if counted is not None and taken else {}
         transitions = []
         for c in taken:
-            n = before.get(c.task_id, 0) + 1
-            detail = {"reason": reason(c), "recovery": reason_label, "times": n}
-            if n >= bound:
+            counts, extra = judged.get(c.task_id, (True, {}))
+            n = before.get(c.task_id, 0) + (1 if counts else 0)
+            detail = {"reason": reason(c), "recovery": reason_label, "times": n, **extra}
+            if counts and n >= bound:
                 detail = {**detail, "reason": f"{bound_reason(n)}; the last: {reason(c)}", "final": True}
                 transitions.append(Transition(c.task_id, State.FAILED, c.attempt, "manager", None, detail))
                 metrics.RECOVERY_GAVE_UP.labels(reason_label).inc()

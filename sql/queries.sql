@@ -222,6 +222,17 @@ order by id;
 select s.task_id from task_state s
 where s.state in ('STARTED', 'RUNNING') and s.runner_id = any(cast(:runner_ids as text[]));
 
+-- runner_deaths --
+-- For tasks RUNNING on runners just declared dead: how long after the task became
+-- RUNNING there (task_state.changed_at) the runner's last heartbeat came (a death soon
+-- after the start counts toward the bound, see manager/recovery.py), and its type's
+-- poll interval and request timeout, from which that window is derived.
+select s.task_id, extract(epoch from r.last_seen - s.changed_at)::float8 as held_s,
+    tt.poll_interval_s, tt.request_timeout_s
+from task_state s join runners r on r.id = s.runner_id
+join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
+where s.task_id = any(cast(:ids as uuid[])) and s.state = 'RUNNING';
+
 -- runner_holdings --
 -- What the manager thinks each runner holds (to compare with its heartbeat).
 select s.task_id, s.attempt, s.state, s.changed_at from task_state s
@@ -364,8 +375,11 @@ select set_config('taskmgr.rebuild', 'on', true);
 -- How many times recovery took each of these tasks back for this reason (runner_dead,
 -- start_timeout): past a bound the task fails instead. since_running: only those since
 -- the task last reached RUNNING (undelivered orders count in a row; deaths do not reset).
+-- A recovery whose detail says counted=false (a runner death long after the task
+-- started on it) is not counted; one without the key (before it existed) is.
 select e.task_id, count(*) as n from task_events e
 where e.task_id = any(cast(:ids as uuid[])) and e.applied and e.detail->>'recovery' = :label
+  and coalesce(cast(e.detail->>'counted' as boolean), true)
   and (not cast(:since_running as boolean) or e.seq > coalesce((
       select max(r.seq) from task_events r
       where r.task_id = e.task_id and r.applied and r.state = 'RUNNING'), 0))

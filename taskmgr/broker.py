@@ -9,6 +9,7 @@ publish that fails while the connection is down raises BrokerError, and the call
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,6 +148,43 @@ async def _existing(
     return {k: await channel.get_exchange(v, ensure=False) for k, v in names.items()}
 
 
+class _RobustConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection, but a connection that closed is no longer counted
+    as blocked.
+
+    During a memory alarm RabbitMQ blocks each connection that publishes, and aiormq
+    then holds `Connection.ready()` until connection.unblocked arrives. A connection
+    closed while blocked (a broker closing connections, a cut network) never gets one.
+    On that close each of its robust channels reopens itself, in aio-pika, through
+    `ready()` of that dead connection: it waits there for good, holding the channel's
+    restore lock, so the reconnect that follows waits for that lock for good too and
+    never restores any channel. Every publish then fails with "channel closed" for the
+    rest of the process: the chaos day's runners stopped heartbeating and reporting
+    (tests/test_alarm.py). Unblocking the dead connection lets the stale reopen fail at
+    once and the reconnect restore the channels."""
+
+    async def _on_connected(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            conn = transport.connection
+            conn.closing.add_done_callback(functools.partial(_unblock, conn))
+        await super()._on_connected()
+
+
+def _unblock(conn: Any, _closing: object = None) -> None:
+    event = getattr(conn, "_Connection__connection_unblocked", None)  # aiormq's, private
+    if isinstance(event, asyncio.Event):
+        event.set()
+    else:
+        log.error("aiormq has no connection-unblocked event: a connection closed while blocked may stall")
+
+
+async def _connect(url: str, name: str) -> AbstractRobustConnection:
+    return await aio_pika.connect_robust(
+        url, client_properties={"connection_name": name}, connection_class=_RobustConnection
+    )
+
+
 def amqp_user(url: str) -> str:
     """The user a connection to `url` authenticates as (RabbitMQ's default: guest)."""
     return URL(url).user or "guest"
@@ -172,9 +210,7 @@ class Publisher:
         self._pools: set[str] = set()
 
     async def __aenter__(self) -> Publisher:
-        self._conn = await aio_pika.connect_robust(
-            self._url, client_properties={"connection_name": f"{self._name}-publish"}
-        )
+        self._conn = await _connect(self._url, f"{self._name}-publish")
         # on_return_raises: a mandatory message nobody could route (a start order for a
         # pool whose queue is gone) fails its publish instead of counting as confirmed.
         self._channel = await self._conn.channel(  # type: ignore[assignment]
@@ -303,9 +339,7 @@ class Consumer:
         self._consumers: list[tuple[AbstractQueue, str]] = []
 
     async def __aenter__(self) -> Consumer:
-        self._conn = await aio_pika.connect_robust(
-            self._url, client_properties={"connection_name": f"{self._name}-consume"}
-        )
+        self._conn = await _connect(self._url, f"{self._name}-consume")
         self._channel = await self._conn.channel()  # type: ignore[assignment]
         assert self._channel is not None
         await self._channel.set_qos(prefetch_count=self._prefetch)

@@ -394,6 +394,12 @@ async def tasks_of_runners(conn: Conn, runner_ids: Sequence[str]) -> list[uuid.U
     return [r[0] for r in rows]
 
 
+async def runner_deaths(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Mapping[str, Any]]:
+    """For RUNNING tasks of dead runners: `held_s` (the runner's last heartbeat minus
+    the time the task became RUNNING there), `poll_interval_s`, `request_timeout_s`."""
+    return {r.task_id: r._mapping for r in await _run(conn, "runner_deaths", {"ids": list(ids)})}
+
+
 async def runner_holdings(conn: Conn, runner_id: str) -> list[Mapping[str, Any]]:
     return [r._mapping for r in await _run(conn, "runner_holdings", {"runner_id": runner_id})]
 

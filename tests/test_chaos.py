@@ -1,7 +1,8 @@
 """The one-minute chaos game day (`taskmgr bench chaos`): runners and the leading manager
 SIGKILLed or frozen, the services' RabbitMQ connections closed, PostgreSQL restarted,
-API faults, poison messages, gzip bombs, scores taken back; the invariants are checked
-against the simulated feed's ground truth. Run as users run it: the CLI, in a process."""
+API faults, poison messages, a RabbitMQ memory alarm, gzip bombs, scores taken back; the
+invariants are checked against the simulated feed's ground truth. Run as users run it:
+the CLI, in a process."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from taskmgr.settings import Settings
 
 pytestmark = pytest.mark.slow
 
-# Every kind but `alarm`: a 40 s memory alarm combined with closed connections left the
-# leader's intake applying nothing afterwards (an open problem, see the notes);
-# `taskmgr bench chaos --kinds all` still injects it.
-KINDS = ("runner", "manager", "broker", "postgres", "api", "freeze", "poison", "bomb", "reversal")
+# Every kind, the memory alarm included: it blocks every publisher of the broker for 40 s,
+# which is safe here since the suite's tests run one at a time (run by hand on a shared
+# machine, point TASKMGR_AMQP_URL and RABBITMQ_NODENAME at a node of your own, and the
+# database at a PostgreSQL cluster of your own: TASKMGR_PG_CLUSTER).
+KINDS = ("runner", "manager", "broker", "postgres", "api", "freeze", "poison", "alarm", "bomb", "reversal")
 
 
 @pytest.mark.timeout(400)

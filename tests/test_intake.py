@@ -146,6 +146,41 @@ async def test_poison_progress_message_costs_only_itself(  # type: ignore[no-unt
     assert await queue_depth(settings.amqp_url, topology.progress) == 0, "nothing requeued"
 
 
+async def test_poison_that_cannot_be_dead_lettered_is_rejected_and_the_rest_applied(  # type: ignore[no-untyped-def]
+    engine, service, publisher, settings, topology
+) -> None:
+    """The dead-letter publish fails (as during a memory alarm, past the publish timeout,
+    or with the connection down): the poison message goes to the progress queue's own
+    dead-letter exchange instead, and the rest of its batch is applied and acked. Before,
+    the failure left the whole batch unsettled, and the next batch's `multiple` ack
+    swept it away unapplied."""
+    clock = Clock(datetime.now(UTC))
+    [a] = await _running(engine, service, publisher, settings, clock, 1)
+    down = Publisher(url=settings.amqp_url, topology=topology, name="down")
+    await down.__aenter__()
+    await down.__aexit__(None, None, None)  # closed: each of its publishes fails at once
+    intake = ProgressIntake(engine=engine, publisher=down, settings=settings, clock=clock)
+    bodies = [b"{not json", json.dumps(_report("r1", a, 1, "running")).encode()]
+    bodies.append(json.dumps(_heartbeat("r1")).encode())
+    consumer, msgs = await _deliver(settings, topology, publisher, bodies)
+    try:
+        counts = await intake.handle_messages(msgs)
+    finally:
+        await consumer.__aexit__(None, None, None)
+    assert counts.dead_lettered == 1
+    assert await _history(engine, a) == RAN_ONCE
+    assert await _runner_ids(engine) == {"r1"}
+    assert await queue_depth(settings.amqp_url, topology.progress) == 0, "nothing requeued"
+    conn = await aio_pika.connect(settings.amqp_url)
+    try:
+        dead = await (await conn.channel()).get_queue(topology.dead)
+        m = await dead.get(no_ack=True, fail=False)
+        assert m is not None and m.body == b"{not json"
+        assert m.headers["x-death"][0]["reason"] == "rejected"  # type: ignore[index]
+    finally:
+        await conn.close()
+
+
 async def test_message_refused_by_postgresql_is_isolated_and_dead_lettered(  # type: ignore[no-untyped-def]
     engine, service, publisher, settings, topology, database_url
 ) -> None:

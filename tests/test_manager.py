@@ -356,9 +356,62 @@ async def test_a_task_whose_runners_keep_dying_fails(
     task = await service.get_task(poison)
     assert task.state == State.FAILED
     assert (
-        f"its runners died {MAX_RUNNER_DEATHS} times" in (await service.history(poison))[-1].detail["reason"]
+        f"its runners died {MAX_RUNNER_DEATHS} times soon after it started on them"
+        in (await service.history(poison))[-1].detail["reason"]
     )
+    assert [e.detail.get("counted") for e in await service.history(poison) if e.detail.get("recovery")] == [
+        True
+    ] * MAX_RUNNER_DEATHS
     assert (await service.get_task(lucky)).state in (State.RETRYING, State.STARTED)
+
+
+async def test_runner_deaths_long_after_the_task_started_do_not_fail_it(
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
+) -> None:
+    """Only a death soon after the task started on its runner says the task may have
+    killed it: runners killed long into a task's run (the chaos day's SIGKILLs during a
+    game) count for nothing, however often; quick deaths still do (the test above)."""
+    from manager.recovery import MAX_RUNNER_DEATHS
+
+    clock = Clock(datetime.now(UTC))
+    [tid] = await schedule(service, poll_type, 1, due_at=clock.now)
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    disp = dispatcher(engine, publisher, settings, clock)
+    recovery = Recovery(engine=engine, settings=settings, clock=clock)
+    tt = await service.get_type(poll_type)
+    window = recovery.quick_death_window_s(tt.poll_interval_s, tt.request_timeout_s)
+    for death in range(1, MAX_RUNNER_DEATHS + 3):
+        await disp.poll_once()
+        runner = f"r{death}"
+        await intake.apply(
+            [
+                Heartbeat(runner_id=runner, pool="default", at=clock.now),
+                _reports(runner, (tid, death, "running")),
+            ]
+        )
+        clock.advance(window + 5)  # it ran a while, heartbeating, then its runner died
+        await intake.apply([Heartbeat(runner_id=runner, pool="default", at=clock.now, tasks=[(tid, death)])])
+        clock.advance(settings.runner_dead_after + 1)
+        assert (await recovery.run_once()).from_dead_runners == 1
+        task = await service.get_task(tid)
+        assert task.state == State.RETRYING, f"death {death}: {task.state}"
+        last = (await service.history(tid))[-1].detail
+        assert (last["recovery"], last["counted"], last["times"]) == ("runner_dead", False, 0)
+        assert last["held_s"] > last["window_s"] == round(window, 3)
+    # A quick death after all those: the first that counts.
+    await disp.poll_once()
+    await intake.apply(
+        [Heartbeat(runner_id="quick", pool="default", at=clock.now), _reports("quick", (tid, 6, "running"))]
+    )
+    clock.advance(settings.runner_dead_after + 1)
+    assert (await recovery.run_once()).from_dead_runners == 1
+    last = (await service.history(tid))[-1].detail
+    assert (last["counted"], last["times"]) == (True, 1)
+    assert (await service.get_task(tid)).state == State.RETRYING
 
 
 async def test_heartbeat_reconciles_what_a_runner_holds(
