@@ -7,10 +7,12 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,19 +63,24 @@ def env_of(settings: Settings, role: str, **extra: Any) -> dict[str, str]:
 
 
 class Procs:
+    """The processes a test starts, their output in files (a pipe nobody reads fills up
+    and blocks the writer), all killed at the end."""
+
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
+        self.logs = tempfile.TemporaryDirectory(prefix="taskmgr-procs-")
 
     async def start(self, env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-        p = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "taskmgr.cli",
-            *args,
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        with open(Path(self.logs.name) / f"{args[0]}-{len(self.procs)}.log", "wb") as log:  # noqa: ASYNC230
+            p = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "taskmgr.cli",
+                *args,
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )
         self.procs.append(p)
         return p
 
@@ -82,6 +89,7 @@ class Procs:
             if p.returncode is None:
                 p.kill()
             await p.wait()
+        self.logs.cleanup()
 
 
 @pytest.fixture

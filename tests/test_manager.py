@@ -365,6 +365,22 @@ async def test_a_task_whose_runners_keep_dying_fails(
     assert (await service.get_task(lucky)).state in (State.RETRYING, State.STARTED)
 
 
+async def test_a_burst_of_late_tasks_is_one_warning_per_poll(
+    engine, service, publisher, settings, poll_type, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    """Ten thousand late tasks once logged ten thousand warnings, and a manager whose
+    stderr was a full pipe stalled on them (no renewals: its lease ran out). One line
+    per poll now, naming the latest task; every start is still in the histogram."""
+    clock = Clock(datetime.now(UTC) + timedelta(seconds=60))  # every task 60 s late
+    await schedule(service, poll_type, 50, due_at=datetime.now(UTC))
+    with caplog.at_level("WARNING", logger="manager.dispatch"):
+        counts = await dispatcher(engine, publisher, settings, clock).poll_once()
+    assert (counts.claimed, counts.late) == (50, 50)
+    late = [r for r in caplog.records if r.name == "manager.dispatch" and "after" in r.getMessage()]
+    assert len(late) == 1, [r.getMessage() for r in late]
+    assert late[0].getMessage().startswith("50 tasks started more than 10 s after they were due")
+
+
 async def test_runner_deaths_long_after_the_task_started_do_not_fail_it(
     engine,
     service,
