@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -29,6 +29,7 @@ from taskmgr.errors import (
     TaskTypeNotFound,
 )
 from taskmgr.models import (
+    TYPE_FIELDS,
     CurrentState,
     MisfirePolicy,
     Recurrence,
@@ -37,6 +38,7 @@ from taskmgr.models import (
     Task,
     TaskEvent,
     TaskType,
+    TaskTypeFields,
     Transition,
 )
 
@@ -55,37 +57,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class TaskTypeSpec(BaseModel):
-    """A task type as given by a user: checked field by field before it is written."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,62}$")
-    handler: str = Field(min_length=1)
-    url_template: str = ""
-    poll_interval_s: float = Field(5.0, gt=0)
-    payload_schema: dict[str, Any] = Field(default_factory=dict)
-    max_attempts: int = Field(3, ge=1)
-    backoff_base_s: float = Field(2.0, ge=0)
-    backoff_max_s: float = Field(300.0, ge=0)
-    request_timeout_s: float = Field(10.0, gt=0)
-    start_timeout_s: float = Field(30.0, gt=0)
-    max_consecutive_failures: int = Field(5, ge=1)
-    pool: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    required_services: tuple[str, ...] = ()
-    misfire_policy: MisfirePolicy = MisfirePolicy.COALESCE
-    misfire_grace_s: float = Field(60.0, ge=0)
-
-    @field_validator("payload_schema")
-    @classmethod
-    def _schema_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        try:
-            jsonschema.Draft202012Validator.check_schema(value)
-        except jsonschema.SchemaError as exc:
-            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
-        return value
-
-
 def _spec_error(exc: ValidationError) -> InvalidInput:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "task type"
@@ -94,12 +65,12 @@ def _spec_error(exc: ValidationError) -> InvalidInput:
 
 def check_type_spec(values: Mapping[str, Any]) -> TaskType:
     try:
-        spec = TaskTypeSpec.model_validate(dict(values))
+        spec = TaskTypeFields.model_validate(dict(values))
     except ValidationError as exc:
         raise _spec_error(exc) from None
     if spec.backoff_max_s < spec.backoff_base_s:
         raise InvalidInput("backoff_max_s", "must be at least backoff_base_s")
-    return TaskType(**spec.model_dump())
+    return TaskType.model_construct(**spec.model_dump())
 
 
 @dataclass(frozen=True)
@@ -167,7 +138,7 @@ class TaskService:
             if current is None:
                 raise TaskTypeNotFound(name)
             values = _type_values(current)
-            unknown = set(changes) - set(TaskTypeSpec.model_fields)
+            unknown = set(changes) - set(TYPE_FIELDS)
             if unknown or "name" in changes:
                 bad = sorted(unknown | ({"name"} & set(changes)))
                 raise InvalidInput(bad[0], "cannot be changed (unknown or the key)")
@@ -600,6 +571,5 @@ def _ids_of(parent: Task | Mapping[str, Any]) -> tuple[uuid.UUID, uuid.UUID]:
 
 def _type_values(values: Mapping[str, Any] | TaskType) -> dict[str, Any]:
     if isinstance(values, TaskType):
-        out = {k: getattr(values, k) for k in TaskTypeSpec.model_fields}
-        return out
+        return values.model_dump(include=set(TYPE_FIELDS))
     return dict(values)

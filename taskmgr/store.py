@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from enum import StrEnum
+from functools import cache
+from typing import Any, get_origin
 
+from sqlalchemy import TextClause, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from taskmgr.errors import IllegalTransition, TaskmgrError
 from taskmgr.models import (
+    TYPE_FIELDS,
     CurrentState,
     MisfirePolicy,
     State,
@@ -26,14 +30,13 @@ from taskmgr.models import (
     TaskAttempt,
     TaskEvent,
     TaskType,
+    TaskTypeFields,
     Transition,
     can_transition,
 )
 from taskmgr.queries import q
 
 Conn = AsyncConnection | AsyncSession
-
-_TYPE_FIELDS = [f.name for f in fields(TaskType)]
 
 
 class StoreError(TaskmgrError):
@@ -46,10 +49,10 @@ def _dumps(value: Any) -> str | None:
 
 def _type_from_row(row: Any) -> TaskType:
     m = row._mapping
-    values = {name: m[name] for name in _TYPE_FIELDS}
+    values = {name: m[name] for name in TaskType.model_fields}
     values["required_services"] = tuple(values["required_services"] or ())
     values["misfire_policy"] = MisfirePolicy(values["misfire_policy"])
-    return TaskType(**values)
+    return TaskType.model_construct(**values)  # checked when written
 
 
 def _task_from_row(row: Any) -> Task:
@@ -88,9 +91,12 @@ def _event_from_row(row: Any) -> TaskEvent:
     )
 
 
-async def _run(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -> Any:
+async def _run(
+    conn: Conn, name: str, params: Mapping[str, Any] | None = None, *, query: TextClause | None = None
+) -> Any:
+    """Run the named query (or `query`, made from it) and wrap a database error."""
     try:
-        return await conn.execute(q(name), dict(params or {}))
+        return await conn.execute(q(name) if query is None else query, dict(params or {}))
     except sa_exc.DBAPIError as exc:
         raise StoreError(f"{name}: {exc.orig}") from exc
 
@@ -98,23 +104,54 @@ async def _run(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -
 # -- task types ----------------------------------------------------------------------
 
 
+def _type_column(name: str) -> tuple[str, str]:
+    """A declared field's column and the SQL of its value: JSON objects are jsonb,
+    tuples text[]."""
+    origin: Any = get_origin(TaskTypeFields.model_fields[name].annotation)
+    cast = {dict: "jsonb", tuple: "text[]"}.get(origin)
+    return name, f"cast(:{name} as {cast})" if cast else f":{name}"
+
+
+@cache
+def _type_query(name: str) -> TextClause:
+    """insert_type / update_type, their columns filled in from the declaration
+    (taskmgr.models.TaskTypeFields)."""
+    columns = [_type_column(n) for n in TYPE_FIELDS]
+    return text(
+        q(name).text.format(
+            columns=", ".join(c for c, _ in columns),
+            values=", ".join(v for _, v in columns),
+            assignments=", ".join(f"{c} = {v}" for c, v in columns if c != "name"),
+        )
+    )
+
+
 def _type_params(t: TaskType) -> dict[str, Any]:
-    params = {name: getattr(t, name) for name in _TYPE_FIELDS}
-    params["payload_schema"] = _dumps(t.payload_schema)
-    params["required_services"] = list(t.required_services)
-    params["misfire_policy"] = str(t.misfire_policy)
+    params: dict[str, Any] = {}
+    for name in TYPE_FIELDS:
+        value = getattr(t, name)
+        if isinstance(value, dict):
+            value = _dumps(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, StrEnum):
+            value = str(value)
+        params[name] = value
     return params
+
+
+async def _write_type(conn: Conn, name: str, t: TaskType) -> TaskType | None:
+    row = (await _run(conn, name, _type_params(t), query=_type_query(name))).first()
+    return _type_from_row(row) if row else None
 
 
 async def insert_type(conn: Conn, t: TaskType) -> TaskType | None:
     """The new type, or None when one of that name exists."""
-    row = (await _run(conn, "insert_type", _type_params(t))).first()
-    return _type_from_row(row) if row else None
+    return await _write_type(conn, "insert_type", t)
 
 
 async def update_type(conn: Conn, t: TaskType) -> TaskType | None:
-    row = (await _run(conn, "update_type", _type_params(t))).first()
-    return _type_from_row(row) if row else None
+    return await _write_type(conn, "update_type", t)
 
 
 async def get_type(conn: Conn, name: str, *, for_update: bool = False) -> TaskType | None:

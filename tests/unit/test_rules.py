@@ -1,0 +1,48 @@
+"""Each rule has one owner: the others derive from it (no database, no broker)."""
+
+from __future__ import annotations
+
+import click
+
+from taskmgr import store
+from taskmgr.cli.types import TYPE_COLUMNS, types
+from taskmgr.models import TYPE_FIELDS, TaskType, TaskTypeFields
+
+
+def test_the_types_options_and_columns_derive_from_the_declared_fields() -> None:
+    add = types.commands["add"]
+    flags = {p.name: p.opts[0] for p in add.params if isinstance(p, click.Option)}
+    assert flags == {
+        "file": "--file",
+        "handler": "--handler",
+        "url_template": "--url-template",
+        "poll_interval_s": "--poll-interval",
+        "payload_schema": "--payload-schema",
+        "max_attempts": "--max-attempts",
+        "backoff_base_s": "--backoff-base",
+        "backoff_max_s": "--backoff-max",
+        "request_timeout_s": "--request-timeout",
+        "start_timeout_s": "--start-timeout",
+        "max_consecutive_failures": "--max-consecutive-failures",
+        "pool": "--pool",
+        "required_services": "--required-service",
+        "misfire_policy": "--misfire-policy",
+        "misfire_grace_s": "--misfire-grace",
+        "output": "--output",
+    }
+    assert {p.name for p in types.commands["update"].params} == {p.name for p in add.params} | {"name"}
+    by_name = {p.name: p for p in add.params}
+    assert by_name["required_services"].multiple
+    assert isinstance(by_name["misfire_policy"].type, click.Choice)
+    assert list(by_name["misfire_policy"].type.choices) == ["coalesce", "catch_up", "skip"]
+    assert "seconds" in (by_name["poll_interval_s"].help or "")
+
+    assert TYPE_FIELDS == tuple(TaskTypeFields.model_fields)
+    assert set(TaskType.model_fields) == {*TYPE_FIELDS, "created_at", "updated_at", "deleted_at"}
+    assert set(TYPE_COLUMNS) <= set(TaskType.model_fields)
+    insert = store._type_query("insert_type").text
+    update = store._type_query("update_type").text
+    for name in TYPE_FIELDS:
+        assert f":{name}" in insert and f":{name}" in update
+    assert "cast(:payload_schema as jsonb)" in insert and "cast(:required_services as text[])" in update
+    assert "{" not in insert and "{" not in update
