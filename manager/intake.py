@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
 from taskmgr import store
+from taskmgr.backoff import backoff_s
 from taskmgr.broker import Message, Publisher
 from taskmgr.errors import InvalidInput, TaskTypeNotFound
 from taskmgr.messages import (
@@ -46,18 +46,10 @@ RUNNER_SERVICE = "runner"  # the runner's own result, kept beside the outside se
 ACTIVE = (State.STARTED, State.RUNNING)
 
 
-_RNG = random.Random()
 # A rejected start order (the runner was full) is due again after 0.5-1 s, doubling per
 # rejection up to 15-30 s.
 REJECT_BACKOFF_BASE_S = 1.0
 REJECT_BACKOFF_MAX_S = 30.0
-
-
-def backoff_s(failures: int, base_s: float, max_s: float, rng: random.Random = _RNG) -> float:
-    """Exponential backoff with jitter: half fixed, half random, so retries of many
-    tasks that failed together spread out."""
-    delay = min(max_s, base_s * 2 ** max(0, failures - 1))
-    return delay / 2 + rng.uniform(0, delay / 2)
 
 
 @dataclass

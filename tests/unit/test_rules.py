@@ -46,3 +46,17 @@ def test_the_types_options_and_columns_derive_from_the_declared_fields() -> None
         assert f":{name}" in insert and f":{name}" in update
     assert "cast(:payload_schema as jsonb)" in insert and "cast(:required_services as text[])" in update
     assert "{" not in insert and "{" not in update
+
+
+def test_one_backoff_formula_for_the_manager_and_the_runner() -> None:
+    import random
+
+    from manager import intake
+    from runners import poller
+    from taskmgr.backoff import backoff_s
+
+    assert intake.backoff_s is backoff_s and poller.backoff_s is backoff_s
+    rng = random.Random(7)
+    for n, (low, high) in {1: (1, 2), 2: (2, 4), 3: (4, 8), 20: (150, 300)}.items():
+        assert all(low <= backoff_s(n, 2.0, 300.0, rng) <= high for _ in range(200))
+    assert backoff_s(0, 2.0, 300.0, rng) <= 2.0  # as the first
