@@ -36,14 +36,13 @@ from taskmgr.messages import (
     decode_progress,
     encode,
 )
-from taskmgr.models import CurrentState, State, TaskType, Transition, can_transition
+from taskmgr.models import ACTIVE, CurrentState, State, TaskType, Transition, can_transition
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RUNNER_SERVICE = "runner"  # the runner's own result, kept beside the outside services'
-ACTIVE = (State.STARTED, State.RUNNING)
 
 
 # A rejected start order (the runner was full) is due again after 0.5-1 s, doubling per

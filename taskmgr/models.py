@@ -25,8 +25,10 @@ class State(StrEnum):
         return self in TERMINAL
 
 
+# The sets of states the rest of the code asks about: these, not tuples of its own.
 TERMINAL = frozenset({State.FINISHED, State.FAILED, State.CANCELLED})
-ACTIVE = frozenset({State.STARTED, State.RUNNING})
+ACTIVE = frozenset({State.STARTED, State.RUNNING})  # an attempt under way (order sent, or a runner has it)
+WAITING = frozenset({State.SCHEDULED, State.RETRYING})  # due at run_at: what discovery claims
 
 # The state machine. FAILED -> RETRYING is an operator's manual retry; SCHEDULED ->
 # FAILED is a task that can never start (its recurrence rule cannot be evaluated).
@@ -187,7 +189,7 @@ class CurrentState:
     def after(self, t: Transition, now: datetime) -> CurrentState:
         """This row once `t` (an applied, legal transition) is folded in: the projection
         rule, in one place."""
-        waiting = t.state in (State.SCHEDULED, State.RETRYING)
+        waiting = t.state in WAITING
         return replace(
             self,
             state=t.state,

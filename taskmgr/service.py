@@ -29,6 +29,7 @@ from taskmgr.errors import (
     TaskTypeNotFound,
 )
 from taskmgr.models import (
+    ACTIVE,
     TYPE_FIELDS,
     CurrentState,
     MisfirePolicy,
@@ -452,7 +453,7 @@ class TaskService:
             now,
             current={cur.task_id: cur},
         )
-        if cur.state in (State.STARTED, State.RUNNING):
+        if cur.state in ACTIVE:
             # STARTED: no runner known yet; the stop goes to every runner of the pool.
             tt = await store.get_type(session, cur.type)
             msg = json.dumps(

@@ -11,7 +11,7 @@ from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.db import make_engine
 from taskmgr.errors import TaskTypeNotFound
-from taskmgr.models import State
+from taskmgr.models import TERMINAL, State
 from taskmgr.service import NewTask, TaskService
 from taskmgr.settings import Settings
 
@@ -58,7 +58,7 @@ async def run_end2end(settings: Settings, *, count: int, deadline_s: float, prog
                 done = {s: sum(1 for t in tasks if t == s) for s in State}
                 if bar is not None:
                     bar.update(job, completed=done[State.FINISHED])
-                if sum(done[s] for s in (State.FINISHED, State.FAILED, State.CANCELLED)) == count:
+                if sum(done[s] for s in TERMINAL) == count:
                     break
                 await asyncio.sleep(0.2)
         finally:

@@ -60,3 +60,24 @@ def test_one_backoff_formula_for_the_manager_and_the_runner() -> None:
     for n, (low, high) in {1: (1, 2), 2: (2, 4), 3: (4, 8), 20: (150, 300)}.items():
         assert all(low <= backoff_s(n, 2.0, 300.0, rng) <= high for _ in range(200))
     assert backoff_s(0, 2.0, 300.0, rng) <= 2.0  # as the first
+
+
+def test_the_state_sets_are_models_own() -> None:
+    import re
+    from pathlib import Path
+
+    from taskmgr.models import ACTIVE, TERMINAL, WAITING, State
+
+    assert WAITING | ACTIVE | TERMINAL == set(State)
+    assert not (WAITING & ACTIVE or WAITING & TERMINAL or ACTIVE & TERMINAL)
+    assert all(s.terminal == (s in TERMINAL) for s in State)
+    # No other module spells a set or tuple of states of its own.
+    root = Path(__file__).resolve().parents[2]
+    literal = re.compile(r"[({\[]\s*State\.[A-Z]+\s*,\s*State\.")
+    spelled = [
+        str(p.relative_to(root))
+        for part in ("taskmgr", "manager", "runners", "task_types", "bench")
+        for p in (root / part).rglob("*.py")
+        if p != root / "taskmgr" / "models.py" and literal.search(p.read_text())
+    ]
+    assert spelled == []
