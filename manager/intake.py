@@ -36,7 +36,7 @@ from taskmgr.messages import (
     decode_progress,
     encode,
 )
-from taskmgr.models import ACTIVE, CurrentState, State, TaskType, Transition, can_transition
+from taskmgr.models import ACTIVE, CurrentState, State, StateChanges, TaskType, Transition
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
@@ -67,15 +67,26 @@ class IntakeCounts:
 
 @dataclass
 class _Batch:
-    """The working state of one transaction."""
+    """The working state of one transaction. `changes` judges and folds each state
+    change as it is added (models.StateChanges), so later reports in the batch see
+    the earlier ones; the store writes them at the end, as they are."""
 
-    now: datetime
-    cur: dict[uuid.UUID, CurrentState]
-    locked: dict[uuid.UUID, CurrentState]
+    changes: StateChanges
     types: dict[str, TaskType]
-    transitions: list[Transition] = field(default_factory=list)
     stops: list[tuple[str, Stop]] = field(default_factory=list)
     unknown: list[tuple[bytes, str]] = field(default_factory=list)
+
+    @property
+    def now(self) -> datetime:
+        return self.changes.now
+
+    @property
+    def cur(self) -> dict[uuid.UUID, CurrentState]:
+        """Each locked task's state, as the batch's changes so far leave it."""
+        return self.changes.rows
+
+    def add(self, t: Transition) -> None:
+        self.changes.add(t)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -256,7 +267,7 @@ class ProgressIntake:
                 t = await store.get_type(conn, name)
                 if t is not None:
                     types[name] = t
-            batch = _Batch(now=now, cur=dict(locked), locked=locked, types=types)
+            batch = _Batch(changes=StateChanges(now, dict(locked), strict=False), types=types)
             for msg in msgs:
                 if isinstance(msg, RunnerReports):
                     counts.reports += len(msg.reports)
@@ -271,9 +282,8 @@ class ProgressIntake:
                     counts.heartbeats += 1
                     kinds["heartbeat"] += 1
                     counts.lost += await self._heartbeat(conn, batch, msg, dropped[id(msg)])
-            recorded = await store.apply_transitions(
-                conn, batch.transitions, now, current=locked, strict=False
-            )
+            await store.write_changes(conn, batch.changes)
+        recorded = batch.changes.recorded
         for kind, n in kinds.items():  # counted once applied (a batch split in halves runs again)
             metrics.PROGRESS.labels(kind).inc(n)
         counts.applied += sum(1 for t in recorded if t.applied)
@@ -281,13 +291,6 @@ class ProgressIntake:
         return batch
 
     # -- runner reports --------------------------------------------------------------
-
-    def _add(self, batch: _Batch, t: Transition) -> None:
-        batch.transitions.append(t)
-        c = batch.cur[t.task_id]
-        # As store.apply_transitions will fold it, so later reports in the batch see it.
-        if t.applied and can_transition(c.state, t.state):
-            batch.cur[t.task_id] = c.after(t, batch.now)
 
     async def _runner_report(self, conn: Any, batch: _Batch, msg: RunnerReports, r: Report) -> None:
         c = batch.cur.get(r.task_id)
@@ -303,8 +306,7 @@ class ProgressIntake:
             and not (c.state is State.RUNNING and c.runner_id not in (None, rid))
         )
         if not current:
-            self._add(
-                batch,
+            batch.add(
                 Transition(
                     r.task_id, c.state, r.attempt, "runner", rid, {**detail, "stale": True}, applied=False
                 ),
@@ -319,9 +321,9 @@ class ProgressIntake:
             pass  # it carried only follow-ons
         elif r.status == "running":
             if c.state is State.STARTED:
-                self._add(batch, Transition(r.task_id, State.RUNNING, r.attempt, "runner", rid, detail))
+                batch.add(Transition(r.task_id, State.RUNNING, r.attempt, "runner", rid, detail))
         elif r.status == "poll_error":
-            self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
+            batch.add(Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
         elif r.status == "finished":
             if tt is not None and tt.required_services:
                 await store.upsert_service(
@@ -333,8 +335,7 @@ class ProgressIntake:
                     detail=r.detail,
                     now=batch.now,
                 )
-                self._add(
-                    batch,
+                batch.add(
                     Transition(
                         r.task_id,
                         c.state,
@@ -347,7 +348,7 @@ class ProgressIntake:
                 )
                 await self._derive(conn, batch, r.task_id, tt)
             else:
-                self._add(batch, Transition(r.task_id, State.FINISHED, r.attempt, "runner", rid, detail))
+                batch.add(Transition(r.task_id, State.FINISHED, r.attempt, "runner", rid, detail))
         elif r.status == "failed":
             self._fail(batch, c, r.attempt, "runner", rid, detail, tt)
         elif r.status == "rejected":
@@ -357,8 +358,7 @@ class ProgressIntake:
             # and is kept in task_state, so it needs no memory of its own.
             delay = backoff_s(c.attempt - c.failures, REJECT_BACKOFF_BASE_S, REJECT_BACKOFF_MAX_S)
             run_at = batch.now + timedelta(seconds=delay)
-            self._add(
-                batch,
+            batch.add(
                 Transition(
                     r.task_id,
                     State.RETRYING,
@@ -370,8 +370,7 @@ class ProgressIntake:
                 ),
             )
         else:  # handback: give it to another runner now, not a failure
-            self._add(
-                batch,
+            batch.add(
                 Transition(r.task_id, State.RETRYING, r.attempt, "runner", rid, detail, run_at=batch.now),
             )
 
@@ -393,7 +392,7 @@ class ProgressIntake:
                     created += result.created
         except (InvalidInput, TaskTypeNotFound) as exc:
             detail = {"report": r.status, "follow_ons_refused": str(exc)}
-            self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
+            batch.add(Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
             log.warning("task %s: follow-ons refused: %s", r.task_id, exc)
             return
         metrics.FOLLOW_ONS_WRITTEN.inc(created)
@@ -411,8 +410,7 @@ class ProgressIntake:
         failures = c.failures + 1
         max_attempts = tt.max_attempts if tt else 1
         if failures >= max_attempts:
-            self._add(
-                batch,
+            batch.add(
                 Transition(
                     c.task_id,
                     State.FAILED,
@@ -426,8 +424,7 @@ class ProgressIntake:
             return
         delay = backoff_s(failures, tt.backoff_base_s if tt else 1.0, tt.backoff_max_s if tt else 60.0)
         run_at = batch.now + timedelta(seconds=delay)
-        self._add(
-            batch,
+        batch.add(
             Transition(
                 c.task_id,
                 State.RETRYING,
@@ -451,8 +448,7 @@ class ProgressIntake:
         detail = {"service": s.service, "service_state": s.state, "at": s.at.isoformat(), **s.detail}
         source = f"service:{s.service}"
         if attempt != c.attempt or c.state.terminal:
-            self._add(
-                batch,
+            batch.add(
                 Transition(
                     s.task_id, c.state, attempt, source, None, {**detail, "stale": True}, applied=False
                 ),
@@ -467,7 +463,7 @@ class ProgressIntake:
             detail=s.detail,
             now=batch.now,
         )
-        self._add(batch, Transition(s.task_id, c.state, attempt, source, None, detail, applied=False))
+        batch.add(Transition(s.task_id, c.state, attempt, source, None, detail, applied=False))
         tt = batch.types.get(c.type)
         if tt is not None and s.service in tt.required_services:
             await self._derive(conn, batch, s.task_id, tt)
@@ -489,9 +485,9 @@ class ProgressIntake:
         finished = sorted(n for n, st in states.items() if st == "FINISHED")
         detail = {"services_failed": failed, "services_finished": finished}
         if failed:
-            self._add(batch, Transition(task_id, State.FAILED, c.attempt, "manager", None, detail))
+            batch.add(Transition(task_id, State.FAILED, c.attempt, "manager", None, detail))
         elif len(finished) == len(tt.required_services):
-            self._add(batch, Transition(task_id, State.FINISHED, c.attempt, "manager", None, detail))
+            batch.add(Transition(task_id, State.FINISHED, c.attempt, "manager", None, detail))
 
     # -- heartbeats ------------------------------------------------------------------
 
@@ -548,8 +544,7 @@ class ProgressIntake:
         for tid in dropped:
             c = batch.cur.get(tid)
             if c is not None and c.state is State.RUNNING and c.runner_id == h.runner_id:
-                self._add(
-                    batch,
+                batch.add(
                     Transition(
                         tid,
                         State.RETRYING,

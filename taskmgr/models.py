@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from taskmgr.errors import IllegalTransition
+
 
 class State(StrEnum):
     SCHEDULED = "SCHEDULED"
@@ -243,3 +245,39 @@ class Transition:
     run_at: datetime | None = None  # SCHEDULED/RETRYING: when discovery should start it
     applied: bool = True
     count_failure: bool = False  # a failed attempt: counts against the type's max_attempts
+
+
+@dataclass
+class StateChanges:
+    """Transitions checked against the state machine and folded, in order, into the
+    rows they change: the one place where a change is judged and applied (the store
+    writes what it holds: `store.write_changes`). Later transitions of a task see the
+    earlier ones (`rows`).
+
+    rows: each task's locked current state, as the changes so far leave it.
+    strict: an illegal transition (or one for a task not in `rows`) raises
+    IllegalTransition; otherwise it is kept in the history with applied=False and the
+    reason."""
+
+    now: datetime
+    rows: dict[uuid.UUID, CurrentState]
+    strict: bool = True
+    recorded: list[Transition] = field(default_factory=list)  # the events to append
+    changed: dict[uuid.UUID, CurrentState] = field(default_factory=dict)  # the rows to write
+
+    def add(self, t: Transition) -> Transition:
+        """Judge and fold one transition; returns it as recorded."""
+        cur = self.rows.get(t.task_id)
+        if cur is None:
+            if self.strict:
+                raise IllegalTransition(t.task_id, "(no such task)", t.state)
+            t = replace(t, applied=False, detail={**t.detail, "ignored": "no such task"})
+        elif t.applied and not can_transition(cur.state, t.state):
+            if self.strict:
+                raise IllegalTransition(t.task_id, cur.state, t.state)
+            reason = f"illegal transition {cur.state} -> {t.state}"
+            t = replace(t, applied=False, detail={**t.detail, "ignored": reason})
+        elif t.applied:
+            self.rows[t.task_id] = self.changed[t.task_id] = cur.after(t, self.now)
+        self.recorded.append(t)
+        return t

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cache
@@ -20,19 +19,19 @@ from sqlalchemy import TextClause, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from taskmgr.errors import IllegalTransition, TaskmgrError
+from taskmgr.errors import TaskmgrError
 from taskmgr.models import (
     TYPE_FIELDS,
     CurrentState,
     MisfirePolicy,
     State,
+    StateChanges,
     Task,
     TaskAttempt,
     TaskEvent,
     TaskType,
     TaskTypeFields,
     Transition,
-    can_transition,
 )
 from taskmgr.queries import q
 
@@ -263,9 +262,10 @@ async def apply_transitions(
 ) -> list[Transition]:
     """How state changes are written (the one exception is `start_due`, the dispatch
     hot path, whose WHERE admits only SCHEDULED/RETRYING -> STARTED): each transition is
-    checked against the state machine, appended to task_events and folded into the task_state projection,
-    in the caller's transaction. `current` is the locked state (from `lock_states` or a
-    claim); without it the rows are locked here.
+    checked against the state machine and folded into the task_state projection
+    (models.StateChanges), then written (`write_changes`), in the caller's transaction.
+    `current` is the locked state (from `lock_states` or a claim); without it the rows
+    are locked here.
 
     strict: an illegal transition raises IllegalTransition (nothing is written).
     Otherwise it is kept in the history with applied=false and the reason. Returns the
@@ -276,36 +276,24 @@ async def apply_transitions(
     states = dict(current) if current is not None else None
     if states is None:
         states = await lock_states(conn, (t.task_id for t in transitions))
-    recorded: list[Transition] = []
-    changed: dict[uuid.UUID, CurrentState] = {}
+    changes = StateChanges(now, states, strict=strict)
     for t in transitions:
-        cur = states.get(t.task_id)
-        if cur is None:
-            if strict:
-                raise IllegalTransition(t.task_id, "(no such task)", t.state)
-            recorded.append(replace(t, applied=False, detail={**t.detail, "ignored": "no such task"}))
-            continue
-        if not t.applied:
-            recorded.append(t)
-            continue
-        if not can_transition(cur.state, t.state):
-            if strict:
-                raise IllegalTransition(t.task_id, cur.state, t.state)
-            reason = f"illegal transition {cur.state} -> {t.state}"
-            recorded.append(replace(t, applied=False, detail={**t.detail, "ignored": reason}))
-            continue
-        new = cur.after(t, now)
-        states[t.task_id] = new
-        changed[t.task_id] = new
-        recorded.append(t)
-    await insert_events(conn, recorded, now)
-    if changed:
-        rows = list(changed.values())
+        changes.add(t)
+    await write_changes(conn, changes)
+    return changes.recorded
+
+
+async def write_changes(conn: Conn, changes: StateChanges) -> None:
+    """Append the changes' events to task_events and write the rows they changed to
+    task_state (both as models.StateChanges judged and folded them)."""
+    await insert_events(conn, changes.recorded, changes.now)
+    if changes.changed:
+        rows = list(changes.changed.values())
         await _run(
             conn,
             "update_states",
             {
-                "now": now,
+                "now": changes.now,
                 "ids": [r.task_id for r in rows],
                 "states": [str(r.state) for r in rows],
                 "attempts": [r.attempt for r in rows],
@@ -314,7 +302,6 @@ async def apply_transitions(
                 "runner_ids": [r.runner_id for r in rows],
             },
         )
-    return recorded
 
 
 async def claim_due(conn: Conn, now: datetime, limit: int) -> list[Any]:

@@ -81,3 +81,35 @@ def test_the_state_sets_are_models_own() -> None:
         if p != root / "taskmgr" / "models.py" and literal.search(p.read_text())
     ]
     assert spelled == []
+
+
+def test_state_changes_judge_and_fold_once() -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    import pytest
+
+    from taskmgr.errors import IllegalTransition
+    from taskmgr.models import CurrentState, State, StateChanges, Transition
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    tid, other = uuid.uuid4(), uuid.uuid4()
+    row = CurrentState(tid, State.STARTED, 1, 0, None, None, "box", tid)
+    changes = StateChanges(now, {tid: row}, strict=False)
+    changes.add(Transition(tid, State.RUNNING, 1, "runner", "r-1"))
+    changes.add(Transition(tid, State.STARTED, 1, "runner", "r-1"))  # RUNNING -> STARTED: illegal
+    changes.add(Transition(tid, State.RUNNING, 1, "runner", "r-1", applied=False))  # kept as it is
+    changes.add(Transition(other, State.FINISHED, 1, "runner"))
+    changes.add(Transition(tid, State.RETRYING, 1, "runner", run_at=now, count_failure=True))
+    assert [t.applied for t in changes.recorded] == [True, False, False, False, True]
+    assert changes.recorded[1].detail["ignored"] == "illegal transition RUNNING -> STARTED"
+    assert changes.recorded[3].detail["ignored"] == "no such task"
+    folded = changes.rows[tid]
+    assert changes.changed == {tid: folded}
+    assert (folded.state, folded.failures, folded.run_at, folded.runner_id) == (State.RETRYING, 1, now, None)
+
+    strict = StateChanges(now, {tid: row})
+    with pytest.raises(IllegalTransition):
+        strict.add(Transition(tid, State.SCHEDULED, 1, "manager"))
+    with pytest.raises(IllegalTransition):
+        strict.add(Transition(other, State.RUNNING, 1, "runner"))
