@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from taskmgr import store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
 from taskmgr.db import make_engine
 from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
-from taskmgr.messages import Stop, encode
+from taskmgr.messages import BadMessage, Stop, decode_cancel, encode
 from taskmgr.migrate import asyncpg_dsn
 from taskmgr.service import CANCEL_CHANNEL, WAKEUP_CHANNEL, TaskService, utcnow
 from taskmgr.settings import Settings
@@ -248,12 +247,16 @@ class TaskManager:
         """A STARTED or RUNNING task was cancelled: stop it on its runner, or, when no
         runner is known yet (STARTED), on every runner of its pool, which remembers the
         stop and never starts that attempt when its order arrives."""
-        data = json.loads(payload)
-        stop = Stop(task_id=data["task_id"], attempt=data["attempt"], reason="cancelled")
-        if data.get("runner_id"):
-            asyncio.get_running_loop().create_task(self._send_stop(stop, runner_id=data["runner_id"]))
-        elif data.get("pool"):
-            asyncio.get_running_loop().create_task(self._send_stop(stop, pool=data["pool"]))
+        try:
+            notice = decode_cancel(payload)
+        except BadMessage as exc:  # not from TaskService.cancel: nothing to stop
+            log.error("cancel notice ignored: %s", exc)
+            return
+        stop = Stop(task_id=notice.task_id, attempt=notice.attempt, reason="cancelled")
+        if notice.runner_id:
+            asyncio.get_running_loop().create_task(self._send_stop(stop, runner_id=notice.runner_id))
+        elif notice.pool:
+            asyncio.get_running_loop().create_task(self._send_stop(stop, pool=notice.pool))
 
     async def _send_stop(self, stop: Stop, *, runner_id: str | None = None, pool: str | None = None) -> None:
         try:

@@ -191,6 +191,17 @@ class Stop(_Message):
     reason: str
 
 
+class CancelNotice(_Message):
+    """TaskService.cancel -> the leading manager, not over RabbitMQ but as the payload
+    of a PostgreSQL NOTIFY sent at the cancel's commit: stop this attempt on its runner,
+    or, while no runner is known yet (STARTED), on every runner of the pool."""
+
+    task_id: uuid.UUID
+    attempt: int
+    runner_id: str | None = None
+    pool: str | None = None
+
+
 class Event(_Message):
     """An event for downstream services, on the events exchange with routing key
     `<task_type>.<event>`. `event_id` is stable: the same observation polled twice (by
@@ -232,6 +243,13 @@ def decode_stop(body: bytes) -> Stop:
         return Stop.model_validate_json(body)
     except ValidationError as exc:
         raise BadMessage(f"control message: {_first_error(exc)}") from None
+
+
+def decode_cancel(payload: str | bytes) -> CancelNotice:
+    try:
+        return CancelNotice.model_validate_json(payload)
+    except ValidationError as exc:
+        raise BadMessage(f"cancel notice: {_first_error(exc)}") from None
 
 
 def decode_event(body: bytes) -> Event:

@@ -28,6 +28,7 @@ from taskmgr.errors import (
     TaskNotFound,
     TaskTypeNotFound,
 )
+from taskmgr.messages import CancelNotice, encode
 from taskmgr.models import (
     ACTIVE,
     TYPE_FIELDS,
@@ -456,14 +457,13 @@ class TaskService:
         if cur.state in ACTIVE:
             # STARTED: no runner known yet; the stop goes to every runner of the pool.
             tt = await store.get_type(session, cur.type)
-            msg = json.dumps(
-                {
-                    "task_id": str(cur.task_id),
-                    "attempt": cur.attempt,
-                    "runner_id": cur.runner_id,
-                    "pool": tt.pool if tt is not None else None,
-                }
+            notice = CancelNotice(
+                task_id=cur.task_id,
+                attempt=cur.attempt,
+                runner_id=cur.runner_id,
+                pool=tt.pool if tt is not None else None,
             )
+            msg = encode(notice).decode()
             await session.execute(text("select pg_notify(:c, :m)"), {"c": CANCEL_CHANNEL, "m": msg})
 
     async def _cancel_successors(self, session: Any, task_id: uuid.UUID, source: str, now: datetime) -> None:

@@ -113,3 +113,21 @@ def test_state_changes_judge_and_fold_once() -> None:
         strict.add(Transition(tid, State.SCHEDULED, 1, "manager"))
     with pytest.raises(IllegalTransition):
         strict.add(Transition(other, State.RUNNING, 1, "runner"))
+
+
+def test_the_cancel_notice_is_one_contract() -> None:
+    import json
+    import uuid
+
+    import pytest
+
+    from taskmgr.messages import BadMessage, CancelNotice, decode_cancel, encode
+
+    notice = CancelNotice(task_id=uuid.uuid4(), attempt=2, runner_id=None, pool="sports")
+    payload = encode(notice).decode()  # what TaskService.cancel NOTIFYs
+    expected = {"task_id": str(notice.task_id), "attempt": 2, "runner_id": None, "pool": "sports"}
+    assert json.loads(payload) == expected
+    assert decode_cancel(payload) == notice  # what the manager's listener reads
+    for bad in ("", "{}", '{"task_id": "x", "attempt": 1}', json.dumps({"task_id": str(notice.task_id)})):
+        with pytest.raises(BadMessage):
+            decode_cancel(bad)
