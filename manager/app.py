@@ -28,13 +28,11 @@ from manager.dispatch import DispatchCounts, Dispatcher
 from manager.intake import IntakeCounts, ProgressIntake
 from manager.leadership import Elector, FencedEngine, manager_server_settings
 from manager.recovery import Recovery, Retention
-from taskmgr import store
+from taskmgr import db, store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
-from taskmgr.db import make_engine
 from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
 from taskmgr.messages import BadMessage, Stop, decode_cancel, encode
-from taskmgr.migrate import asyncpg_dsn
-from taskmgr.service import CANCEL_CHANNEL, WAKEUP_CHANNEL, TaskService, utcnow
+from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,10 +102,13 @@ class TaskManager:
             try:
                 if await self.elector.campaign():
                     # A connection of its own for LISTEN (wake-ups, cancels); its
-                    # application name shows who leads in pg_stat_activity.
-                    conn = await asyncpg.connect(
-                        asyncpg_dsn(self.settings.database_url),
-                        server_settings={"application_name": self.elector.name},
+                    # application name shows who leads in pg_stat_activity. Listening
+                    # before leading: a cancel's NOTIFY before the LISTEN would be lost.
+                    conn = await db.listen(
+                        self.settings.database_url,
+                        name=self.elector.name,
+                        on_wakeup=self._wakeup.set,
+                        on_cancel=self._on_cancel,
                     )
                     await self._lead(conn, stop)
             except Exception as exc:  # includes the ExceptionGroup of the leader's TaskGroup
@@ -126,8 +127,6 @@ class TaskManager:
             await _wait(stop, self.settings.leader_retry)
 
     async def _lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
-        await conn.add_listener(WAKEUP_CHANNEL, lambda *_: self._wakeup.set())
-        await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
         scheduler = self._scheduler()
         consumer = Consumer(
             url=self.settings.amqp_url, topology=self.topology, prefetch=PROGRESS_PREFETCH, name=self.name
@@ -165,7 +164,7 @@ class TaskManager:
         missed cancel or wake-up must not go unnoticed."""
         while True:
             await asyncio.sleep(LOCK_CHECK_S)
-            await asyncio.wait_for(conn.fetchval("select 1"), LOCK_CHECK_S * 2)
+            await db.ping(conn, LOCK_CHECK_S * 2)
 
     def _scheduler(self) -> AsyncIOScheduler:
         s = AsyncIOScheduler(timezone="UTC")
@@ -243,7 +242,7 @@ class TaskManager:
             except Exception:
                 await asyncio.sleep(0.5)  # logged and requeued by handle_messages
 
-    def _on_cancel(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _on_cancel(self, payload: str) -> None:
         """A STARTED or RUNNING task was cancelled: stop it on its runner, or, when no
         runner is known yet (STARTED), on every runner of its pool, which remembers the
         stop and never starts that attempt when its order arrives."""
@@ -280,7 +279,7 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 
 async def run_manager(settings: Settings, stop: asyncio.Event, *, jobs: LeaderJobs | None = None) -> None:
-    engine = make_engine(
+    engine = db.make_engine(
         settings.database_url, name="taskmgr-manager", server_settings=manager_server_settings()
     )
     try:

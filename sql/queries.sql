@@ -254,6 +254,10 @@ where t.dedup_key like :prefix escape '\';
 -- Two syncs of one schedule scope take turns (until the end of the transaction).
 select pg_advisory_xact_lock(hashtext(:scope));
 
+-- notify --
+-- Delivered to the listeners at commit, and not at all on rollback (taskmgr/db.py listens).
+select pg_notify(:channel, :payload);
+
 -- move_due --
 update tasks set due_at = :due_at where id = :id;
 

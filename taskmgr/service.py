@@ -16,7 +16,6 @@ from typing import Any
 
 import jsonschema
 from pydantic import ValidationError
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from taskmgr import recurrence as recur
@@ -28,7 +27,7 @@ from taskmgr.errors import (
     TaskNotFound,
     TaskTypeNotFound,
 )
-from taskmgr.messages import CancelNotice, encode
+from taskmgr.messages import CancelNotice
 from taskmgr.models import (
     ACTIVE,
     TYPE_FIELDS,
@@ -44,8 +43,6 @@ from taskmgr.models import (
     Transition,
 )
 
-WAKEUP_CHANNEL = "taskmgr_wakeup"
-CANCEL_CHANNEL = "taskmgr_cancel"
 # How many occurrences after a cancelled one `cancel(series=True)` follows at most (a
 # series has one or two occurrences not yet ended: the guard is against a cycle).
 MAX_SERIES_WALK = 1000
@@ -284,8 +281,7 @@ class TaskService:
         if dup_keys:
             existing = await store.ids_by_dedup_key(conn, dup_keys)
         if any(r["due_at"] <= now + timedelta(seconds=WAKEUP_HORIZON_S) for r in new_rows):
-            # Delivered at commit, and not at all on rollback.
-            await conn.execute(text("select pg_notify(:c, '')"), {"c": WAKEUP_CHANNEL})
+            await store.notify_wakeup(conn)  # delivered at commit, and not at all on rollback
         return [
             Scheduled(r["id"], True) if r["id"] in inserted else Scheduled(existing[r["dedup_key"]], False)
             for r in rows
@@ -463,8 +459,7 @@ class TaskService:
                 runner_id=cur.runner_id,
                 pool=tt.pool if tt is not None else None,
             )
-            msg = encode(notice).decode()
-            await session.execute(text("select pg_notify(:c, :m)"), {"c": CANCEL_CHANNEL, "m": msg})
+            await store.notify_cancel(session, notice)
 
     async def _cancel_successors(self, session: Any, task_id: uuid.UUID, source: str, now: datetime) -> None:
         """Follow the `<id>:next` chain and cancel every occurrence not yet ended."""
@@ -521,7 +516,7 @@ class TaskService:
                 self._clock(),
                 current={task_id: replace(cur, failures=0)},
             )
-            await session.execute(text("select pg_notify(:c, '')"), {"c": WAKEUP_CHANNEL})
+            await store.notify_wakeup(session)
         return await self.get_task(task_id)
 
     # -- reading -------------------------------------------------------------------------

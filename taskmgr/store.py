@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from taskmgr.errors import TaskmgrError
+from taskmgr.messages import CancelNotice, encode
 from taskmgr.models import (
     TYPE_FIELDS,
     CurrentState,
@@ -36,6 +37,10 @@ from taskmgr.models import (
 from taskmgr.queries import q
 
 Conn = AsyncConnection | AsyncSession
+
+# The NOTIFY channels (the leading manager LISTENs on them: taskmgr/db.py's listen).
+WAKEUP_CHANNEL = "taskmgr_wakeup"  # a task is due now: dispatch at once, not at the next poll
+CANCEL_CHANNEL = "taskmgr_cancel"  # a started or running task was cancelled: its payload, a CancelNotice
 
 
 class StoreError(TaskmgrError):
@@ -483,6 +488,16 @@ async def sync_scope(conn: Conn, scope: str) -> list[Mapping[str, Any]]:
 async def lock_scope(conn: Conn, scope: str) -> None:
     """Serialise the schedule syncs of one scope, until the transaction ends."""
     await _run(conn, "lock_scope", {"scope": scope})
+
+
+async def notify_wakeup(conn: Conn) -> None:
+    """At commit, wake the leader's dispatch (a task is due now)."""
+    await _run(conn, "notify", {"channel": WAKEUP_CHANNEL, "payload": ""})
+
+
+async def notify_cancel(conn: Conn, notice: CancelNotice) -> None:
+    """At commit, tell the leader to stop a cancelled task on its runner(s)."""
+    await _run(conn, "notify", {"channel": CANCEL_CHANNEL, "payload": encode(notice).decode()})
 
 
 async def move_due(conn: Conn, task_id: uuid.UUID, due_at: datetime, now: datetime) -> None:

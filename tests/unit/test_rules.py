@@ -131,3 +131,16 @@ def test_the_cancel_notice_is_one_contract() -> None:
     for bad in ("", "{}", '{"task_id": "x", "attempt": 1}', json.dumps({"task_id": str(notice.task_id)})):
         with pytest.raises(BadMessage):
             decode_cancel(bad)
+
+
+def test_notify_locks_and_whole_databases_are_the_data_layers() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    owned = re.compile(r"pg_notify|pg_advisory|drop database|create database|add_listener|\btext\(", re.I)
+    for path in ("taskmgr/service.py", "manager/app.py", "taskmgr/migrate.py"):
+        assert owned.findall((root / path).read_text()) == [], path
+    assert "pg_notify" in (root / "sql" / "queries.sql").read_text()
+    db = (root / "taskmgr" / "db.py").read_text()
+    assert all(s in db for s in ("pg_advisory_lock", "drop database", "create database", "add_listener"))
