@@ -117,15 +117,27 @@ async def _ack_all(messages: Sequence[Message]) -> None:
     """One `multiple` ack per channel, on the highest delivery tag: the intake takes
     deliveries in order and settles each batch before the next, so every earlier
     delivery of the channel is settled already."""
+    await _settle(messages, ack=True)
+
+
+async def _requeue_all(messages: Sequence[Message]) -> None:
+    """Back to the queue: one `multiple` nack per channel, as `_ack_all` acks."""
+    await _settle(messages, ack=False)
+
+
+async def _settle(messages: Sequence[Message], *, ack: bool) -> None:
     last: dict[int, Message] = {}
     for m in messages:
         key = id(m.channel)
         if key not in last or (m.delivery_tag or 0) > (last[key].delivery_tag or 0):
             last[key] = m
-    results = await asyncio.gather(*(m.ack(multiple=True) for m in last.values()), return_exceptions=True)
+    results = await asyncio.gather(
+        *(m.ack(multiple=True) if ack else m.nack(multiple=True, requeue=True) for m in last.values()),
+        return_exceptions=True,
+    )
     for r in results:
         if isinstance(r, BaseException):  # a replaced channel: the broker redelivers
-            log.warning("could not ack progress messages: %r", r)
+            log.warning("could not %s progress messages: %r", "ack" if ack else "requeue", r)
 
 
 def _reason(exc: BaseException) -> str:
@@ -182,8 +194,7 @@ class ProgressIntake:
             await self._apply_isolating(decoded, counts)
         except Exception:
             log.exception("progress batch failed; requeueing %d messages", len(messages))
-            for m in messages:
-                await m.nack(requeue=True)
+            await _requeue_all(messages)
             raise
         await _ack_all(messages)
         return counts
@@ -262,11 +273,8 @@ class ProgressIntake:
                 dropped[id(h)] = await self._dropped(conn, h)
                 ids.update(dropped[id(h)])
             locked = await store.lock_states(conn, ids)
-            types: dict[str, TaskType] = {}
-            for name in {c.type for c in locked.values()}:
-                t = await store.get_type(conn, name)
-                if t is not None:
-                    types[name] = t
+            # The batch's task types, read once (follow-ons add theirs as they are read).
+            types = await store.get_types(conn, {c.type for c in locked.values()}) if locked else {}
             batch = _Batch(changes=StateChanges(now, dict(locked), strict=False), types=types)
             for msg in msgs:
                 if isinstance(msg, RunnerReports):
@@ -385,10 +393,14 @@ class ProgressIntake:
         try:
             async with conn.begin_nested():
                 if r.follow_ons:
-                    done = await self._service.schedule_follow_ons(conn, parent, r.follow_ons, batch.now)
+                    done = await self._service.schedule_follow_ons(
+                        conn, parent, r.follow_ons, batch.now, types=batch.types
+                    )
                     created += sum(1 for d in done if d.created)
                 if r.sync is not None:
-                    result = await self._service.sync_children(conn, parent, r.sync.scope, r.sync.follow_ons)
+                    result = await self._service.sync_children(
+                        conn, parent, r.sync.scope, r.sync.follow_ons, types=batch.types
+                    )
                     created += result.created
         except (InvalidInput, TaskTypeNotFound) as exc:
             detail = {"report": r.status, "follow_ons_refused": str(exc)}

@@ -18,6 +18,9 @@ returning *;
 -- get_type --
 select * from task_types where name = :name;
 
+-- get_types --
+select * from task_types where name = any(cast(:names as text[]));
+
 -- get_type_for_update --
 select * from task_types where name = :name for update;
 

@@ -205,11 +205,16 @@ class TaskService:
         )
         return (await self.schedule_many(session, [new]))[0]
 
-    async def schedule_many(self, session: Any, tasks: Sequence[NewTask]) -> list[Scheduled]:
+    async def schedule_many(
+        self, session: Any, tasks: Sequence[NewTask], *, types: dict[str, TaskType] | None = None
+    ) -> list[Scheduled]:
         """Schedule many tasks with one statement per table, in the caller's transaction
-        (a session or a connection). All are checked first: one bad task writes none."""
+        (a session or a connection). All are checked first: one bad task writes none.
+
+        types: the task types this transaction has read, by name, filled in as more are
+        read (a caller's short-lived cache: the intake keeps one per batch)."""
         now = self._clock()
-        types: dict[str, TaskType] = {}
+        types = {} if types is None else types
         rows: list[dict[str, Any]] = []
         for i, t in enumerate(tasks):
             where = f"tasks[{i}]." if len(tasks) > 1 else ""
@@ -317,6 +322,8 @@ class TaskService:
         parent: Task | Mapping[str, Any],
         follow_ons: Sequence[Any],
         now: datetime | None = None,
+        *,
+        types: dict[str, TaskType] | None = None,
     ) -> list[Scheduled]:
         """A handler's follow-on tasks, in the caller's transaction (the manager's, that
         applies the report carrying them), idempotent: the dedup key is scoped to the
@@ -335,13 +342,19 @@ class TaskService:
             )
             for f in follow_ons
         ]
-        return await self.schedule_many(conn, news)
+        return await self.schedule_many(conn, news, types=types)
 
     async def sync_children(
-        self, conn: Any, parent: Task | Mapping[str, Any], scope: str, follow_ons: Sequence[Any]
+        self,
+        conn: Any,
+        parent: Task | Mapping[str, Any],
+        scope: str,
+        follow_ons: Sequence[Any],
+        *,
+        types: dict[str, TaskType] | None = None,
     ) -> SyncResult:
         """Make the tasks under `scope` exactly `follow_ons` (see taskmgr.handlers.ChildSync),
-        in the caller's transaction."""
+        in the caller's transaction (`types`: as for schedule_many)."""
         parent_id, root_id = _ids_of(parent)
         now = self._clock()
         await store.lock_scope(conn, scope)
@@ -398,7 +411,7 @@ class TaskService:
                         detail={"reason": "no longer in the schedule (postponed or dropped)"},
                     )
                 )
-        await self.schedule_many(conn, new)
+        await self.schedule_many(conn, new, types=types)
         await store.apply_transitions(conn, cancels, now, strict=False)
         return SyncResult(len(new), moved, len(cancels), unchanged)
 

@@ -164,6 +164,12 @@ async def get_type(conn: Conn, name: str, *, for_update: bool = False) -> TaskTy
     return _type_from_row(row) if row else None
 
 
+async def get_types(conn: Conn, names: Iterable[str]) -> dict[str, TaskType]:
+    """The types of these names that exist (deleted ones included), in one query."""
+    rows = await _run(conn, "get_types", {"names": sorted(set(names))})
+    return {t.name: t for t in map(_type_from_row, rows)}
+
+
 async def list_types(conn: Conn, *, include_deleted: bool = False) -> list[TaskType]:
     rows = await _run(conn, "list_types", {"include_deleted": include_deleted})
     return [_type_from_row(r) for r in rows]

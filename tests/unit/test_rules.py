@@ -144,3 +144,62 @@ def test_notify_locks_and_whole_databases_are_the_data_layers() -> None:
     assert "pg_notify" in (root / "sql" / "queries.sql").read_text()
     db = (root / "taskmgr" / "db.py").read_text()
     assert all(s in db for s in ("pg_advisory_lock", "drop database", "create database", "add_listener"))
+
+
+class _Delivery:
+    """A delivered message, as far as the intake's settling looks at it."""
+
+    def __init__(self, channel: object, tag: int, body: bytes = b"{") -> None:
+        self.channel, self.delivery_tag, self.body, self.user_id = channel, tag, body, "guest"
+        self.calls: list[tuple[str, dict[str, bool]]] = []
+
+    async def ack(self, **kw: bool) -> None:
+        self.calls.append(("ack", kw))
+
+    async def nack(self, **kw: bool) -> None:
+        self.calls.append(("nack", kw))
+
+
+async def test_a_batch_is_settled_with_one_multiple_ack_or_nack_per_channel() -> None:
+    from manager.intake import _ack_all, _requeue_all
+
+    a, b = object(), object()
+    msgs = [_Delivery(a, 1), _Delivery(b, 7), _Delivery(a, 3), _Delivery(b, 5), _Delivery(a, 2)]
+    await _ack_all(msgs)  # type: ignore[arg-type]
+    assert [(m.delivery_tag, m.calls) for m in msgs if m.calls] == [
+        (7, [("ack", {"multiple": True})]),
+        (3, [("ack", {"multiple": True})]),
+    ]
+    for m in msgs:
+        m.calls.clear()
+    await _requeue_all(msgs)  # type: ignore[arg-type]
+    assert sorted(m.delivery_tag for m in msgs if m.calls) == [3, 7]
+    assert all(m.calls == [("nack", {"multiple": True, "requeue": True})] for m in msgs if m.calls)
+
+
+async def test_follow_ons_read_each_task_type_once_per_batch(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import uuid
+
+    from taskmgr import service as service_module
+    from taskmgr.handlers import FollowOn
+    from taskmgr.models import Scheduled, TaskType
+    from taskmgr.service import TaskService
+
+    reads: list[str] = []
+
+    async def get_type(conn: object, name: str) -> TaskType:
+        reads.append(name)
+        return TaskType(name=name, handler="noop")
+
+    async def write_rows(self: TaskService, conn: object, rows: list[dict], now: object) -> list[Scheduled]:
+        return [Scheduled(r["id"], True) for r in rows]
+
+    monkeypatch.setattr(service_module.store, "get_type", get_type)
+    monkeypatch.setattr(TaskService, "write_rows", write_rows)
+    svc = TaskService(engine=None)  # type: ignore[arg-type]
+    types: dict[str, TaskType] = {}  # the intake's, for one batch
+    parent = {"task_id": uuid.uuid4(), "root_task_id": uuid.uuid4()}
+    for key in ("p1", "p2", "p3"):
+        follow_ons = [FollowOn("period_score", {}, key), FollowOn("stat_correction", {}, key)]
+        await svc.schedule_follow_ons(None, parent, follow_ons, types=types)
+    assert reads == ["period_score", "stat_correction"]
