@@ -220,7 +220,6 @@ async def procrastinate_worker(dsn: str) -> None:
 
 
 async def run_procrastinate(settings: Settings, n: int) -> dict[str, Any]:
-
     from taskmgr.db import asyncpg_dsn
 
     procs = Procs("dispatch/procrastinate")

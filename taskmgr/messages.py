@@ -29,7 +29,9 @@ from taskmgr.errors import TaskmgrError
 INT32_MAX = 2**31 - 1
 MAX_NAME_CHARS = 200  # runner ids, pools, hosts, service names, dedup keys
 MAX_DETAIL_BYTES = 16 * 1024  # a report's detail, as JSON
-MAX_PAYLOAD_BYTES = 64 * 1024  # a follow-on's payload (as TaskService.MAX_PAYLOAD_BYTES)
+# A task's payload: it travels in every start order of its task and in its row (TaskService
+# checks every payload it schedules against this; a follow-on's is bounded on the wire).
+MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_FOLLOW_ONS = 1000  # per report, and per schedule sync
 MAX_DELAY_S = 366 * 24 * 3600.0
 MAX_PROGRESS_BYTES = 16 * 1024 * 1024  # one progress message (500 reports, or 10,000 tasks)

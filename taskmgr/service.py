@@ -27,7 +27,7 @@ from taskmgr.errors import (
     TaskNotFound,
     TaskTypeNotFound,
 )
-from taskmgr.messages import CancelNotice
+from taskmgr.messages import MAX_PAYLOAD_BYTES, CancelNotice
 from taskmgr.models import (
     ACTIVE,
     TYPE_FIELDS,
@@ -48,8 +48,6 @@ from taskmgr.models import (
 MAX_SERIES_WALK = 1000
 # A task due within this of now wakes the manager instead of waiting for its next poll.
 WAKEUP_HORIZON_S = 1.0
-# A payload travels in every start order of its task and in its row: bound it.
-MAX_PAYLOAD_BYTES = 64 * 1024
 
 
 def utcnow() -> datetime:
