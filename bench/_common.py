@@ -17,7 +17,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from taskmgr.migrate import recreate_database, with_database
+from taskmgr.db import with_database
+from taskmgr.migrate import recreate_database
 from taskmgr.settings import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -52,9 +52,9 @@ from task_types.feed import feed_day
 from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.broker import Consumer, Topology, delete_names
-from taskmgr.db import make_engine
+from taskmgr.db import make_engine, with_database
 from taskmgr.messages import Event, decode_event
-from taskmgr.migrate import recreate_database, with_database
+from taskmgr.migrate import recreate_database
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
 from taskmgr.testing import amqp_as, as_role, free_port

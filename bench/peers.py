@@ -53,7 +53,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench._common import ROOT, Procs, fresh_database, log, new_prefix, percentile
-from taskmgr.migrate import with_database
+from taskmgr.db import with_database
 from taskmgr.settings import Settings
 
 PREFIX = os.environ.get("BENCH_PEER_PREFIX", "benchpeer")
@@ -220,8 +220,7 @@ async def procrastinate_worker(dsn: str) -> None:
 
 
 async def run_procrastinate(settings: Settings, n: int) -> dict[str, Any]:
-
-    from taskmgr.migrate import asyncpg_dsn
+    from taskmgr.db import asyncpg_dsn
 
     procs = Procs("dispatch/procrastinate")
     await fresh_database(settings, PROC_DB, migrated=False)  # the peer's own schema

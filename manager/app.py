@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -29,13 +28,11 @@ from manager.dispatch import DispatchCounts, Dispatcher
 from manager.intake import IntakeCounts, ProgressIntake
 from manager.leadership import Elector, FencedEngine, manager_server_settings
 from manager.recovery import Recovery, Retention
-from taskmgr import store
+from taskmgr import db, store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
-from taskmgr.db import make_engine
 from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
-from taskmgr.messages import Stop, encode
-from taskmgr.migrate import asyncpg_dsn
-from taskmgr.service import CANCEL_CHANNEL, WAKEUP_CHANNEL, TaskService, utcnow
+from taskmgr.messages import BadMessage, Stop, decode_cancel, encode
+from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,10 +102,13 @@ class TaskManager:
             try:
                 if await self.elector.campaign():
                     # A connection of its own for LISTEN (wake-ups, cancels); its
-                    # application name shows who leads in pg_stat_activity.
-                    conn = await asyncpg.connect(
-                        asyncpg_dsn(self.settings.database_url),
-                        server_settings={"application_name": self.elector.name},
+                    # application name shows who leads in pg_stat_activity. Listening
+                    # before leading: a cancel's NOTIFY before the LISTEN would be lost.
+                    conn = await db.listen(
+                        self.settings.database_url,
+                        name=self.elector.name,
+                        on_wakeup=self._wakeup.set,
+                        on_cancel=self._on_cancel,
                     )
                     await self._lead(conn, stop)
             except Exception as exc:  # includes the ExceptionGroup of the leader's TaskGroup
@@ -127,8 +127,6 @@ class TaskManager:
             await _wait(stop, self.settings.leader_retry)
 
     async def _lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
-        await conn.add_listener(WAKEUP_CHANNEL, lambda *_: self._wakeup.set())
-        await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
         scheduler = self._scheduler()
         consumer = Consumer(
             url=self.settings.amqp_url, topology=self.topology, prefetch=PROGRESS_PREFETCH, name=self.name
@@ -166,7 +164,7 @@ class TaskManager:
         missed cancel or wake-up must not go unnoticed."""
         while True:
             await asyncio.sleep(LOCK_CHECK_S)
-            await asyncio.wait_for(conn.fetchval("select 1"), LOCK_CHECK_S * 2)
+            await db.ping(conn, LOCK_CHECK_S * 2)
 
     def _scheduler(self) -> AsyncIOScheduler:
         s = AsyncIOScheduler(timezone="UTC")
@@ -244,16 +242,20 @@ class TaskManager:
             except Exception:
                 await asyncio.sleep(0.5)  # logged and requeued by handle_messages
 
-    def _on_cancel(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _on_cancel(self, payload: str) -> None:
         """A STARTED or RUNNING task was cancelled: stop it on its runner, or, when no
         runner is known yet (STARTED), on every runner of its pool, which remembers the
         stop and never starts that attempt when its order arrives."""
-        data = json.loads(payload)
-        stop = Stop(task_id=data["task_id"], attempt=data["attempt"], reason="cancelled")
-        if data.get("runner_id"):
-            asyncio.get_running_loop().create_task(self._send_stop(stop, runner_id=data["runner_id"]))
-        elif data.get("pool"):
-            asyncio.get_running_loop().create_task(self._send_stop(stop, pool=data["pool"]))
+        try:
+            notice = decode_cancel(payload)
+        except BadMessage as exc:  # not from TaskService.cancel: nothing to stop
+            log.error("cancel notice ignored: %s", exc)
+            return
+        stop = Stop(task_id=notice.task_id, attempt=notice.attempt, reason="cancelled")
+        if notice.runner_id:
+            asyncio.get_running_loop().create_task(self._send_stop(stop, runner_id=notice.runner_id))
+        elif notice.pool:
+            asyncio.get_running_loop().create_task(self._send_stop(stop, pool=notice.pool))
 
     async def _send_stop(self, stop: Stop, *, runner_id: str | None = None, pool: str | None = None) -> None:
         try:
@@ -277,7 +279,7 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 
 async def run_manager(settings: Settings, stop: asyncio.Event, *, jobs: LeaderJobs | None = None) -> None:
-    engine = make_engine(
+    engine = db.make_engine(
         settings.database_url, name="taskmgr-manager", server_settings=manager_server_settings()
     )
     try:

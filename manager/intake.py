@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
 from taskmgr import store
+from taskmgr.backoff import backoff_s
 from taskmgr.broker import BrokerError, Message, Publisher
 from taskmgr.errors import InvalidInput, TaskTypeNotFound
 from taskmgr.messages import (
@@ -36,28 +36,19 @@ from taskmgr.messages import (
     decode_progress,
     encode,
 )
-from taskmgr.models import CurrentState, State, TaskType, Transition, can_transition
+from taskmgr.models import ACTIVE, CurrentState, State, StateChanges, TaskType, Transition
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RUNNER_SERVICE = "runner"  # the runner's own result, kept beside the outside services'
-ACTIVE = (State.STARTED, State.RUNNING)
 
 
-_RNG = random.Random()
 # A rejected start order (the runner was full) is due again after 0.5-1 s, doubling per
 # rejection up to 15-30 s.
 REJECT_BACKOFF_BASE_S = 1.0
 REJECT_BACKOFF_MAX_S = 30.0
-
-
-def backoff_s(failures: int, base_s: float, max_s: float, rng: random.Random = _RNG) -> float:
-    """Exponential backoff with jitter: half fixed, half random, so retries of many
-    tasks that failed together spread out."""
-    delay = min(max_s, base_s * 2 ** max(0, failures - 1))
-    return delay / 2 + rng.uniform(0, delay / 2)
 
 
 @dataclass
@@ -76,15 +67,26 @@ class IntakeCounts:
 
 @dataclass
 class _Batch:
-    """The working state of one transaction."""
+    """The working state of one transaction. `changes` judges and folds each state
+    change as it is added (models.StateChanges), so later reports in the batch see
+    the earlier ones; the store writes them at the end, as they are."""
 
-    now: datetime
-    cur: dict[uuid.UUID, CurrentState]
-    locked: dict[uuid.UUID, CurrentState]
+    changes: StateChanges
     types: dict[str, TaskType]
-    transitions: list[Transition] = field(default_factory=list)
     stops: list[tuple[str, Stop]] = field(default_factory=list)
     unknown: list[tuple[bytes, str]] = field(default_factory=list)
+
+    @property
+    def now(self) -> datetime:
+        return self.changes.now
+
+    @property
+    def cur(self) -> dict[uuid.UUID, CurrentState]:
+        """Each locked task's state, as the batch's changes so far leave it."""
+        return self.changes.rows
+
+    def add(self, t: Transition) -> None:
+        self.changes.add(t)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -115,15 +117,27 @@ async def _ack_all(messages: Sequence[Message]) -> None:
     """One `multiple` ack per channel, on the highest delivery tag: the intake takes
     deliveries in order and settles each batch before the next, so every earlier
     delivery of the channel is settled already."""
+    await _settle(messages, ack=True)
+
+
+async def _requeue_all(messages: Sequence[Message]) -> None:
+    """Back to the queue: one `multiple` nack per channel, as `_ack_all` acks."""
+    await _settle(messages, ack=False)
+
+
+async def _settle(messages: Sequence[Message], *, ack: bool) -> None:
     last: dict[int, Message] = {}
     for m in messages:
         key = id(m.channel)
         if key not in last or (m.delivery_tag or 0) > (last[key].delivery_tag or 0):
             last[key] = m
-    results = await asyncio.gather(*(m.ack(multiple=True) for m in last.values()), return_exceptions=True)
+    results = await asyncio.gather(
+        *(m.ack(multiple=True) if ack else m.nack(multiple=True, requeue=True) for m in last.values()),
+        return_exceptions=True,
+    )
     for r in results:
         if isinstance(r, BaseException):  # a replaced channel: the broker redelivers
-            log.warning("could not ack progress messages: %r", r)
+            log.warning("could not %s progress messages: %r", "ack" if ack else "requeue", r)
 
 
 def _reason(exc: BaseException) -> str:
@@ -184,8 +198,7 @@ class ProgressIntake:
             await self._apply_isolating(decoded, counts)
         except Exception:
             log.exception("progress batch failed; requeueing %d messages", len(unsettled))
-            for m in unsettled:
-                await m.nack(requeue=True)
+            await _requeue_all(unsettled)
             raise
         await _ack_all(unsettled)
         return counts
@@ -288,12 +301,9 @@ class ProgressIntake:
                 dropped[id(h)] = await self._dropped(conn, h)
                 ids.update(dropped[id(h)])
             locked = await store.lock_states(conn, ids)
-            types: dict[str, TaskType] = {}
-            for name in {c.type for c in locked.values()}:
-                t = await store.get_type(conn, name)
-                if t is not None:
-                    types[name] = t
-            batch = _Batch(now=now, cur=dict(locked), locked=locked, types=types)
+            # The batch's task types, read once (follow-ons add theirs as they are read).
+            types = await store.get_types(conn, {c.type for c in locked.values()}) if locked else {}
+            batch = _Batch(changes=StateChanges(now, dict(locked), strict=False), types=types)
             for msg in msgs:
                 if isinstance(msg, RunnerReports):
                     counts.reports += len(msg.reports)
@@ -308,9 +318,8 @@ class ProgressIntake:
                     counts.heartbeats += 1
                     kinds["heartbeat"] += 1
                     counts.lost += await self._heartbeat(conn, batch, msg, dropped[id(msg)])
-            recorded = await store.apply_transitions(
-                conn, batch.transitions, now, current=locked, strict=False
-            )
+            await store.write_changes(conn, batch.changes)
+        recorded = batch.changes.recorded
         for kind, n in kinds.items():  # counted once applied (a batch split in halves runs again)
             metrics.PROGRESS.labels(kind).inc(n)
         counts.applied += sum(1 for t in recorded if t.applied)
@@ -318,13 +327,6 @@ class ProgressIntake:
         return batch
 
     # -- runner reports --------------------------------------------------------------
-
-    def _add(self, batch: _Batch, t: Transition) -> None:
-        batch.transitions.append(t)
-        c = batch.cur[t.task_id]
-        # As store.apply_transitions will fold it, so later reports in the batch see it.
-        if t.applied and can_transition(c.state, t.state):
-            batch.cur[t.task_id] = c.after(t, batch.now)
 
     async def _runner_report(self, conn: Any, batch: _Batch, msg: RunnerReports, r: Report) -> None:
         c = batch.cur.get(r.task_id)
@@ -340,8 +342,7 @@ class ProgressIntake:
             and not (c.state is State.RUNNING and c.runner_id not in (None, rid))
         )
         if not current:
-            self._add(
-                batch,
+            batch.add(
                 Transition(
                     r.task_id, c.state, r.attempt, "runner", rid, {**detail, "stale": True}, applied=False
                 ),
@@ -356,9 +357,9 @@ class ProgressIntake:
             pass  # it carried only follow-ons
         elif r.status == "running":
             if c.state is State.STARTED:
-                self._add(batch, Transition(r.task_id, State.RUNNING, r.attempt, "runner", rid, detail))
+                batch.add(Transition(r.task_id, State.RUNNING, r.attempt, "runner", rid, detail))
         elif r.status == "poll_error":
-            self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
+            batch.add(Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
         elif r.status == "finished":
             if tt is not None and tt.required_services:
                 await store.upsert_service(
@@ -370,8 +371,7 @@ class ProgressIntake:
                     detail=r.detail,
                     now=batch.now,
                 )
-                self._add(
-                    batch,
+                batch.add(
                     Transition(
                         r.task_id,
                         c.state,
@@ -384,7 +384,7 @@ class ProgressIntake:
                 )
                 await self._derive(conn, batch, r.task_id, tt)
             else:
-                self._add(batch, Transition(r.task_id, State.FINISHED, r.attempt, "runner", rid, detail))
+                batch.add(Transition(r.task_id, State.FINISHED, r.attempt, "runner", rid, detail))
         elif r.status == "failed":
             self._fail(batch, c, r.attempt, "runner", rid, detail, tt)
         elif r.status == "rejected":
@@ -394,8 +394,7 @@ class ProgressIntake:
             # and is kept in task_state, so it needs no memory of its own.
             delay = backoff_s(c.attempt - c.failures, REJECT_BACKOFF_BASE_S, REJECT_BACKOFF_MAX_S)
             run_at = batch.now + timedelta(seconds=delay)
-            self._add(
-                batch,
+            batch.add(
                 Transition(
                     r.task_id,
                     State.RETRYING,
@@ -407,8 +406,7 @@ class ProgressIntake:
                 ),
             )
         else:  # handback: give it to another runner now, not a failure
-            self._add(
-                batch,
+            batch.add(
                 Transition(r.task_id, State.RETRYING, r.attempt, "runner", rid, detail, run_at=batch.now),
             )
 
@@ -423,14 +421,18 @@ class ProgressIntake:
         try:
             async with conn.begin_nested():
                 if r.follow_ons:
-                    done = await self._service.schedule_follow_ons(conn, parent, r.follow_ons, batch.now)
+                    done = await self._service.schedule_follow_ons(
+                        conn, parent, r.follow_ons, batch.now, types=batch.types
+                    )
                     created += sum(1 for d in done if d.created)
                 if r.sync is not None:
-                    result = await self._service.sync_children(conn, parent, r.sync.scope, r.sync.follow_ons)
+                    result = await self._service.sync_children(
+                        conn, parent, r.sync.scope, r.sync.follow_ons, types=batch.types
+                    )
                     created += result.created
         except (InvalidInput, TaskTypeNotFound) as exc:
             detail = {"report": r.status, "follow_ons_refused": str(exc)}
-            self._add(batch, Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
+            batch.add(Transition(r.task_id, c.state, r.attempt, "runner", rid, detail, applied=False))
             log.warning("task %s: follow-ons refused: %s", r.task_id, exc)
             return
         metrics.FOLLOW_ONS_WRITTEN.inc(created)
@@ -448,8 +450,7 @@ class ProgressIntake:
         failures = c.failures + 1
         max_attempts = tt.max_attempts if tt else 1
         if failures >= max_attempts:
-            self._add(
-                batch,
+            batch.add(
                 Transition(
                     c.task_id,
                     State.FAILED,
@@ -463,8 +464,7 @@ class ProgressIntake:
             return
         delay = backoff_s(failures, tt.backoff_base_s if tt else 1.0, tt.backoff_max_s if tt else 60.0)
         run_at = batch.now + timedelta(seconds=delay)
-        self._add(
-            batch,
+        batch.add(
             Transition(
                 c.task_id,
                 State.RETRYING,
@@ -488,8 +488,7 @@ class ProgressIntake:
         detail = {"service": s.service, "service_state": s.state, "at": s.at.isoformat(), **s.detail}
         source = f"service:{s.service}"
         if attempt != c.attempt or c.state.terminal:
-            self._add(
-                batch,
+            batch.add(
                 Transition(
                     s.task_id, c.state, attempt, source, None, {**detail, "stale": True}, applied=False
                 ),
@@ -504,7 +503,7 @@ class ProgressIntake:
             detail=s.detail,
             now=batch.now,
         )
-        self._add(batch, Transition(s.task_id, c.state, attempt, source, None, detail, applied=False))
+        batch.add(Transition(s.task_id, c.state, attempt, source, None, detail, applied=False))
         tt = batch.types.get(c.type)
         if tt is not None and s.service in tt.required_services:
             await self._derive(conn, batch, s.task_id, tt)
@@ -526,9 +525,9 @@ class ProgressIntake:
         finished = sorted(n for n, st in states.items() if st == "FINISHED")
         detail = {"services_failed": failed, "services_finished": finished}
         if failed:
-            self._add(batch, Transition(task_id, State.FAILED, c.attempt, "manager", None, detail))
+            batch.add(Transition(task_id, State.FAILED, c.attempt, "manager", None, detail))
         elif len(finished) == len(tt.required_services):
-            self._add(batch, Transition(task_id, State.FINISHED, c.attempt, "manager", None, detail))
+            batch.add(Transition(task_id, State.FINISHED, c.attempt, "manager", None, detail))
 
     # -- heartbeats ------------------------------------------------------------------
 
@@ -585,8 +584,7 @@ class ProgressIntake:
         for tid in dropped:
             c = batch.cur.get(tid)
             if c is not None and c.state is State.RUNNING and c.runner_id == h.runner_id:
-                self._add(
-                    batch,
+                batch.add(
                     Transition(
                         tid,
                         State.RETRYING,

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
 from taskmgr import store
-from taskmgr.models import State, Transition
+from taskmgr.models import ACTIVE, State, Transition
 from taskmgr.service import utcnow
 from taskmgr.settings import Settings
 
@@ -137,7 +137,7 @@ class Recovery:
         if not ids:
             return 0
         current = await store.lock_states(conn, ids)
-        taken = [c for c in current.values() if c.state in (State.STARTED, State.RUNNING) and still(c)]
+        taken = [c for c in current.values() if c.state in ACTIVE and still(c)]
         before = (
             await store.recoveries(
                 conn, [c.task_id for c in taken], reason_label, since_running=since_running

@@ -18,6 +18,7 @@ import httpx
 
 from runners import metrics
 from runners.limits import HostLimiter
+from taskmgr.backoff import backoff_s
 from taskmgr.broker import BrokerError, Publisher
 from taskmgr.handlers import ChildSync, EmittedEvent, FollowOn, Handler, HandlerError, Outcome, PollContext
 from taskmgr.logs import task_fields
@@ -363,9 +364,8 @@ class Poller:
             self.deps.report(order, "failed", detail)
             return _Next(end=True)
         backoff: float | None = None
-        if transient:
-            top = min(BACKOFF_CAP_S, self._interval * 2**n)
-            backoff = top / 2 + random.uniform(0, top / 2)
+        if transient:  # the first waits one to two intervals
+            backoff = backoff_s(n, 2 * self._interval, BACKOFF_CAP_S)
         if retry_after is not None:
             backoff = max(backoff or 0.0, min(retry_after, BACKOFF_CAP_S))
         return _Next(backoff_s=backoff)

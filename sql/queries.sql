@@ -2,29 +2,24 @@
 -- Only taskmgr/store.py runs them.
 
 -- insert_type --
-insert into task_types (name, handler, url_template, poll_interval_s, payload_schema,
-    max_attempts, backoff_base_s, backoff_max_s, request_timeout_s, start_timeout_s,
-    max_consecutive_failures, pool, required_services, misfire_policy, misfire_grace_s)
-values (:name, :handler, :url_template, :poll_interval_s, cast(:payload_schema as jsonb),
-    :max_attempts, :backoff_base_s, :backoff_max_s, :request_timeout_s, :start_timeout_s,
-    :max_consecutive_failures, :pool, cast(:required_services as text[]), :misfire_policy,
-    :misfire_grace_s)
+-- {columns} and {values}: the task type's declared fields (taskmgr.models.TaskTypeFields),
+-- filled in by taskmgr/store.py.
+insert into task_types ({columns})
+values ({values})
 on conflict (name) do nothing
 returning *;
 
 -- update_type --
-update task_types set handler = :handler, url_template = :url_template,
-    poll_interval_s = :poll_interval_s, payload_schema = cast(:payload_schema as jsonb),
-    max_attempts = :max_attempts, backoff_base_s = :backoff_base_s,
-    backoff_max_s = :backoff_max_s, request_timeout_s = :request_timeout_s,
-    start_timeout_s = :start_timeout_s, max_consecutive_failures = :max_consecutive_failures,
-    pool = :pool, required_services = cast(:required_services as text[]),
-    misfire_policy = :misfire_policy, misfire_grace_s = :misfire_grace_s, updated_at = now()
+-- {assignments}: every declared field but the name (taskmgr/store.py fills them in).
+update task_types set {assignments}, updated_at = now()
 where name = :name
 returning *;
 
 -- get_type --
 select * from task_types where name = :name;
+
+-- get_types --
+select * from task_types where name = any(cast(:names as text[]));
 
 -- get_type_for_update --
 select * from task_types where name = :name for update;
@@ -272,6 +267,10 @@ where t.dedup_key like :prefix escape '\';
 -- lock_scope --
 -- Two syncs of one schedule scope take turns (until the end of the transaction).
 select pg_advisory_xact_lock(hashtext(:scope));
+
+-- notify --
+-- Delivered to the listeners at commit, and not at all on rollback (taskmgr/db.py listens).
+select pg_notify(:channel, :payload);
 
 -- move_due --
 update tasks set due_at = :due_at where id = :id;

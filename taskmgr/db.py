@@ -1,8 +1,22 @@
-"""Engines: built at the edge from settings and passed down; nothing connects at import."""
+"""Connections and databases: engines (built at the edge from settings and passed down;
+nothing connects at import), the manager's LISTEN connection, and what the demo, the
+benchmarks, the tests and the migrations do to a whole database (create it, drop it,
+take its migration lock). The queries themselves are store.py's."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections.abc import Callable
+
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from taskmgr.store import CANCEL_CHANNEL, WAKEUP_CHANNEL
+
+# Migrations from several processes at once take turns on this session-level advisory
+# lock (store.lock_scope's transaction-level locks use hashtext() of their scope).
+MIGRATION_LOCK_KEY = 0x7A5C_0001
 
 
 def make_engine(
@@ -19,3 +33,62 @@ def make_engine(
         pool_pre_ping=True,  # a PostgreSQL restart leaves dead connections in the pool
         connect_args={"server_settings": {"application_name": name, **(server_settings or {})}},
     )
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """asyncpg wants postgresql://; SQLAlchemy URLs say postgresql+asyncpg://."""
+    return re.sub(r"^postgresql\+asyncpg://", "postgresql://", database_url)
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server (and options), another database name."""
+    head, _, tail = url.rpartition("/")
+    query = tail.partition("?")[2]
+    return f"{head}/{name}" + (f"?{query}" if query else "")
+
+
+async def connect(database_url: str, *, name: str | None = None) -> asyncpg.Connection:
+    """A plain asyncpg connection (migrations, LISTEN), outside the engine's pool."""
+    settings = {"application_name": name} if name else None
+    return await asyncpg.connect(asyncpg_dsn(database_url), server_settings=settings)
+
+
+async def listen(
+    database_url: str,
+    *,
+    name: str,
+    on_wakeup: Callable[[], None],
+    on_cancel: Callable[[str], None],
+) -> asyncpg.Connection:
+    """A connection of its own that LISTENs for what TaskService NOTIFYs at commit: a
+    task due now (`on_wakeup`) and a cancel (`on_cancel`, given the payload, a
+    messages.CancelNotice). Its application name (`name`) shows in pg_stat_activity."""
+    conn = await connect(database_url, name=name)
+    try:
+        await conn.add_listener(WAKEUP_CHANNEL, lambda *_: on_wakeup())
+        await conn.add_listener(CANCEL_CHANNEL, lambda _conn, _pid, _channel, payload: on_cancel(payload))
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def ping(conn: asyncpg.Connection, timeout: float) -> None:
+    """Raises when the connection does not answer within `timeout` seconds."""
+    await asyncio.wait_for(conn.fetchval("select 1"), timeout)
+
+
+async def lock_migrations(conn: asyncpg.Connection) -> None:
+    """Wait for, and take, the migration lock: held until the connection closes."""
+    await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+
+
+async def drop_and_create_database(database_url: str) -> None:
+    """Drop (with force) and create, empty, the database the URL names."""
+    name = database_url.rpartition("/")[2].partition("?")[0]
+    admin = await connect(with_database(database_url, "postgres"))
+    try:
+        await admin.execute(f'drop database if exists "{name}" with (force)')
+        await admin.execute(f'create database "{name}"')
+    finally:
+        await admin.close()

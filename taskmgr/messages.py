@@ -29,7 +29,9 @@ from taskmgr.errors import TaskmgrError
 INT32_MAX = 2**31 - 1
 MAX_NAME_CHARS = 200  # runner ids, pools, hosts, service names, dedup keys
 MAX_DETAIL_BYTES = 16 * 1024  # a report's detail, as JSON
-MAX_PAYLOAD_BYTES = 64 * 1024  # a follow-on's payload (as TaskService.MAX_PAYLOAD_BYTES)
+# A task's payload: it travels in every start order of its task and in its row (TaskService
+# checks every payload it schedules against this; a follow-on's is bounded on the wire).
+MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_FOLLOW_ONS = 1000  # per report, and per schedule sync
 MAX_DELAY_S = 366 * 24 * 3600.0
 MAX_PROGRESS_BYTES = 16 * 1024 * 1024  # one progress message (500 reports, or 10,000 tasks)
@@ -191,6 +193,17 @@ class Stop(_Message):
     reason: str
 
 
+class CancelNotice(_Message):
+    """TaskService.cancel -> the leading manager, not over RabbitMQ but as the payload
+    of a PostgreSQL NOTIFY sent at the cancel's commit: stop this attempt on its runner,
+    or, while no runner is known yet (STARTED), on every runner of the pool."""
+
+    task_id: uuid.UUID
+    attempt: int
+    runner_id: str | None = None
+    pool: str | None = None
+
+
 class Event(_Message):
     """An event for downstream services, on the events exchange with routing key
     `<task_type>.<event>`. `event_id` is stable: the same observation polled twice (by
@@ -232,6 +245,13 @@ def decode_stop(body: bytes) -> Stop:
         return Stop.model_validate_json(body)
     except ValidationError as exc:
         raise BadMessage(f"control message: {_first_error(exc)}") from None
+
+
+def decode_cancel(payload: str | bytes) -> CancelNotice:
+    try:
+        return CancelNotice.model_validate_json(payload)
+    except ValidationError as exc:
+        raise BadMessage(f"cancel notice: {_first_error(exc)}") from None
 
 
 def decode_event(body: bytes) -> Event:

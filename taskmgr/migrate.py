@@ -11,13 +11,14 @@ from importlib.resources.abc import Traversable
 
 import asyncpg
 
+from taskmgr import db
+from taskmgr.db import asyncpg_dsn as asyncpg_dsn  # re-exported: the tests import them from here
+from taskmgr.db import with_database as with_database
 from taskmgr.errors import MigrationsMissing, TimescaleMissing
 from taskmgr.resources import migration_dirs
 
 SQL_DIRS = migration_dirs()
 MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-# Migrations from several processes at once take turns on this lock.
-MIGRATION_LOCK_KEY = 0x7A5C_0001
 
 
 @dataclass(frozen=True)
@@ -42,20 +43,15 @@ def available(sql_dirs: Sequence[Traversable] = SQL_DIRS) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-def asyncpg_dsn(database_url: str) -> str:
-    """asyncpg wants postgresql://; SQLAlchemy URLs say postgresql+asyncpg://."""
-    return re.sub(r"^postgresql\+asyncpg://", "postgresql://", database_url)
-
-
 async def migrate(database_url: str, sql_dirs: Sequence[Traversable] = SQL_DIRS) -> list[str]:
     """Apply the missing migrations; return the versions applied (empty when none).
     Raises MigrationsMissing when it finds no migration at all (an installation without
     its SQL), before touching the database."""
     if not available(sql_dirs):
         raise MigrationsMissing(", ".join(map(str, sql_dirs)))
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    conn = await db.connect(database_url)
     try:
-        await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        await db.lock_migrations(conn)
         await _require_timescale(conn)
         await conn.execute(
             "create table if not exists schema_migrations ("
@@ -80,29 +76,16 @@ async def migrate(database_url: str, sql_dirs: Sequence[Traversable] = SQL_DIRS)
         await conn.close()
 
 
-def with_database(url: str, name: str) -> str:
-    """The same server (and options), another database name."""
-    head, _, tail = url.rpartition("/")
-    query = tail.partition("?")[2]
-    return f"{head}/{name}" + (f"?{query}" if query else "")
-
-
 async def recreate_database(database_url: str, *, migrated: bool = True) -> None:
     """Drop (with force) and create the database the URL names, then migrate it: for
     the demo, the benchmarks and the tests, which each work in a database of their own."""
-    name = database_url.rpartition("/")[2].partition("?")[0]
-    admin = await asyncpg.connect(asyncpg_dsn(with_database(database_url, "postgres")))
-    try:
-        await admin.execute(f'drop database if exists "{name}" with (force)')
-        await admin.execute(f'create database "{name}"')
-    finally:
-        await admin.close()
+    await db.drop_and_create_database(database_url)
     if migrated:
         await migrate(database_url)
 
 
 async def current_version(database_url: str) -> str | None:
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    conn = await db.connect(database_url)
     try:
         exists = await conn.fetchval("select to_regclass('schema_migrations') is not null")
         if not exists:

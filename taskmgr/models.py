@@ -8,6 +8,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from taskmgr.errors import IllegalTransition
+
 
 class State(StrEnum):
     SCHEDULED = "SCHEDULED"
@@ -23,8 +27,10 @@ class State(StrEnum):
         return self in TERMINAL
 
 
+# The sets of states the rest of the code asks about: these, not tuples of its own.
 TERMINAL = frozenset({State.FINISHED, State.FAILED, State.CANCELLED})
-ACTIVE = frozenset({State.STARTED, State.RUNNING})
+ACTIVE = frozenset({State.STARTED, State.RUNNING})  # an attempt under way (order sent, or a runner has it)
+WAITING = frozenset({State.SCHEDULED, State.RETRYING})  # due at run_at: what discovery claims
 
 # The state machine. FAILED -> RETRYING is an operator's manual retry; SCHEDULED ->
 # FAILED is a task that can never start (its recurrence rule cannot be evaluated).
@@ -49,26 +55,93 @@ class MisfirePolicy(StrEnum):
     SKIP = "skip"  # an occurrence later than its grace is cancelled; next slot after now
 
 
-@dataclass(frozen=True)
-class TaskType:
-    name: str
-    handler: str
-    url_template: str = ""
-    poll_interval_s: float = 5.0
-    payload_schema: dict[str, Any] = field(default_factory=dict)
-    max_attempts: int = 3
-    backoff_base_s: float = 2.0
-    backoff_max_s: float = 300.0
-    request_timeout_s: float = 10.0
-    start_timeout_s: float = 30.0
-    max_consecutive_failures: int = 5
-    pool: str = "default"
-    required_services: tuple[str, ...] = ()
-    misfire_policy: MisfirePolicy = MisfirePolicy.COALESCE
-    misfire_grace_s: float = 60.0
+def _declared(
+    default: Any = ...,
+    *,
+    description: str,
+    unit: str | None = None,
+    listed: bool = False,
+    **constraints: Any,
+) -> Any:
+    """One declared field of a task type: its default, its constraints, what it means
+    (`description`, with its `unit`) and whether `taskmgr types list` shows it."""
+    extra: dict[str, Any] = {"unit": unit, "listed": listed}
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
+class TaskTypeFields(BaseModel):
+    """A task type's fields as a user sets them: the one declaration. The `taskmgr types`
+    options and listing (taskmgr/cli/types.py), the TaskType value below and the
+    columns the store writes (taskmgr/store.py, sql/queries.sql) derive from it, and
+    user input is checked against it (TaskService.create_type / update_type)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = _declared(description="The type's name", pattern=r"^[a-z][a-z0-9_.-]{0,62}$", listed=True)
+    handler: str = _declared(
+        description="Handler name (task_types/ or an entry point)", min_length=1, listed=True
+    )
+    url_template: str = _declared("", description="URL template; {base} is the provider's base URL")
+    poll_interval_s: float = _declared(
+        5.0, description="Time between polls", unit="seconds", gt=0, listed=True
+    )
+    payload_schema: dict[str, Any] = _declared({}, description="JSON Schema the payloads must match")
+    max_attempts: int = _declared(
+        3, description="Failed attempts after which the task fails", ge=1, listed=True
+    )
+    backoff_base_s: float = _declared(
+        2.0, description="Delay before the retry after the first failed attempt", unit="seconds", ge=0
+    )
+    backoff_max_s: float = _declared(
+        300.0, description="Longest delay between attempts", unit="seconds", ge=0
+    )
+    request_timeout_s: float = _declared(10.0, description="Timeout of one request", unit="seconds", gt=0)
+    start_timeout_s: float = _declared(
+        30.0, description="Time a runner has to take a start order", unit="seconds", gt=0
+    )
+    max_consecutive_failures: int = _declared(
+        5, description="Failed polls in a row that fail the attempt", ge=1
+    )
+    pool: str = _declared(
+        "default", description="Runner pool", pattern=r"^[A-Za-z0-9_.-]{1,64}$", listed=True
+    )
+    required_services: tuple[str, ...] = _declared(
+        (), description="Outside services that must report before the task ends", listed=True
+    )
+    misfire_policy: MisfirePolicy = _declared(
+        MisfirePolicy.COALESCE, description="What a late occurrence of a recurring task does", listed=True
+    )
+    misfire_grace_s: float = _declared(
+        60.0, description="Lateness the skip policy allows", unit="seconds", ge=0
+    )
+
+    @field_validator("payload_schema")
+    @classmethod
+    def _schema_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import jsonschema  # here: a runner process, which never checks a type, does not load it
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return value
+
+
+class TaskType(TaskTypeFields):
+    """A task type as stored: the declared fields and the times the store keeps."""
+
     created_at: datetime | None = None
     updated_at: datetime | None = None
-    deleted_at: datetime | None = None
+    deleted_at: datetime | None = Field(None, json_schema_extra={"listed": True})
+
+
+# The fields a user sets (the columns the store writes), and those `types list` shows.
+TYPE_FIELDS: tuple[str, ...] = tuple(TaskTypeFields.model_fields)
+TYPE_LISTED: tuple[str, ...] = tuple(
+    n
+    for n, f in TaskType.model_fields.items()
+    if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("listed")
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +191,7 @@ class CurrentState:
     def after(self, t: Transition, now: datetime) -> CurrentState:
         """This row once `t` (an applied, legal transition) is folded in: the projection
         rule, in one place."""
-        waiting = t.state in (State.SCHEDULED, State.RETRYING)
+        waiting = t.state in WAITING
         return replace(
             self,
             state=t.state,
@@ -172,3 +245,39 @@ class Transition:
     run_at: datetime | None = None  # SCHEDULED/RETRYING: when discovery should start it
     applied: bool = True
     count_failure: bool = False  # a failed attempt: counts against the type's max_attempts
+
+
+@dataclass
+class StateChanges:
+    """Transitions checked against the state machine and folded, in order, into the
+    rows they change: the one place where a change is judged and applied (the store
+    writes what it holds: `store.write_changes`). Later transitions of a task see the
+    earlier ones (`rows`).
+
+    rows: each task's locked current state, as the changes so far leave it.
+    strict: an illegal transition (or one for a task not in `rows`) raises
+    IllegalTransition; otherwise it is kept in the history with applied=False and the
+    reason."""
+
+    now: datetime
+    rows: dict[uuid.UUID, CurrentState]
+    strict: bool = True
+    recorded: list[Transition] = field(default_factory=list)  # the events to append
+    changed: dict[uuid.UUID, CurrentState] = field(default_factory=dict)  # the rows to write
+
+    def add(self, t: Transition) -> Transition:
+        """Judge and fold one transition; returns it as recorded."""
+        cur = self.rows.get(t.task_id)
+        if cur is None:
+            if self.strict:
+                raise IllegalTransition(t.task_id, "(no such task)", t.state)
+            t = replace(t, applied=False, detail={**t.detail, "ignored": "no such task"})
+        elif t.applied and not can_transition(cur.state, t.state):
+            if self.strict:
+                raise IllegalTransition(t.task_id, cur.state, t.state)
+            reason = f"illegal transition {cur.state} -> {t.state}"
+            t = replace(t, applied=False, detail={**t.detail, "ignored": reason})
+        elif t.applied:
+            self.rows[t.task_id] = self.changed[t.task_id] = cur.after(t, self.now)
+        self.recorded.append(t)
+        return t

@@ -15,8 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import text
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from taskmgr import recurrence as recur
@@ -28,7 +27,10 @@ from taskmgr.errors import (
     TaskNotFound,
     TaskTypeNotFound,
 )
+from taskmgr.messages import MAX_PAYLOAD_BYTES, CancelNotice
 from taskmgr.models import (
+    ACTIVE,
+    TYPE_FIELDS,
     CurrentState,
     MisfirePolicy,
     Recurrence,
@@ -37,53 +39,19 @@ from taskmgr.models import (
     Task,
     TaskEvent,
     TaskType,
+    TaskTypeFields,
     Transition,
 )
 
-WAKEUP_CHANNEL = "taskmgr_wakeup"
-CANCEL_CHANNEL = "taskmgr_cancel"
 # How many occurrences after a cancelled one `cancel(series=True)` follows at most (a
 # series has one or two occurrences not yet ended: the guard is against a cycle).
 MAX_SERIES_WALK = 1000
 # A task due within this of now wakes the manager instead of waiting for its next poll.
 WAKEUP_HORIZON_S = 1.0
-# A payload travels in every start order of its task and in its row: bound it.
-MAX_PAYLOAD_BYTES = 64 * 1024
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-class TaskTypeSpec(BaseModel):
-    """A task type as given by a user: checked field by field before it is written."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,62}$")
-    handler: str = Field(min_length=1)
-    url_template: str = ""
-    poll_interval_s: float = Field(5.0, gt=0)
-    payload_schema: dict[str, Any] = Field(default_factory=dict)
-    max_attempts: int = Field(3, ge=1)
-    backoff_base_s: float = Field(2.0, ge=0)
-    backoff_max_s: float = Field(300.0, ge=0)
-    request_timeout_s: float = Field(10.0, gt=0)
-    start_timeout_s: float = Field(30.0, gt=0)
-    max_consecutive_failures: int = Field(5, ge=1)
-    pool: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    required_services: tuple[str, ...] = ()
-    misfire_policy: MisfirePolicy = MisfirePolicy.COALESCE
-    misfire_grace_s: float = Field(60.0, ge=0)
-
-    @field_validator("payload_schema")
-    @classmethod
-    def _schema_is_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        try:
-            jsonschema.Draft202012Validator.check_schema(value)
-        except jsonschema.SchemaError as exc:
-            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
-        return value
 
 
 def _spec_error(exc: ValidationError) -> InvalidInput:
@@ -94,12 +62,12 @@ def _spec_error(exc: ValidationError) -> InvalidInput:
 
 def check_type_spec(values: Mapping[str, Any]) -> TaskType:
     try:
-        spec = TaskTypeSpec.model_validate(dict(values))
+        spec = TaskTypeFields.model_validate(dict(values))
     except ValidationError as exc:
         raise _spec_error(exc) from None
     if spec.backoff_max_s < spec.backoff_base_s:
         raise InvalidInput("backoff_max_s", "must be at least backoff_base_s")
-    return TaskType(**spec.model_dump())
+    return TaskType.model_construct(**spec.model_dump())
 
 
 @dataclass(frozen=True)
@@ -167,7 +135,7 @@ class TaskService:
             if current is None:
                 raise TaskTypeNotFound(name)
             values = _type_values(current)
-            unknown = set(changes) - set(TaskTypeSpec.model_fields)
+            unknown = set(changes) - set(TYPE_FIELDS)
             if unknown or "name" in changes:
                 bad = sorted(unknown | ({"name"} & set(changes)))
                 raise InvalidInput(bad[0], "cannot be changed (unknown or the key)")
@@ -235,11 +203,16 @@ class TaskService:
         )
         return (await self.schedule_many(session, [new]))[0]
 
-    async def schedule_many(self, session: Any, tasks: Sequence[NewTask]) -> list[Scheduled]:
+    async def schedule_many(
+        self, session: Any, tasks: Sequence[NewTask], *, types: dict[str, TaskType] | None = None
+    ) -> list[Scheduled]:
         """Schedule many tasks with one statement per table, in the caller's transaction
-        (a session or a connection). All are checked first: one bad task writes none."""
+        (a session or a connection). All are checked first: one bad task writes none.
+
+        types: the task types this transaction has read, by name, filled in as more are
+        read (a caller's short-lived cache: the intake keeps one per batch)."""
         now = self._clock()
-        types: dict[str, TaskType] = {}
+        types = {} if types is None else types
         rows: list[dict[str, Any]] = []
         for i, t in enumerate(tasks):
             where = f"tasks[{i}]." if len(tasks) > 1 else ""
@@ -311,8 +284,7 @@ class TaskService:
         if dup_keys:
             existing = await store.ids_by_dedup_key(conn, dup_keys)
         if any(r["due_at"] <= now + timedelta(seconds=WAKEUP_HORIZON_S) for r in new_rows):
-            # Delivered at commit, and not at all on rollback.
-            await conn.execute(text("select pg_notify(:c, '')"), {"c": WAKEUP_CHANNEL})
+            await store.notify_wakeup(conn)  # delivered at commit, and not at all on rollback
         return [
             Scheduled(r["id"], True) if r["id"] in inserted else Scheduled(existing[r["dedup_key"]], False)
             for r in rows
@@ -348,6 +320,8 @@ class TaskService:
         parent: Task | Mapping[str, Any],
         follow_ons: Sequence[Any],
         now: datetime | None = None,
+        *,
+        types: dict[str, TaskType] | None = None,
     ) -> list[Scheduled]:
         """A handler's follow-on tasks, in the caller's transaction (the manager's, that
         applies the report carrying them), idempotent: the dedup key is scoped to the
@@ -366,13 +340,19 @@ class TaskService:
             )
             for f in follow_ons
         ]
-        return await self.schedule_many(conn, news)
+        return await self.schedule_many(conn, news, types=types)
 
     async def sync_children(
-        self, conn: Any, parent: Task | Mapping[str, Any], scope: str, follow_ons: Sequence[Any]
+        self,
+        conn: Any,
+        parent: Task | Mapping[str, Any],
+        scope: str,
+        follow_ons: Sequence[Any],
+        *,
+        types: dict[str, TaskType] | None = None,
     ) -> SyncResult:
         """Make the tasks under `scope` exactly `follow_ons` (see taskmgr.handlers.ChildSync),
-        in the caller's transaction."""
+        in the caller's transaction (`types`: as for schedule_many)."""
         parent_id, root_id = _ids_of(parent)
         now = self._clock()
         await store.lock_scope(conn, scope)
@@ -429,7 +409,7 @@ class TaskService:
                         detail={"reason": "no longer in the schedule (postponed or dropped)"},
                     )
                 )
-        await self.schedule_many(conn, new)
+        await self.schedule_many(conn, new, types=types)
         await store.apply_transitions(conn, cancels, now, strict=False)
         return SyncResult(len(new), moved, len(cancels), unchanged)
 
@@ -481,18 +461,16 @@ class TaskService:
             now,
             current={cur.task_id: cur},
         )
-        if cur.state in (State.STARTED, State.RUNNING):
+        if cur.state in ACTIVE:
             # STARTED: no runner known yet; the stop goes to every runner of the pool.
             tt = await store.get_type(session, cur.type)
-            msg = json.dumps(
-                {
-                    "task_id": str(cur.task_id),
-                    "attempt": cur.attempt,
-                    "runner_id": cur.runner_id,
-                    "pool": tt.pool if tt is not None else None,
-                }
+            notice = CancelNotice(
+                task_id=cur.task_id,
+                attempt=cur.attempt,
+                runner_id=cur.runner_id,
+                pool=tt.pool if tt is not None else None,
             )
-            await session.execute(text("select pg_notify(:c, :m)"), {"c": CANCEL_CHANNEL, "m": msg})
+            await store.notify_cancel(session, notice)
 
     async def _cancel_successors(self, session: Any, task_id: uuid.UUID, source: str, now: datetime) -> None:
         """Follow the `<id>:next` chain and cancel every occurrence not yet ended."""
@@ -549,7 +527,7 @@ class TaskService:
                 self._clock(),
                 current={task_id: replace(cur, failures=0)},
             )
-            await session.execute(text("select pg_notify(:c, '')"), {"c": WAKEUP_CHANNEL})
+            await store.notify_wakeup(session)
         return await self.get_task(task_id)
 
     # -- reading -------------------------------------------------------------------------
@@ -600,6 +578,5 @@ def _ids_of(parent: Task | Mapping[str, Any]) -> tuple[uuid.UUID, uuid.UUID]:
 
 def _type_values(values: Mapping[str, Any] | TaskType) -> dict[str, Any]:
     if isinstance(values, TaskType):
-        out = {k: getattr(values, k) for k in TaskTypeSpec.model_fields}
-        return out
+        return values.model_dump(include=set(TYPE_FIELDS))
     return dict(values)

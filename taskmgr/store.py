@@ -10,30 +10,37 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import fields, replace
 from datetime import datetime, timedelta
-from typing import Any
+from enum import StrEnum
+from functools import cache
+from typing import Any, get_origin
 
+from sqlalchemy import TextClause, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from taskmgr.errors import IllegalTransition, TaskmgrError
+from taskmgr.errors import TaskmgrError
+from taskmgr.messages import CancelNotice, encode
 from taskmgr.models import (
+    TYPE_FIELDS,
     CurrentState,
     MisfirePolicy,
     State,
+    StateChanges,
     Task,
     TaskAttempt,
     TaskEvent,
     TaskType,
+    TaskTypeFields,
     Transition,
-    can_transition,
 )
 from taskmgr.queries import q
 
 Conn = AsyncConnection | AsyncSession
 
-_TYPE_FIELDS = [f.name for f in fields(TaskType)]
+# The NOTIFY channels (the leading manager LISTENs on them: taskmgr/db.py's listen).
+WAKEUP_CHANNEL = "taskmgr_wakeup"  # a task is due now: dispatch at once, not at the next poll
+CANCEL_CHANNEL = "taskmgr_cancel"  # a started or running task was cancelled: its payload, a CancelNotice
 
 
 class StoreError(TaskmgrError):
@@ -46,10 +53,10 @@ def _dumps(value: Any) -> str | None:
 
 def _type_from_row(row: Any) -> TaskType:
     m = row._mapping
-    values = {name: m[name] for name in _TYPE_FIELDS}
+    values = {name: m[name] for name in TaskType.model_fields}
     values["required_services"] = tuple(values["required_services"] or ())
     values["misfire_policy"] = MisfirePolicy(values["misfire_policy"])
-    return TaskType(**values)
+    return TaskType.model_construct(**values)  # checked when written
 
 
 def _task_from_row(row: Any) -> Task:
@@ -88,9 +95,12 @@ def _event_from_row(row: Any) -> TaskEvent:
     )
 
 
-async def _run(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -> Any:
+async def _run(
+    conn: Conn, name: str, params: Mapping[str, Any] | None = None, *, query: TextClause | None = None
+) -> Any:
+    """Run the named query (or `query`, made from it) and wrap a database error."""
     try:
-        return await conn.execute(q(name), dict(params or {}))
+        return await conn.execute(q(name) if query is None else query, dict(params or {}))
     except sa_exc.DBAPIError as exc:
         raise StoreError(f"{name}: {exc.orig}") from exc
 
@@ -98,29 +108,66 @@ async def _run(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -
 # -- task types ----------------------------------------------------------------------
 
 
+def _type_column(name: str) -> tuple[str, str]:
+    """A declared field's column and the SQL of its value: JSON objects are jsonb,
+    tuples text[]."""
+    origin: Any = get_origin(TaskTypeFields.model_fields[name].annotation)
+    cast = {dict: "jsonb", tuple: "text[]"}.get(origin)
+    return name, f"cast(:{name} as {cast})" if cast else f":{name}"
+
+
+@cache
+def _type_query(name: str) -> TextClause:
+    """insert_type / update_type, their columns filled in from the declaration
+    (taskmgr.models.TaskTypeFields)."""
+    columns = [_type_column(n) for n in TYPE_FIELDS]
+    return text(
+        q(name).text.format(
+            columns=", ".join(c for c, _ in columns),
+            values=", ".join(v for _, v in columns),
+            assignments=", ".join(f"{c} = {v}" for c, v in columns if c != "name"),
+        )
+    )
+
+
 def _type_params(t: TaskType) -> dict[str, Any]:
-    params = {name: getattr(t, name) for name in _TYPE_FIELDS}
-    params["payload_schema"] = _dumps(t.payload_schema)
-    params["required_services"] = list(t.required_services)
-    params["misfire_policy"] = str(t.misfire_policy)
+    params: dict[str, Any] = {}
+    for name in TYPE_FIELDS:
+        value = getattr(t, name)
+        if isinstance(value, dict):
+            value = _dumps(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, StrEnum):
+            value = str(value)
+        params[name] = value
     return params
+
+
+async def _write_type(conn: Conn, name: str, t: TaskType) -> TaskType | None:
+    row = (await _run(conn, name, _type_params(t), query=_type_query(name))).first()
+    return _type_from_row(row) if row else None
 
 
 async def insert_type(conn: Conn, t: TaskType) -> TaskType | None:
     """The new type, or None when one of that name exists."""
-    row = (await _run(conn, "insert_type", _type_params(t))).first()
-    return _type_from_row(row) if row else None
+    return await _write_type(conn, "insert_type", t)
 
 
 async def update_type(conn: Conn, t: TaskType) -> TaskType | None:
-    row = (await _run(conn, "update_type", _type_params(t))).first()
-    return _type_from_row(row) if row else None
+    return await _write_type(conn, "update_type", t)
 
 
 async def get_type(conn: Conn, name: str, *, for_update: bool = False) -> TaskType | None:
     query = "get_type_for_update" if for_update else "get_type"
     row = (await _run(conn, query, {"name": name})).first()
     return _type_from_row(row) if row else None
+
+
+async def get_types(conn: Conn, names: Iterable[str]) -> dict[str, TaskType]:
+    """The types of these names that exist (deleted ones included), in one query."""
+    rows = await _run(conn, "get_types", {"names": sorted(set(names))})
+    return {t.name: t for t in map(_type_from_row, rows)}
 
 
 async def list_types(conn: Conn, *, include_deleted: bool = False) -> list[TaskType]:
@@ -226,9 +273,10 @@ async def apply_transitions(
 ) -> list[Transition]:
     """How state changes are written (the one exception is `start_due`, the dispatch
     hot path, whose WHERE admits only SCHEDULED/RETRYING -> STARTED): each transition is
-    checked against the state machine, appended to task_events and folded into the task_state projection,
-    in the caller's transaction. `current` is the locked state (from `lock_states` or a
-    claim); without it the rows are locked here.
+    checked against the state machine and folded into the task_state projection
+    (models.StateChanges), then written (`write_changes`), in the caller's transaction.
+    `current` is the locked state (from `lock_states` or a claim); without it the rows
+    are locked here.
 
     strict: an illegal transition raises IllegalTransition (nothing is written).
     Otherwise it is kept in the history with applied=false and the reason. Returns the
@@ -239,36 +287,24 @@ async def apply_transitions(
     states = dict(current) if current is not None else None
     if states is None:
         states = await lock_states(conn, (t.task_id for t in transitions))
-    recorded: list[Transition] = []
-    changed: dict[uuid.UUID, CurrentState] = {}
+    changes = StateChanges(now, states, strict=strict)
     for t in transitions:
-        cur = states.get(t.task_id)
-        if cur is None:
-            if strict:
-                raise IllegalTransition(t.task_id, "(no such task)", t.state)
-            recorded.append(replace(t, applied=False, detail={**t.detail, "ignored": "no such task"}))
-            continue
-        if not t.applied:
-            recorded.append(t)
-            continue
-        if not can_transition(cur.state, t.state):
-            if strict:
-                raise IllegalTransition(t.task_id, cur.state, t.state)
-            reason = f"illegal transition {cur.state} -> {t.state}"
-            recorded.append(replace(t, applied=False, detail={**t.detail, "ignored": reason}))
-            continue
-        new = cur.after(t, now)
-        states[t.task_id] = new
-        changed[t.task_id] = new
-        recorded.append(t)
-    await insert_events(conn, recorded, now)
-    if changed:
-        rows = list(changed.values())
+        changes.add(t)
+    await write_changes(conn, changes)
+    return changes.recorded
+
+
+async def write_changes(conn: Conn, changes: StateChanges) -> None:
+    """Append the changes' events to task_events and write the rows they changed to
+    task_state (both as models.StateChanges judged and folded them)."""
+    await insert_events(conn, changes.recorded, changes.now)
+    if changes.changed:
+        rows = list(changes.changed.values())
         await _run(
             conn,
             "update_states",
             {
-                "now": now,
+                "now": changes.now,
                 "ids": [r.task_id for r in rows],
                 "states": [str(r.state) for r in rows],
                 "attempts": [r.attempt for r in rows],
@@ -277,7 +313,6 @@ async def apply_transitions(
                 "runner_ids": [r.runner_id for r in rows],
             },
         )
-    return recorded
 
 
 async def claim_due(conn: Conn, now: datetime, limit: int) -> list[Any]:
@@ -465,6 +500,16 @@ async def sync_scope(conn: Conn, scope: str) -> list[Mapping[str, Any]]:
 async def lock_scope(conn: Conn, scope: str) -> None:
     """Serialise the schedule syncs of one scope, until the transaction ends."""
     await _run(conn, "lock_scope", {"scope": scope})
+
+
+async def notify_wakeup(conn: Conn) -> None:
+    """At commit, wake the leader's dispatch (a task is due now)."""
+    await _run(conn, "notify", {"channel": WAKEUP_CHANNEL, "payload": ""})
+
+
+async def notify_cancel(conn: Conn, notice: CancelNotice) -> None:
+    """At commit, tell the leader to stop a cancelled task on its runner(s)."""
+    await _run(conn, "notify", {"channel": CANCEL_CHANNEL, "payload": encode(notice).decode()})
 
 
 async def move_due(conn: Conn, task_id: uuid.UUID, due_at: datetime, now: datetime) -> None:

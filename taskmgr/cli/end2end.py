@@ -15,7 +15,7 @@ from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.db import make_engine
 from taskmgr.errors import TaskTypeNotFound
-from taskmgr.models import State
+from taskmgr.models import TERMINAL, State
 from taskmgr.service import NewTask, TaskService
 from taskmgr.settings import Settings
 
@@ -59,7 +59,7 @@ async def run_end2end(settings: Settings, *, count: int, deadline_s: float) -> d
                 tasks = await _states(service, ids)
                 done = {s: sum(1 for t in tasks if t == s) for s in State}
                 bar.update(job, completed=done[State.FINISHED])
-                if sum(done[s] for s in (State.FINISHED, State.FAILED, State.CANCELLED)) == count:
+                if sum(done[s] for s in TERMINAL) == count:
                     break
                 await asyncio.sleep(0.2)
         finally:

@@ -3,43 +3,61 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from enum import Enum
+from typing import Any, get_origin
 
 import click
+from pydantic.fields import FieldInfo
 
 from taskmgr.cli.common import BadInput, load_file, parse_json_arg
 from taskmgr.cli.db import call
 from taskmgr.cli.output import emit, output_option
+from taskmgr.models import TYPE_LISTED, TaskTypeFields
 
-TYPE_COLUMNS = [
-    "name",
-    "handler",
-    "pool",
-    "poll_interval_s",
-    "max_attempts",
-    "required_services",
-    "misfire_policy",
-    "deleted_at",
-]
+# `types list` shows the fields the declaration marks as listed (taskmgr.models).
+TYPE_COLUMNS = list(TYPE_LISTED)
+
+
+def _flag(name: str, multiple: bool) -> str:
+    """A field's flag: its name without the unit suffix, dashed; singular for a list
+    (poll_interval_s: --poll-interval; required_services: --required-service)."""
+    base = name.removesuffix("_s")
+    return "--" + (base.removesuffix("s") if multiple else base).replace("_", "-")
+
+
+def _option(name: str, info: FieldInfo) -> Any:
+    """The click option of one declared field, from its type, description and unit."""
+    annotation: Any = info.annotation
+    origin = get_origin(annotation)
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    help_ = info.description or ""
+    if extra.get("unit"):
+        help_ += f", in {extra['unit']}"
+    kwargs: dict[str, Any] = {"default": None}
+    if origin is tuple:
+        kwargs["multiple"] = True
+        help_ += "; repeat for each"
+    elif origin is dict:
+        help_ += ": JSON, inline or @file"
+    elif isinstance(annotation, type) and issubclass(annotation, Enum):
+        kwargs["type"] = click.Choice([m.value for m in annotation])
+    elif annotation in (int, float):
+        kwargs["type"] = annotation
+    return click.option(_flag(name, origin is tuple), name, help=help_ + ".", **kwargs)
+
+
+# The options of `types add` and `types update`: one per declared field but the name
+# (an argument), and the flags of JSON fields, for their errors.
+_FIELD_OPTIONS = {n: _option(n, f) for n, f in TaskTypeFields.model_fields.items() if n != "name"}
+_JSON_FLAGS = {
+    n: _flag(n, False) for n, f in TaskTypeFields.model_fields.items() if get_origin(f.annotation) is dict
+}
 
 
 def _type_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--file", "-f", "file", default=None, help="YAML or JSON file with the type's fields."),
-        click.option("--handler", default=None, help="Handler name (task_types/ or an entry point)."),
-        click.option("--url-template", default=None, help="URL template; {base} is the provider's base URL."),
-        click.option("--poll-interval", "poll_interval_s", type=float, default=None, help="Seconds."),
-        click.option("--payload-schema", default=None, help="JSON Schema, inline or @file."),
-        click.option("--max-attempts", type=int, default=None),
-        click.option("--backoff-base", "backoff_base_s", type=float, default=None, help="Seconds."),
-        click.option("--backoff-max", "backoff_max_s", type=float, default=None, help="Seconds."),
-        click.option("--request-timeout", "request_timeout_s", type=float, default=None, help="Seconds."),
-        click.option("--start-timeout", "start_timeout_s", type=float, default=None, help="Seconds."),
-        click.option("--max-consecutive-failures", type=int, default=None),
-        click.option("--pool", default=None),
-        click.option("--required-service", "required_services", multiple=True, help="Repeat for each."),
-        click.option("--misfire-policy", type=click.Choice(["coalesce", "catch_up", "skip"]), default=None),
-        click.option("--misfire-grace", "misfire_grace_s", type=float, default=None, help="Seconds."),
+        *_FIELD_OPTIONS.values(),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -56,7 +74,7 @@ def _type_values(file: str | None, flags: dict[str, Any]) -> dict[str, Any]:
     for k, v in flags.items():
         if v is None or v == ():
             continue
-        values[k] = parse_json_arg(v, "--payload-schema") if k == "payload_schema" else v
+        values[k] = parse_json_arg(v, _JSON_FLAGS[k]) if k in _JSON_FLAGS else v
     return values
 
 
