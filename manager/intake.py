@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager import metrics
 from taskmgr import store
 from taskmgr.backoff import backoff_s
-from taskmgr.broker import BrokerError, Message, Publisher
+from taskmgr.broker import BrokerError, Message, Publisher, ack_all, requeue_all
 from taskmgr.errors import InvalidInput, TaskTypeNotFound
 from taskmgr.messages import (
     BadMessage,
@@ -113,33 +113,6 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
-async def _ack_all(messages: Sequence[Message]) -> None:
-    """One `multiple` ack per channel, on the highest delivery tag: the intake takes
-    deliveries in order and settles each batch before the next, so every earlier
-    delivery of the channel is settled already."""
-    await _settle(messages, ack=True)
-
-
-async def _requeue_all(messages: Sequence[Message]) -> None:
-    """Back to the queue: one `multiple` nack per channel, as `_ack_all` acks."""
-    await _settle(messages, ack=False)
-
-
-async def _settle(messages: Sequence[Message], *, ack: bool) -> None:
-    last: dict[int, Message] = {}
-    for m in messages:
-        key = id(m.channel)
-        if key not in last or (m.delivery_tag or 0) > (last[key].delivery_tag or 0):
-            last[key] = m
-    results = await asyncio.gather(
-        *(m.ack(multiple=True) if ack else m.nack(multiple=True, requeue=True) for m in last.values()),
-        return_exceptions=True,
-    )
-    for r in results:
-        if isinstance(r, BaseException):  # a replaced channel: the broker redelivers
-            log.warning("could not %s progress messages: %r", "ack" if ack else "requeue", r)
-
-
 def _reason(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
@@ -198,9 +171,9 @@ class ProgressIntake:
             await self._apply_isolating(decoded, counts)
         except Exception:
             log.exception("progress batch failed; requeueing %d messages", len(unsettled))
-            await _requeue_all(unsettled)
+            await requeue_all(unsettled)
             raise
-        await _ack_all(unsettled)
+        await ack_all(unsettled)
         return counts
 
     async def _dead_letter_or_reject(self, m: Message, reason: str, counts: IntakeCounts) -> bool:

@@ -413,6 +413,33 @@ class Consumer:
         self._consumers.clear()
 
 
+async def ack_all(messages: Sequence[Message]) -> None:
+    """Ack a batch with one `multiple` ack per channel, on its highest delivery tag. For
+    a consumer that takes deliveries in order and settles each batch before the next, so
+    that every earlier delivery of the channel is settled already."""
+    await _settle(messages, ack=True)
+
+
+async def requeue_all(messages: Sequence[Message]) -> None:
+    """Back to the queue: one `multiple` nack per channel, as `ack_all` acks."""
+    await _settle(messages, ack=False)
+
+
+async def _settle(messages: Sequence[Message], *, ack: bool) -> None:
+    last: dict[int, Message] = {}
+    for m in messages:
+        key = id(m.channel)
+        if key not in last or (m.delivery_tag or 0) > (last[key].delivery_tag or 0):
+            last[key] = m
+    results = await asyncio.gather(
+        *(m.ack(multiple=True) if ack else m.nack(multiple=True, requeue=True) for m in last.values()),
+        return_exceptions=True,
+    )
+    for r in results:
+        if isinstance(r, BaseException):  # a replaced channel: the broker redelivers
+            log.warning("could not %s messages: %r", "ack" if ack else "requeue", r)
+
+
 async def delete_names(url: str, topology: Topology, pools: Sequence[str] = ()) -> None:
     """Delete a topology's exchanges and queues (tests)."""
     conn = await aio_pika.connect(url)

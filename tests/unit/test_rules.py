@@ -161,18 +161,18 @@ class _Delivery:
 
 
 async def test_a_batch_is_settled_with_one_multiple_ack_or_nack_per_channel() -> None:
-    from manager.intake import _ack_all, _requeue_all
+    from taskmgr.broker import ack_all, requeue_all
 
     a, b = object(), object()
     msgs = [_Delivery(a, 1), _Delivery(b, 7), _Delivery(a, 3), _Delivery(b, 5), _Delivery(a, 2)]
-    await _ack_all(msgs)  # type: ignore[arg-type]
+    await ack_all(msgs)  # type: ignore[arg-type]
     assert [(m.delivery_tag, m.calls) for m in msgs if m.calls] == [
         (7, [("ack", {"multiple": True})]),
         (3, [("ack", {"multiple": True})]),
     ]
     for m in msgs:
         m.calls.clear()
-    await _requeue_all(msgs)  # type: ignore[arg-type]
+    await requeue_all(msgs)  # type: ignore[arg-type]
     assert sorted(m.delivery_tag for m in msgs if m.calls) == [3, 7]
     assert all(m.calls == [("nack", {"multiple": True, "requeue": True})] for m in msgs if m.calls)
 
