@@ -483,7 +483,8 @@ class ProgressIntake:
 
     async def _derive(self, conn: Any, batch: _Batch, task_id: uuid.UUID, tt: TaskType) -> None:
         """The overall state from the runner's result and the required services' reports
-        (seed 001: the photo service may fail while the caption service succeeds)."""
+        (for example, a photo service may fail while a caption service succeeds: the task
+        FAILS, naming both)."""
         c = batch.cur[task_id]
         if c.state not in ACTIVE:
             return

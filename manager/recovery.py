@@ -1,4 +1,4 @@
-"""Recovery (seed 003's reconciliation job, every few seconds): runners whose heartbeats
+"""Recovery, the reconciliation job (every TASKMGR_RECOVERY_INTERVAL): runners whose heartbeats
 stopped, start orders nobody took, and the outbox. Also retention."""
 
 from __future__ import annotations

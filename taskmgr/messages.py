@@ -169,7 +169,8 @@ class Heartbeat(_Message):
 
 
 class ServiceReport(_Message):
-    """An outside service's own progress on a task (seed 001's photo/caption services)."""
+    """An outside service's own progress on a task (for example a photo or a caption
+    service working on a game's task)."""
 
     kind: Literal["service"] = "service"
     service: Annotated[Name, Field(min_length=1)]

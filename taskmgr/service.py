@@ -1,6 +1,6 @@
 """TaskService: the one way to write tasks and task types.
 
-`schedule(session, ...)` joins the caller's transaction (seed 000): nothing it writes
+`schedule(session, ...)` joins the caller's transaction (invariant 3 in docs/design.md): nothing it writes
 survives the caller's rollback. Everything else opens its own transaction on the engine.
 """
 
