@@ -154,7 +154,7 @@ async def main(
     return {
         "benchmark": "discovery",
         "measured": f"Dispatcher.poll_once() with {due} tasks due (claim + STARTED events + publish with "
-        "confirms + mark sent + relay query), and the claim query alone; medians of "
+        "confirms + mark sent; the next-due probe), and the claim query alone; medians of "
         f"{polls} polls after 2 warm-up polls; all in the bench process",
         "events": events,
         "chunks": chunks,
