@@ -7,7 +7,7 @@ Everything runs in this process against its own database `taskmgr_bench_discover
 1. empty history: `--polls` times (after 2 warm-up polls), schedule `--due` (100) tasks
    already due, then time one whole `Dispatcher.poll_once()` (claim query, STARTED events
    into the hypertable, projection update, commit, publishing the start orders with
-   confirms to the pool's queue, mark sent, the outbox relay query); separately, in a
+   confirms to the pool's queue, mark sent, the next-due probe); separately, in a
    transaction that is rolled back, time the claim query alone (`store.claim_due`).
 2. insert `--events` rows into task_events server-side (generate_series, in time order,
    spread over the last 30 days, i.e. ~30 one-day chunks; random task ids: discovery
