@@ -16,6 +16,7 @@ from manager.app import TaskManager, leader_present
 from manager.dispatch import Dispatcher
 from manager.intake import ProgressIntake, backoff_s
 from manager.recovery import Recovery, Retention
+from manager.signals import ManagerSignals
 from taskmgr import broker
 from taskmgr.broker import Publisher
 from taskmgr.messages import Heartbeat, Report, RunnerReports, ServiceReport, encode
@@ -468,7 +469,8 @@ async def test_malformed_and_unknown_progress_messages_are_dead_lettered(
     topology,
     poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
-    async with TaskManager(settings=settings, engine=engine) as manager:
+    signals = ManagerSignals()
+    async with TaskManager(settings=settings, engine=engine, signals=signals) as manager:
         stop = asyncio.Event()
         run = asyncio.create_task(manager.run(stop))
         await asyncio.wait_for(manager.is_leader.wait(), 10)
@@ -477,7 +479,7 @@ async def test_malformed_and_unknown_progress_messages_are_dead_lettered(
         await pub.publish_progress(b'{"kind": "heartbeat", "runner_id": 5}')
         await pub.publish_progress(encode(_reports("r1", (uuid.uuid4(), 1, "running"))))
         await pub.publish_progress(encode(Heartbeat(runner_id="ok", pool="default", at=datetime.now(UTC))))
-        await wait_for(lambda: _ready(manager.intake_counts.messages >= 4))
+        await signals.wait_for(lambda: signals.intake.messages >= 4)
         stop.set()
         await run
     conn = await aio_pika.connect(settings.amqp_url)
@@ -492,7 +494,7 @@ async def test_malformed_and_unknown_progress_messages_are_dead_lettered(
     assert len(reasons) == 3
     assert any("unknown task" in r for r in reasons)
     assert any("runner_id" in r for r in reasons)
-    assert manager.intake_counts.heartbeats == 1, "the manager went on"
+    assert signals.intake.heartbeats == 1, "the manager went on"
 
 
 async def _ready(value: bool) -> bool:
@@ -508,24 +510,26 @@ async def test_manager_dispatches_on_wakeup_and_one_leads(
 ) -> None:
     slow = settings.model_copy(update={"poll_interval": 30.0})
     stop = asyncio.Event()
+    s1, s2 = ManagerSignals(), ManagerSignals()
     async with (
-        TaskManager(settings=slow, engine=engine) as m1,
-        TaskManager(settings=slow, engine=engine) as m2,
+        TaskManager(settings=slow, engine=engine, signals=s1) as m1,
+        TaskManager(settings=slow, engine=engine, signals=s2) as m2,
     ):
         runs = [asyncio.create_task(m.run(stop)) for m in (m1, m2)]
         await wait_for(lambda: _ready(m1.is_leader.is_set() or m2.is_leader.is_set()))
         assert await leader_present(engine)
         await asyncio.sleep(0)  # the other one must stay a standby
         assert not (m1.is_leader.is_set() and m2.is_leader.is_set())
-        leader = m1 if m1.is_leader.is_set() else m2
-        await asyncio.sleep(0.3)  # let the leader's first (empty) poll pass
+        signals = s1 if m1.is_leader.is_set() else s2
+        await signals.dispatch_polled.wait()  # the leader's first (empty) poll
+        assert signals.dispatched.claimed == 0
         # Due now: the NOTIFY at commit wakes the leader long before its 30 s poll.
         await schedule(service, poll_type, 5)
         orders = start_orders(
             await drain(settings.amqp_url, topology.start_queue("default"), expect=5, timeout=5)
         )
         assert len(orders) == 5
-        await wait_for(lambda: _ready(leader.dispatched.claimed == 5))
+        await signals.wait_for(lambda: signals.dispatched.claimed == 5)
         stop.set()
         await asyncio.gather(*runs)
     assert not await leader_present(engine)

@@ -20,7 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager.app import TaskManager
+from manager.signals import ManagerSignals
 from runners import TaskRunner
+from runners.signals import RunnerSignals
 from task_types.noop import NoopHandler
 from taskmgr import store
 from taskmgr.handlers import BaseHandler, EmittedEvent, FollowOn, Outcome, PollContext, Registry
@@ -132,9 +134,12 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
     n_ok = 5
     before = await scrape(metrics_url)
     api = Gate()
+    m_sig, r_sig = ManagerSignals(), RunnerSignals()
     async with (
-        TaskManager(settings=settings, engine=engine) as manager,
-        TaskRunner(settings=settings, registry=REGISTRY, transport=httpx.MockTransport(api)) as runner,
+        TaskManager(settings=settings, engine=engine, signals=m_sig) as manager,
+        TaskRunner(
+            settings=settings, registry=REGISTRY, transport=httpx.MockTransport(api), signals=r_sig
+        ) as runner,
     ):
         stop_m, stop_r = asyncio.Event(), asyncio.Event()
         run_m = asyncio.create_task(manager.run(stop_m))
@@ -147,7 +152,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
             ids += await schedule(service, "obs_game", 1, payload={"host": host, "n": n})
         n = len(ids)
         # Every poller is parked in its first request: the gauge counts them all.
-        await runner.wait_for(lambda: len(runner.active) == n)
+        await r_sig.wait_for(lambda: len(r_sig.active) == n)
         await wait_for(lambda: _ready(api.waiting == n))
         during = await scrape(metrics_url)
         assert delta(before, during, "taskmgr_runner_active_pollers") == n
@@ -168,11 +173,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
             encode(ServiceReport(service="photo", task_id=ids[0], state="FINISHED", at=datetime.now(UTC)))
         )
         await manager.publisher.publish_progress(b"{not json")
-        await wait_for(
-            lambda: _ready(
-                manager.intake_counts.service_reports == 1 and manager.intake_counts.dead_lettered == 1
-            )
-        )
+        await m_sig.wait_for(lambda: m_sig.intake.service_reports == 1 and m_sig.intake.dead_lettered == 1)
         await manager._refresh_gauges()  # the leader's 15 s job, at once
         by_state = await scrape(metrics_url)
         assert val(by_state, "taskmgr_tasks", state="FINISHED") == n
@@ -182,7 +183,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
         stop_r.set()
         await run_r
         # The runner's last heartbeat (stopping) is handled before the manager stops.
-        await wait_for(lambda: _ready(manager.intake_counts.heartbeats >= runner.counts["heartbeats"]))
+        await m_sig.wait_for(lambda: m_sig.intake.heartbeats >= r_sig.heartbeat_sent.count)
         stop_m.set()
         await run_m
     after = await scrape(metrics_url)
@@ -195,20 +196,20 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
     assert delta(before, after, "taskmgr_late_dispatches_total") == 0
     assert delta(before, after, "taskmgr_dead_lettered_total") == 1
     assert delta(before, after, "taskmgr_progress_messages_total", kind="service") == 1
-    beats = runner.counts["heartbeats"]
+    beats = r_sig.heartbeat_sent.count
     assert delta(before, after, "taskmgr_progress_messages_total", kind="heartbeat") == beats
     # Reports travel several to a message: their messages are what the intake took
     # besides the heartbeat, the service report and the malformed one.
     report_msgs = delta(before, after, "taskmgr_progress_messages_total", kind="reports")
-    assert report_msgs == manager.intake_counts.messages - beats - 2
-    assert 1 <= report_msgs <= manager.intake_counts.reports
+    assert report_msgs == m_sig.intake.messages - beats - 2
+    assert 1 <= report_msgs <= m_sig.intake.reports
     # Runner: one report of each kind per task, and the flaky host's one poll error.
     assert delta(before, after, "taskmgr_runner_reports_total", status="running") == n
     assert delta(before, after, "taskmgr_runner_reports_total", status="finished") == n
     assert delta(before, after, "taskmgr_runner_reports_total", status="poll_error") == 1
     # ... and one "progress" report per task, carrying its follow-on to the manager.
     assert delta(before, after, "taskmgr_runner_reports_total", status="progress") == n
-    assert manager.intake_counts.reports == 3 * n + 1
+    assert m_sig.intake.reports == 3 * n + 1
     assert delta(before, after, "taskmgr_runner_polls_total", host="ok.test", outcome="ok") == n_ok
     assert delta(before, after, "taskmgr_runner_polls_total", host="flaky.test", outcome="http_5xx") == 1
     assert delta(before, after, "taskmgr_runner_polls_total", host="flaky.test", outcome="ok") == 1

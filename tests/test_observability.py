@@ -24,6 +24,7 @@ import manager.metrics
 import runners.metrics
 from manager.dispatch import Dispatcher
 from runners import TaskRunner
+from runners.signals import RunnerSignals
 from task_types.noop import NoopHandler
 from taskmgr import logs
 from taskmgr.broker import Publisher
@@ -86,6 +87,7 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
         return httpx.Response(503)
 
     later = now + timedelta(seconds=30)  # the dispatcher's clock: 30 s after the due time
+    signals = RunnerSignals()
     async with (
         Publisher(url=settings.amqp_url, topology=_topology(settings)) as pub,
         TaskRunner(
@@ -93,6 +95,7 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
             registry=Registry([NoopHandler()]),
             transport=httpx.MockTransport(api),
             runner_id="runner-logs",
+            signals=signals,
         ) as runner,
     ):
         late_service = TaskService(engine=engine, clock=lambda: later)
@@ -102,7 +105,7 @@ async def test_json_log_lines_about_a_task_carry_its_ids_and_attempt(
         assert (await disp.poll_once()).claimed == 1
         stop = asyncio.Event()
         run = asyncio.create_task(runner.run(stop))
-        await runner.wait_for(lambda: runner.counts["pollers_started"] == 1 and not runner.active)
+        await signals.poller_ended.wait()
         stop.set()
         await run
 
