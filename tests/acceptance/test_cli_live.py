@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,10 +29,9 @@ from taskmgr.broker import Publisher
 from taskmgr.handlers import Registry
 from taskmgr.messages import Event, encode
 from taskmgr.settings import Settings
-from tests.helpers import sports_registry
+from tests.helpers import ROOT, sports_registry
 
 pytestmark = [pytest.mark.usefixtures("clean"), pytest.mark.timeout(90)]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
