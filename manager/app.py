@@ -24,10 +24,11 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
-from manager.dispatch import DispatchCounts, Dispatcher
-from manager.intake import IntakeCounts, ProgressIntake
+from manager.dispatch import Dispatcher
+from manager.intake import ProgressIntake
 from manager.leadership import Elector, FencedEngine, manager_server_settings
 from manager.recovery import Recovery, Retention
+from manager.signals import ManagerSignals
 from taskmgr import db, store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
 from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
@@ -57,8 +58,11 @@ class TaskManager:
         clock: Callable[[], datetime] = utcnow,
         name: str | None = None,
         jobs: LeaderJobs | None = None,
+        signals: ManagerSignals | None = None,
     ) -> None:
-        """jobs: the leader jobs of the parts above the engine (the daily schedule)."""
+        """jobs: the leader jobs of the parts above the engine (the daily schedule).
+        signals: what the manager did, for tests to wait on (manager/signals.py); None
+        in production, where it records nothing for them."""
         self.settings = settings
         self.engine = engine
         self.name = name or f"manager-{uuid.uuid4().hex[:8]}"
@@ -82,9 +86,7 @@ class TaskManager:
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
-        # Test hooks: totals since start.
-        self.dispatched = DispatchCounts()
-        self.intake_counts = IntakeCounts()
+        self._signals = signals
 
     async def __aenter__(self) -> TaskManager:
         await self.publisher.__aenter__()
@@ -210,7 +212,8 @@ class TaskManager:
             wait = self.settings.poll_interval
             try:
                 c = await self.dispatcher.poll_once()
-                self._add(self.dispatched, c)
+                if self._signals is not None:
+                    self._signals.dispatch_polled.emit(c)
                 nxt = self.dispatcher.seconds_to_next_due()
                 if nxt is not None:
                     wait = min(wait, nxt)
@@ -238,9 +241,12 @@ class TaskManager:
                     except TimeoutError:
                         break
             try:
-                self._add(self.intake_counts, await self.intake.handle_messages(batch))
+                counts = await self.intake.handle_messages(batch)
             except Exception:
                 await asyncio.sleep(0.5)  # logged and requeued by handle_messages
+            else:
+                if self._signals is not None:
+                    self._signals.intake_handled.emit(counts)
 
     def _on_cancel(self, payload: str) -> None:
         """A STARTED or RUNNING task was cancelled: stop it on its runner, or, when no
@@ -265,11 +271,6 @@ class TaskManager:
                 await self.publisher.publish_control_pool(pool, encode(stop))
         except Exception as exc:  # a stale RUNNING report or the next heartbeat gets the stop instead
             log.warning("stop for %s not sent now: %s", stop.task_id, exc)
-
-    @staticmethod
-    def _add(total: Any, c: Any) -> None:
-        for k, v in vars(c).items():
-            setattr(total, k, getattr(total, k) + v)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from runners import metrics
 from taskmgr.broker import BrokerError
 from taskmgr.messages import Report, RunnerReports, encode
+
+if TYPE_CHECKING:
+    from runners.signals import RunnerSignals
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class ReportBuffer:
         pool: str,
         linger_s: float = REPORT_LINGER_S,
         max_batch: int = REPORT_BATCH_MAX,
+        signals: RunnerSignals | None = None,
     ) -> None:
         self._publish = publish
         self._runner_id = runner_id
@@ -42,7 +47,7 @@ class ReportBuffer:
         self._items: list[tuple[Report, asyncio.Future[None] | None]] = []
         self._wake = asyncio.Event()
         self._closing = False
-        self.published = 0  # reports confirmed so far (a test hook)
+        self._signals = signals
 
     def __len__(self) -> int:
         return len(self._items)
@@ -86,8 +91,9 @@ class ReportBuffer:
                 await asyncio.sleep(REPORT_RETRY_S)
                 continue
             del self._items[: len(batch)]
-            self.published += len(batch)
             for report, fut in batch:
                 metrics.REPORTS_PUBLISHED.labels(report.status).inc()
                 if fut is not None and not fut.done():
                     fut.set_result(None)
+            if self._signals is not None:
+                self._signals.reports_sent.emit([r for r, _ in batch])

@@ -21,8 +21,8 @@ import logging
 import os
 import socket
 import uuid
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,7 @@ from runners import metrics
 from runners.limits import HostLimit, HostLimiter, parse_host_limits
 from runners.poller import Poller, PollerDeps, TickStats
 from runners.reports import ReportBuffer
+from runners.signals import RunnerSignals
 from taskmgr import broker
 from taskmgr.broker import BrokerError, Consumer, Publisher, Topology
 from taskmgr.handlers import HandlerError, Registry, UnknownHandler
@@ -108,10 +109,8 @@ def fast_transport(max_connections: int = HTTP_MAX_CONNECTIONS) -> httpx.AsyncBa
 class TaskRunner:
     """`async with TaskRunner(...) as r: await r.run(stop)`.
 
-    Test hooks: `active` (task id -> attempt of the running pollers), `counts` (start
-    messages, duplicates, rejections, dead letters, ...), `poller(task_id)`, `drift`
-    (tick drift statistics) and `wait_for(predicate)`, which wakes on every change
-    (a poller started or ended, a tick done, a message handled).
+    signals: what the runner did, for tests to wait on (runners/signals.py); None in
+    production, where the runner records nothing for them.
     """
 
     def __init__(
@@ -121,6 +120,7 @@ class TaskRunner:
         registry: Registry,
         runner_id: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        signals: RunnerSignals | None = None,
     ) -> None:
         self.settings = settings
         self.runner_id = runner_id or default_runner_id()
@@ -136,10 +136,7 @@ class TaskRunner:
         )
         self._pollers: dict[uuid.UUID, Poller] = {}
         self._ended: OrderedDict[uuid.UUID, int] = OrderedDict()
-        self.active: dict[uuid.UUID, int] = {}
-        self.counts: Counter[str] = Counter()
-        self.drift = TickStats()
-        self._changed = asyncio.Event()
+        self._signals = signals
         self._stack: AsyncExitStack | None = None
         self._publisher: Publisher | None = None
         self._consumer: Consumer | None = None
@@ -176,7 +173,10 @@ class TaskRunner:
             )
             stack.push_async_callback(client.aclose)
             self._reports = ReportBuffer(
-                publish=self._publisher.publish_progress, runner_id=self.runner_id, pool=s.pool
+                publish=self._publisher.publish_progress,
+                runner_id=self.runner_id,
+                pool=s.pool,
+                signals=self._signals,
             )
             self._deps = PollerDeps(
                 client=client,
@@ -184,8 +184,8 @@ class TaskRunner:
                 publisher=self._publisher,
                 runner_id=self.runner_id,
                 report=self._poller_report,
-                on_tick=lambda _p: self._notify(),
-                drift=self.drift,
+                on_tick=_ignore if self._signals is None else self._signals.ticked.emit,
+                drift=TickStats(),
                 max_response_bytes=s.max_response_bytes,
             )
             self._stack = stack.pop_all()
@@ -215,13 +215,13 @@ class TaskRunner:
                     self.runner_id,
                     self.topology.start_queue(self.settings.pool),
                 )
-                self._notify()
+                if self._signals is not None:
+                    self._signals.consuming.emit(self.runner_id)
                 await stop.wait()
                 beat.cancel()
                 await self._shutdown(flusher)
         finally:
             self._drop_all()
-            self._notify()
 
     async def _shutdown(self, flusher: asyncio.Task[None]) -> None:
         assert self._consumer is not None and self._reports is not None
@@ -257,22 +257,6 @@ class TaskRunner:
             if p.task is not None:
                 p.task.cancel()
 
-    # -- test hooks --------------------------------------------------------------------
-
-    def poller(self, task_id: uuid.UUID) -> Poller | None:
-        return self._pollers.get(task_id)
-
-    async def wait_for(self, predicate: Callable[[], Any], within_s: float = 10.0) -> Any:
-        """Wait until `predicate()` is truthy (checked after every change); return it."""
-        async with asyncio.timeout(within_s):
-            while not (value := predicate()):
-                await self._changed.wait()
-            return value
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
     # -- start orders ------------------------------------------------------------------
 
     async def _on_start(self, message: broker.Message) -> None:
@@ -286,9 +270,7 @@ class TaskRunner:
                 log.warning("runner %s: dead-lettering a start message: %s", self.runner_id, exc)
                 await self._dead_letter(message, str(exc))
                 return
-            self.counts["start_messages"] += 1
             waits = [f for f in (self._take(order) for order in batch.orders) if f is not None]
-            self._notify()
             try:
                 async with asyncio.timeout(START_CONFIRM_TIMEOUT_S):
                     await asyncio.gather(*(asyncio.shield(f) for f in waits))
@@ -304,16 +286,16 @@ class TaskRunner:
                     exc,
                 )
                 await _settle(message.nack(requeue=True))
-                self.counts["start_requeued"] += 1
+                if self._signals is not None:
+                    self._signals.start_requeued.emit(batch)
                 return
             await _settle(message.ack())
-            self.counts["start_acked"] += 1
+            if self._signals is not None:
+                self._signals.start_acked.emit(batch)
             await self._adjust_prefetch()
         except Exception as exc:  # a bug: never requeue it forever
             log.exception("runner %s: start message %s", self.runner_id, message.message_id)
             await self._dead_letter(message, f"runner error: {exc!r}")
-        finally:
-            self._notify()
 
     def _allowed(self, url: httpx.URL) -> bool:
         """Whether the runner may call this URL's host: a provider's host (the base URLs
@@ -330,12 +312,14 @@ class TaskRunner:
             datetime.now(UTC) - order.claimed_at
         ).total_seconds() > order.start_timeout_s:
             # Recovery has dispatched the task again by now: this order is stale.
-            self.counts["stale_orders"] += 1
+            if self._signals is not None:
+                self._signals.stale_order.emit(order)
             return None
         current = self._pollers.get(tid)
         if current is not None:
             if current.attempt >= order.attempt:
-                self.counts["duplicate_orders"] += 1
+                if self._signals is not None:
+                    self._signals.duplicate_order.emit(order)
                 rr = current.running_report
                 if rr is not None and rr.done() and (rr.cancelled() or rr.exception() is not None):
                     # Its "running" was never confirmed: say it again.
@@ -350,7 +334,8 @@ class TaskRunner:
             )
             self._stop_poller(current)
         elif self._ended.get(tid, 0) >= order.attempt:
-            self.counts["duplicate_orders"] += 1
+            if self._signals is not None:
+                self._signals.duplicate_order.emit(order)
             return None
         try:
             handler = self._registry.get(order.handler)
@@ -367,26 +352,23 @@ class TaskRunner:
             # Not the task's fault: this runner is older or newer than the task type (a
             # rolling upgrade). Handed back as a rejection, it goes to another runner
             # after a backoff, and no failure is counted.
-            self.counts["handed_back_orders"] += 1
             reason = f"runner {self.runner_id} has no handler {order.handler!r}: {exc}"
             return self._report(order, "rejected", {"reason": reason, "kind": "handler"}, confirm=True)
         except Exception as exc:  # HandlerError or a handler's bug: the task cannot run
-            self.counts["failed_orders"] += 1
             detail = {"reason": f"cannot build the URL: {exc}", "kind": "url"}
             return self._report(order, "failed", detail, confirm=True)
         if len(self._pollers) >= self.settings.concurrency:
-            self.counts["rejected"] += 1
             reason = f"runner {self.runner_id} is at capacity ({self.settings.concurrency} tasks)"
             return self._report(order, "rejected", {"reason": reason}, confirm=True)
         assert self._deps is not None
         poller = Poller(order=order, handler=handler, url=url, deps=self._deps)
         self._pollers[tid] = poller
-        self.active[tid] = order.attempt
         metrics.ACTIVE_POLLERS.inc()
-        self.counts["pollers_started"] += 1
         # Queued before the poller's first tick can report anything: reports keep order.
         poller.running_report = self._report(order, "running", {"url": redact_url(url)}, confirm=True)
         poller.task = asyncio.create_task(self._run_poller(poller), name=f"poll-{tid}-{order.attempt}")
+        if self._signals is not None:
+            self._signals.poller_started.emit(poller)
         return poller.running_report
 
     async def _run_poller(self, poller: Poller) -> None:
@@ -395,14 +377,14 @@ class TaskRunner:
         finally:
             if self._pollers.get(poller.order.task_id) is poller:
                 self._remove(poller)
-            self._notify()
 
     def _remove(self, poller: Poller) -> None:
         tid = poller.order.task_id
         if self._pollers.get(tid) is poller:
             del self._pollers[tid]
-            del self.active[tid]
             metrics.ACTIVE_POLLERS.dec()
+            if self._signals is not None:
+                self._signals.poller_ended.emit(poller)
         self._remember_ended(tid, poller.attempt)
 
     def _remember_ended(self, task_id: uuid.UUID, attempt: int) -> None:
@@ -416,7 +398,6 @@ class TaskRunner:
         self._remove(poller)
         if poller.task is not None:
             poller.task.cancel()
-        self._notify()
 
     # -- control -----------------------------------------------------------------------
 
@@ -440,16 +421,17 @@ class TaskRunner:
                     ),
                 )
                 self._stop_poller(poller)
-                self.counts["stopped"] += 1
+                if self._signals is not None:
+                    self._signals.stopped.emit(poller)
             else:
                 # A stop that overtook its start: do not start that attempt later.
                 self._remember_ended(stop.task_id, stop.attempt)
             await _settle(message.ack())
+            if self._signals is not None:
+                self._signals.stop_handled.emit(stop)
         except Exception as exc:
             log.exception("runner %s: control message", self.runner_id)
             await self._dead_letter(message, f"runner error: {exc!r}")
-        finally:
-            self._notify()
 
     async def _dead_letter(self, message: broker.Message, reason: str) -> None:
         assert self._publisher is not None
@@ -467,7 +449,8 @@ class TaskRunner:
             await _settle(message.reject(requeue=False))  # the queue's own DLX takes it
             return
         await _settle(message.ack())
-        self.counts["dead_lettered"] += 1
+        if self._signals is not None:
+            self._signals.dead_lettered.emit(reason)
 
     # -- reports, heartbeats, prefetch -------------------------------------------------
 
@@ -526,7 +509,8 @@ class TaskRunner:
         except BrokerError as exc:  # the connection reconnects by itself
             log.warning("runner %s: heartbeat not sent: %s", self.runner_id, exc)
             return
-        self.counts["heartbeats"] += 1
+        if self._signals is not None:
+            self._signals.heartbeat_sent.emit(beat)
 
     async def _adjust_prefetch(self) -> None:
         """Unacked start messages follow free capacity, so a full runner does not hoard
@@ -541,6 +525,12 @@ class TaskRunner:
                 log.warning("runner %s: set prefetch %d: %r", self.runner_id, want, exc)
                 return
             self._prefetch = want
+            if self._signals is not None:
+                self._signals.prefetch_set.emit(want)
+
+
+def _ignore(_poller: Poller) -> None:
+    """A tick without signals to emit."""
 
 
 async def _settle(op: Any) -> None:

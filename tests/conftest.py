@@ -1,5 +1,7 @@
-"""Real PostgreSQL+TimescaleDB and RabbitMQ. One database per test session, migrated
-once and truncated between tests; each test gets its own RabbitMQ names."""
+"""The layers (tests/unit, tests/integration, tests/acceptance: each test is marked with
+its folder's name), and the fixtures of the real PostgreSQL+TimescaleDB and RabbitMQ:
+one database per test session, migrated once (on first use: never for unit tests) and
+truncated between tests; each test gets its own RabbitMQ names."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -24,6 +27,17 @@ AMQP_URL = os.environ.get("TASKMGR_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672
 TABLES = (
     "task_events, task_services, task_state, tasks, task_types, runners, taskmgr_leader, schedule_seedings"
 )
+TESTS = Path(__file__).parent
+LAYERS = ("unit", "integration", "acceptance")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its layer, so `pytest -m unit` (or `-m "not acceptance"`)
+    selects by layer."""
+    for item in items:
+        layer = item.path.relative_to(TESTS).parts[0]
+        if layer in LAYERS:
+            item.add_marker(layer)
 
 
 def test_database_url() -> str:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from task_types.game import LiveGameHandler
 from task_types.noop import NoopHandler
@@ -25,6 +28,10 @@ from taskmgr.testing import amqp_as as amqp_as
 from taskmgr.testing import as_role as as_role
 from taskmgr.testing import free_port as free_port
 from taskmgr.testing import wait_for as wait_for
+
+# The checkout, and the recorded API responses (tests/fixtures/README.md).
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 async def schedule(
@@ -124,3 +131,60 @@ def sports_registry(bases: dict[str, str]) -> Registry:
             ScheduleHandler(bases),
         ]
     )
+
+
+# -- poison progress messages: each decodes as JSON but breaks a bound of the contracts --
+
+POISON_AT = "2026-11-24T12:00:00+00:00"
+
+
+def poison_heartbeat(**changes: Any) -> dict[str, Any]:
+    """A heartbeat body (valid unless `changes` break it)."""
+    body = {"kind": "heartbeat", "runner_id": "r1", "pool": "default", "at": POISON_AT, "tasks": []}
+    return {**body, **changes}
+
+
+def poison_report(task_id: str, **changes: Any) -> dict[str, Any]:
+    """A body of one runner report (valid unless `changes` break it)."""
+    one = {"task_id": task_id, "attempt": 1, "status": "running", "at": POISON_AT, **changes}
+    return {"kind": "reports", "runner_id": "r1", "pool": "default", "reports": [one]}
+
+
+POISON = {
+    "attempt beyond int32": poison_report(str(uuid.uuid4()), attempt=2**31),
+    "pid beyond int32": poison_heartbeat(pid=2**40),
+    "NUL in detail": poison_report(str(uuid.uuid4()), detail={"error": "bad\u0000byte"}),
+    "NUL in a detail key": poison_report(str(uuid.uuid4()), detail={"e\u0000": 1}),
+    "oversized detail": poison_report(str(uuid.uuid4()), detail={"blob": "x" * 100_000}),
+    "NUL in runner_id": poison_heartbeat(runner_id="r\u00001"),
+    "naive time": poison_heartbeat(at="2026-11-24T12:00:00"),
+    "NaN in detail": poison_report(str(uuid.uuid4()), detail={"x": float("nan")}),
+}
+
+
+# -- Prometheus samples, scraped from a /metrics endpoint ----------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def scrape(url: str) -> Samples:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(url)
+    assert response.status_code == 200
+    return parse(response.text)
+
+
+def val(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return val(after, name, **labels) - val(before, name, **labels)

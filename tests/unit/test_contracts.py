@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -21,8 +20,9 @@ from taskmgr.messages import (
     decode_start,
     encode,
 )
+from tests.helpers import ROOT
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
+DOC = ROOT / "docs" / "asyncapi.yaml"
 
 
 def test_checked_in_document_is_current() -> None:

@@ -13,22 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from taskmgr.errors import MigrationsMissing
-from taskmgr.migrate import migrate, recreate_database, with_database
+from taskmgr.migrate import recreate_database, with_database
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def clean_env() -> dict[str, str]:
     """No TASKMGR_ settings and no PYTHONPATH: nothing of the checkout leaks in."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("TASKMGR_", "PYTHON"))}
-
-
-async def test_migrate_refuses_to_run_without_migrations(database_url: str, tmp_path: Path) -> None:
-    with pytest.raises(MigrationsMissing, match="no migrations"):
-        await migrate(database_url, sql_dirs=[tmp_path])
 
 
 @pytest.mark.timeout(600)

@@ -14,8 +14,9 @@ from sqlalchemy import text
 
 from manager.app import TaskManager, leader_present
 from manager.dispatch import Dispatcher
-from manager.intake import ProgressIntake, backoff_s
+from manager.intake import ProgressIntake
 from manager.recovery import Recovery, Retention
+from manager.signals import ManagerSignals
 from taskmgr import broker
 from taskmgr.broker import Publisher
 from taskmgr.messages import Heartbeat, Report, RunnerReports, ServiceReport, encode
@@ -196,10 +197,6 @@ async def test_retries_with_backoff_then_failed(
         "RUNNING",
         "FAILED",
     ]
-
-
-def test_backoff_is_capped() -> None:
-    assert all(5 <= backoff_s(30, 1, 10) <= 10 for _ in range(100))
 
 
 def _reports(runner: str, *items: tuple[uuid.UUID, int, str]) -> RunnerReports:
@@ -537,7 +534,8 @@ async def test_malformed_and_unknown_progress_messages_are_dead_lettered(
     topology,
     poll_type,  # type: ignore[no-untyped-def]
 ) -> None:
-    async with TaskManager(settings=settings, engine=engine) as manager:
+    signals = ManagerSignals()
+    async with TaskManager(settings=settings, engine=engine, signals=signals) as manager:
         stop = asyncio.Event()
         run = asyncio.create_task(manager.run(stop))
         await asyncio.wait_for(manager.is_leader.wait(), 10)
@@ -546,7 +544,7 @@ async def test_malformed_and_unknown_progress_messages_are_dead_lettered(
         await pub.publish_progress(b'{"kind": "heartbeat", "runner_id": 5}')
         await pub.publish_progress(encode(_reports("r1", (uuid.uuid4(), 1, "running"))))
         await pub.publish_progress(encode(Heartbeat(runner_id="ok", pool="default", at=datetime.now(UTC))))
-        await wait_for(lambda: _ready(manager.intake_counts.messages >= 4))
+        await signals.wait_for(lambda: signals.intake.messages >= 4)
         stop.set()
         await run
     conn = await aio_pika.connect(settings.amqp_url)
@@ -561,7 +559,7 @@ async def test_malformed_and_unknown_progress_messages_are_dead_lettered(
     assert len(reasons) == 3
     assert any("unknown task" in r for r in reasons)
     assert any("runner_id" in r for r in reasons)
-    assert manager.intake_counts.heartbeats == 1, "the manager went on"
+    assert signals.intake.heartbeats == 1, "the manager went on"
 
 
 async def _ready(value: bool) -> bool:
@@ -577,24 +575,26 @@ async def test_manager_dispatches_on_wakeup_and_one_leads(
 ) -> None:
     slow = settings.model_copy(update={"poll_interval": 30.0})
     stop = asyncio.Event()
+    s1, s2 = ManagerSignals(), ManagerSignals()
     async with (
-        TaskManager(settings=slow, engine=engine) as m1,
-        TaskManager(settings=slow, engine=engine) as m2,
+        TaskManager(settings=slow, engine=engine, signals=s1) as m1,
+        TaskManager(settings=slow, engine=engine, signals=s2) as m2,
     ):
         runs = [asyncio.create_task(m.run(stop)) for m in (m1, m2)]
         await wait_for(lambda: _ready(m1.is_leader.is_set() or m2.is_leader.is_set()))
         assert await leader_present(engine)
         await asyncio.sleep(0)  # the other one must stay a standby
         assert not (m1.is_leader.is_set() and m2.is_leader.is_set())
-        leader = m1 if m1.is_leader.is_set() else m2
-        await asyncio.sleep(0.3)  # let the leader's first (empty) poll pass
+        signals = s1 if m1.is_leader.is_set() else s2
+        await signals.dispatch_polled.wait()  # the leader's first (empty) poll
+        assert signals.dispatched.claimed == 0
         # Due now: the NOTIFY at commit wakes the leader long before its 30 s poll.
         await schedule(service, poll_type, 5)
         orders = start_orders(
             await drain(settings.amqp_url, topology.start_queue("default"), expect=5, timeout=5)
         )
         assert len(orders) == 5
-        await wait_for(lambda: _ready(leader.dispatched.claimed == 5))
+        await signals.wait_for(lambda: signals.dispatched.claimed == 5)
         stop.set()
         await asyncio.gather(*runs)
     assert not await leader_present(engine)
@@ -661,36 +661,6 @@ async def test_cron_recurrence_keeps_local_time_across_dst(
     ]
     utc_hours = [t.due_at.astimezone(UTC).hour for t in tasks]
     assert utc_hours == [14, 14, 13, 13, 13]
-
-
-@pytest.mark.parametrize(
-    ("cron", "day", "expected_utc"),
-    [
-        # 01:30 happens twice on the fall-back day: it fires once, the first time (EDT).
-        ("30 1 * * *", (2026, 10, 31), ["2026-10-31T05:30", "2026-11-01T05:30", "2026-11-02T06:30"]),
-        # 02:30 does not happen on the spring-forward day: it fires once, shifted by the
-        # gap (03:30 EDT), and at 02:30 again the day after.
-        ("30 2 * * *", (2026, 3, 7), ["2026-03-07T07:30", "2026-03-08T07:30", "2026-03-09T06:30"]),
-    ],
-)
-def test_cron_rule_fires_once_on_dst_changes(
-    cron: str, day: tuple[int, int, int], expected_utc: list[str]
-) -> None:
-    from taskmgr import recurrence
-    from taskmgr.models import MisfirePolicy
-
-    rule = recurrence.parse({"cron": cron, "timezone": "America/New_York"})
-    assert rule is not None
-    due = datetime(*day, tzinfo=ZoneInfo("America/New_York"))
-    fires = []
-    for _ in range(3):
-        nxt = recurrence.next_occurrence(
-            rule, occurrence=1, due_at=due, now=due, policy=MisfirePolicy.COALESCE
-        )
-        assert nxt is not None and nxt > due, (due, nxt)  # always forward: no loop
-        fires.append(nxt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M"))
-        due = nxt
-    assert fires == expected_utc
 
 
 async def test_a_rule_that_cannot_fire_fails_its_task_not_the_batch(

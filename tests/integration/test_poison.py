@@ -17,41 +17,14 @@ from manager.dispatch import Dispatcher
 from manager.intake import ProgressIntake
 from taskmgr import broker
 from taskmgr.broker import REASON_HEADER, Consumer, Publisher
-from taskmgr.messages import BadMessage, Heartbeat, Report, RunnerReports, decode_progress, encode
+from taskmgr.messages import Heartbeat, Report, RunnerReports, encode
 from taskmgr.models import State
 from taskmgr.settings import Settings
-from tests.helpers import queue_depth, schedule
+from tests.helpers import POISON, queue_depth, schedule
+from tests.helpers import poison_heartbeat as heartbeat
+from tests.helpers import poison_report as report
 
 pytestmark = pytest.mark.usefixtures("clean")
-
-NOW = "2026-11-24T12:00:00+00:00"
-
-
-def heartbeat(**changes: Any) -> dict[str, Any]:
-    return {"kind": "heartbeat", "runner_id": "r1", "pool": "default", "at": NOW, "tasks": [], **changes}
-
-
-def report(task_id: str, **changes: Any) -> dict[str, Any]:
-    one = {"task_id": task_id, "attempt": 1, "status": "running", "at": NOW, **changes}
-    return {"kind": "reports", "runner_id": "r1", "pool": "default", "reports": [one]}
-
-
-POISON = {
-    "attempt beyond int32": report(str(uuid.uuid4()), attempt=2**31),
-    "pid beyond int32": heartbeat(pid=2**40),
-    "NUL in detail": report(str(uuid.uuid4()), detail={"error": "bad\u0000byte"}),
-    "NUL in a detail key": report(str(uuid.uuid4()), detail={"e\u0000": 1}),
-    "oversized detail": report(str(uuid.uuid4()), detail={"blob": "x" * 100_000}),
-    "NUL in runner_id": heartbeat(runner_id="r\u00001"),
-    "naive time": heartbeat(at="2026-11-24T12:00:00"),
-    "NaN in detail": report(str(uuid.uuid4()), detail={"x": float("nan")}),
-}
-
-
-@pytest.mark.parametrize("kind", list(POISON))
-def test_poison_is_a_bad_message(kind: str) -> None:
-    with pytest.raises(BadMessage):
-        decode_progress(json.dumps(POISON[kind]).encode())
 
 
 async def take(settings: Settings, publisher: Publisher, bodies: list[bytes], queue: str) -> list[Any]:

@@ -14,8 +14,8 @@ import pytest
 from task_types.providers import PROVIDERS, GameStatus, PeriodScore, UnknownProvider, get_provider
 from task_types.providers.cli import ParseFileError, parse_file
 from taskmgr.handlers import ParseError
+from tests.helpers import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 NBA_BOARD = "nba/dliu713_nba-scores-website__todaysScoreboard_00.json"
 NBA_BOARD_2025 = "nba/seansusmilch_w-picks-astro__todaysScoreboard_00_trimmed.json"
 NBA_BOX = "nba/dliu713_nba-scores-website__boxscore_0042200123.json"

@@ -6,21 +6,19 @@ registry is per process and other tests move it too."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import httpx
 import pytest
 from prometheus_client import start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager.app import TaskManager
+from manager.signals import ManagerSignals
 from runners import TaskRunner
+from runners.signals import RunnerSignals
 from task_types.noop import NoopHandler
 from taskmgr import store
 from taskmgr.handlers import BaseHandler, EmittedEvent, FollowOn, Outcome, PollContext, Registry
@@ -28,12 +26,9 @@ from taskmgr.messages import ServiceReport, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
-from tests.helpers import free_port, schedule, wait_for
+from tests.helpers import delta, free_port, schedule, scrape, val, wait_for
 
 pytestmark = [pytest.mark.usefixtures("clean"), pytest.mark.timeout(60)]
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
 
 class GameHandler(BaseHandler):
     """Two events, one follow-on (due in an hour, so never dispatched here), done."""
@@ -60,29 +55,6 @@ def metrics_url() -> Iterator[str]:
     server.shutdown()
     server.server_close()
     thread.join(5)
-
-
-def parse(text: str) -> Samples:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-async def scrape(url: str) -> Samples:
-    async with httpx.AsyncClient() as client:
-        response = await client.get(url)
-    assert response.status_code == 200
-    return parse(response.text)
-
-
-def val(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    return val(after, name, **labels) - val(before, name, **labels)
 
 
 class Gate:
@@ -132,9 +104,12 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
     n_ok = 5
     before = await scrape(metrics_url)
     api = Gate()
+    m_sig, r_sig = ManagerSignals(), RunnerSignals()
     async with (
-        TaskManager(settings=settings, engine=engine) as manager,
-        TaskRunner(settings=settings, registry=REGISTRY, transport=httpx.MockTransport(api)) as runner,
+        TaskManager(settings=settings, engine=engine, signals=m_sig) as manager,
+        TaskRunner(
+            settings=settings, registry=REGISTRY, transport=httpx.MockTransport(api), signals=r_sig
+        ) as runner,
     ):
         stop_m, stop_r = asyncio.Event(), asyncio.Event()
         run_m = asyncio.create_task(manager.run(stop_m))
@@ -147,7 +122,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
             ids += await schedule(service, "obs_game", 1, payload={"host": host, "n": n})
         n = len(ids)
         # Every poller is parked in its first request: the gauge counts them all.
-        await runner.wait_for(lambda: len(runner.active) == n)
+        await r_sig.wait_for(lambda: len(r_sig.active) == n)
         await wait_for(lambda: _ready(api.waiting == n))
         during = await scrape(metrics_url)
         assert delta(before, during, "taskmgr_runner_active_pollers") == n
@@ -168,11 +143,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
             encode(ServiceReport(service="photo", task_id=ids[0], state="FINISHED", at=datetime.now(UTC)))
         )
         await manager.publisher.publish_progress(b"{not json")
-        await wait_for(
-            lambda: _ready(
-                manager.intake_counts.service_reports == 1 and manager.intake_counts.dead_lettered == 1
-            )
-        )
+        await m_sig.wait_for(lambda: m_sig.intake.service_reports == 1 and m_sig.intake.dead_lettered == 1)
         await manager._refresh_gauges()  # the leader's 15 s job, at once
         by_state = await scrape(metrics_url)
         assert val(by_state, "taskmgr_tasks", state="FINISHED") == n
@@ -182,7 +153,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
         stop_r.set()
         await run_r
         # The runner's last heartbeat (stopping) is handled before the manager stops.
-        await wait_for(lambda: _ready(manager.intake_counts.heartbeats >= runner.counts["heartbeats"]))
+        await m_sig.wait_for(lambda: m_sig.intake.heartbeats >= r_sig.heartbeat_sent.count)
         stop_m.set()
         await run_m
     after = await scrape(metrics_url)
@@ -195,20 +166,20 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
     assert delta(before, after, "taskmgr_late_dispatches_total") == 0
     assert delta(before, after, "taskmgr_dead_lettered_total") == 1
     assert delta(before, after, "taskmgr_progress_messages_total", kind="service") == 1
-    beats = runner.counts["heartbeats"]
+    beats = r_sig.heartbeat_sent.count
     assert delta(before, after, "taskmgr_progress_messages_total", kind="heartbeat") == beats
     # Reports travel several to a message: their messages are what the intake took
     # besides the heartbeat, the service report and the malformed one.
     report_msgs = delta(before, after, "taskmgr_progress_messages_total", kind="reports")
-    assert report_msgs == manager.intake_counts.messages - beats - 2
-    assert 1 <= report_msgs <= manager.intake_counts.reports
+    assert report_msgs == m_sig.intake.messages - beats - 2
+    assert 1 <= report_msgs <= m_sig.intake.reports
     # Runner: one report of each kind per task, and the flaky host's one poll error.
     assert delta(before, after, "taskmgr_runner_reports_total", status="running") == n
     assert delta(before, after, "taskmgr_runner_reports_total", status="finished") == n
     assert delta(before, after, "taskmgr_runner_reports_total", status="poll_error") == 1
     # ... and one "progress" report per task, carrying its follow-on to the manager.
     assert delta(before, after, "taskmgr_runner_reports_total", status="progress") == n
-    assert manager.intake_counts.reports == 3 * n + 1
+    assert m_sig.intake.reports == 3 * n + 1
     assert delta(before, after, "taskmgr_runner_polls_total", host="ok.test", outcome="ok") == n_ok
     assert delta(before, after, "taskmgr_runner_polls_total", host="flaky.test", outcome="http_5xx") == 1
     assert delta(before, after, "taskmgr_runner_polls_total", host="flaky.test", outcome="ok") == 1
@@ -222,81 +193,3 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
 
 async def _ready(value: bool) -> bool:
     return value
-
-
-# -- the processes serve their own endpoints --------------------------------------------
-
-
-def process_env(settings: Settings, **extra: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKMGR_")}
-    env.update(
-        TASKMGR_DATABASE_URL=settings.database_url,
-        TASKMGR_AMQP_URL=settings.amqp_url,
-        TASKMGR_AMQP_PREFIX=settings.amqp_prefix,
-        TASKMGR_LOG_LEVEL="WARNING",
-        TASKMGR_HEARTBEAT_INTERVAL="0.3",
-    )
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    started: list[asyncio.subprocess.Process] = []
-    yield started
-    for p in started:
-        if p.returncode is None:
-            p.send_signal(signal.SIGTERM)
-    for p in started:
-        try:
-            await asyncio.wait_for(p.wait(), 15)
-        except TimeoutError:
-            p.kill()
-            await p.wait()
-
-
-async def test_manager_and_runner_processes_serve_metrics_on_their_port(
-    settings: Settings, processes: list[asyncio.subprocess.Process]
-) -> None:
-    m_port, r_port = free_port(), free_port()
-    for cmd, port in (("manager", m_port), ("runner", r_port)):
-        processes.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "taskmgr.cli",
-                cmd,
-                env=process_env(settings, TASKMGR_METRICS_PORT=port),
-                stdout=asyncio.subprocess.DEVNULL,
-            )
-        )
-
-    async def scraped(port: int, name: str) -> Samples | None:
-        try:
-            samples = await scrape(f"http://127.0.0.1:{port}/metrics")
-        except httpx.TransportError:
-            return None
-        return samples if val(samples, name) == 1 else None
-
-    # The manager leads; the runner says it polls nothing yet (and heartbeats: the
-    # leader handled at least one of its heartbeats).
-    manager = await wait_for(lambda: scraped(m_port, "taskmgr_leader"), timeout=30)
-    runner = await wait_for(lambda: _scrape_or_none(r_port), timeout=30)
-    assert ("taskmgr_dispatch_lateness_seconds_count", frozenset()) in manager
-    assert val(runner, "taskmgr_runner_active_pollers") == 0
-    assert ("taskmgr_runner_events_published_total", frozenset()) in runner
-    beats = await wait_for(lambda: _heartbeats(m_port), timeout=30)
-    assert beats >= 1
-
-
-async def _scrape_or_none(port: int) -> Samples | None:
-    try:
-        return await scrape(f"http://127.0.0.1:{port}/metrics")
-    except httpx.TransportError:
-        return None
-
-
-async def _heartbeats(port: int) -> float:
-    return val(
-        await scrape(f"http://127.0.0.1:{port}/metrics"), "taskmgr_progress_messages_total", kind="heartbeat"
-    )

@@ -257,6 +257,7 @@ async def test_cancel_while_started_reaches_the_runner_that_later_takes_the_orde
 
     from manager.app import TaskManager
     from runners import TaskRunner
+    from runners.signals import RunnerSignals
     from taskmgr.handlers import Registry
     from tests.helpers import drain
 
@@ -286,6 +287,7 @@ async def test_cancel_while_started_reaches_the_runner_that_later_takes_the_orde
         [order] = await drain(settings.amqp_url, held.start_queue("default"), expect=1)
     finally:
         await broker.delete_names(settings.amqp_url, held, pools=("default",))
+    sig = RunnerSignals()
     async with (
         TaskManager(settings=settings, engine=engine) as manager,
         TaskRunner(
@@ -293,6 +295,7 @@ async def test_cancel_while_started_reaches_the_runner_that_later_takes_the_orde
             registry=Registry.default(),
             runner_id="r-cancel",
             transport=httpx.MockTransport(api),
+            signals=sig,
         ) as runner,
     ):
         stop, rstop = asyncio.Event(), asyncio.Event()
@@ -300,20 +303,14 @@ async def test_cancel_while_started_reaches_the_runner_that_later_takes_the_orde
         rrun = asyncio.create_task(runner.run(rstop))
         try:
             await asyncio.wait_for(manager.is_leader.wait(), 10)
-            async with asyncio.timeout(10):
-                # Its second heartbeat: its control queue is bound by then.
-                while runner.counts["heartbeats"] < 2:
-                    await asyncio.sleep(0.02)
+            await sig.consuming.wait()  # its control queues are bound
             assert (await service.get_task(tid)).state is State.STARTED
             await service.cancel(tid, reason="no longer wanted")
-            async with asyncio.timeout(5):
-                while tid not in runner._ended:  # the Stop overtook the order
-                    await asyncio.sleep(0.02)
+            handled = await sig.stop_handled.wait(within_s=5)  # the Stop overtook the order
+            assert handled.task_id == tid and sig.stopped.count == 0
             await manager.publisher.publish_start("default", order, message_id="late")
-            async with asyncio.timeout(5):
-                while runner.counts["duplicate_orders"] < 1:
-                    await asyncio.sleep(0.02)
-            assert tid not in runner.active and calls == []
+            await sig.duplicate_order.wait(within_s=5)
+            assert sig.poller_started.count == 0 and calls == []
         finally:
             rstop.set()
             stop.set()

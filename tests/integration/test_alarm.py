@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from runners.runner import TaskRunner
+from runners.signals import RunnerSignals
 from taskmgr.broker import BrokerError, Publisher, Topology, delete_names
 from taskmgr.handlers import Registry
 from taskmgr.settings import Settings
@@ -165,13 +166,10 @@ async def test_a_runner_heartbeats_again_after_an_alarm_that_closed_its_connecti
     try:
         async with Publisher(url=node.url, topology=topo, name="manager") as manager:
             await manager.ensure_pool(settings.pool)  # the manager declares the topology
-            async with TaskRunner(settings=settings, registry=Registry.default()) as runner:
+            signals = RunnerSignals()
+            async with TaskRunner(settings=settings, registry=Registry.default(), signals=signals) as runner:
                 run = asyncio.create_task(runner.run(stop))
-
-                async def beats() -> int:
-                    return runner.counts["heartbeats"]
-
-                await wait_for(beats)
+                await signals.heartbeat_sent.wait()
                 prefix = f"runner-{runner.runner_id}"
                 await asyncio.to_thread(node.alarm, True)
                 try:
@@ -180,13 +178,9 @@ async def test_a_runner_heartbeats_again_after_an_alarm_that_closed_its_connecti
                     assert await asyncio.to_thread(node.close, prefix) == 2
                 finally:
                     await asyncio.to_thread(node.alarm, False)
-                before = runner.counts["heartbeats"]
-
-                async def beating_again() -> bool:
-                    return runner.counts["heartbeats"] > before + 2
-
+                before = signals.heartbeat_sent.count
                 # Before the fix: no heartbeat was ever confirmed again.
-                await wait_for(beating_again, timeout=RECONNECT_BOUND_S)
+                await signals.heartbeat_sent.wait(before + 3, within_s=RECONNECT_BOUND_S)
                 stop.set()
                 await asyncio.wait_for(run, 30)
     finally:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,17 +20,18 @@ import yaml
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager.app import TaskManager
+from manager.signals import ManagerSignals
 from runners import TaskRunner
+from runners.signals import RunnerSignals
 from task_types.feed import FeedConfig, start_feed
 from taskmgr import broker
 from taskmgr.broker import Publisher
 from taskmgr.handlers import Registry
 from taskmgr.messages import Event, encode
 from taskmgr.settings import Settings
-from tests.helpers import sports_registry, wait_for
+from tests.helpers import ROOT, sports_registry
 
 pytestmark = [pytest.mark.usefixtures("clean"), pytest.mark.timeout(90)]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -85,6 +85,8 @@ class Live:
     def __init__(self) -> None:
         self.manager: TaskManager | None = None
         self.runner: TaskRunner | None = None
+        self.manager_signals = ManagerSignals()
+        self.runner_signals = RunnerSignals()
         self.stops: dict[str, asyncio.Event] = {}
         self.runs: dict[str, asyncio.Task[None]] = {}
         self.feed_url = ""
@@ -106,14 +108,13 @@ async def live(
             stack.push_async_callback(running.close)
             registry = sports_registry(running.base_urls())
             out.feed_url = running.url
-        out.manager = await stack.enter_async_context(TaskManager(settings=settings, engine=engine))
+        out.manager = await stack.enter_async_context(
+            TaskManager(settings=settings, engine=engine, signals=out.manager_signals)
+        )
         procs: list[tuple[str, Any]] = [("manager", out.manager)]
         if runner:
             out.runner = await stack.enter_async_context(
-                TaskRunner(
-                    settings=settings,
-                    registry=registry,
-                )
+                TaskRunner(settings=settings, registry=registry, signals=out.runner_signals)
             )
             procs.append(("runner", out.runner))
         for name, proc in procs:
@@ -125,10 +126,6 @@ async def live(
         finally:
             for name in list(out.runs):
                 await out.stop(name)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # -- events tail ------------------------------------------------------------------------
@@ -271,17 +268,16 @@ async def test_check_passes_with_a_leader_and_a_heartbeating_runner_and_fails_wi
     engine: AsyncEngine, settings: Settings
 ) -> None:
     async with live(engine, settings, runner=True) as procs:
-        assert procs.manager is not None and procs.runner is not None
-        manager = procs.manager
-        await wait_for(lambda: _true(manager.intake_counts.heartbeats >= 1))
+        taken = procs.manager_signals
+        await taken.wait_for(lambda: taken.intake.heartbeats >= 1)
         ok = await cli(settings, "check", "-o", "json")
         assert ok.code == 0, ok
         assert checks(ok) == {"database": True, "leader": True, "runners": True, "broker": True}
 
         # The runner stops (its last heartbeat says so): no runner any more.
         await procs.stop("runner")
-        beats = procs.runner.counts["heartbeats"]
-        await wait_for(lambda: _true(manager.intake_counts.heartbeats >= beats))
+        beats = procs.runner_signals.heartbeat_sent.count
+        await taken.wait_for(lambda: taken.intake.heartbeats >= beats)
         none = await cli(settings, "check", "-o", "json")
         assert none.code == 1, none
         assert checks(none) == {"database": True, "leader": True, "runners": False, "broker": True}

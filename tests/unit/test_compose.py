@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
 URL = re.compile(r"^[a-z+]+://(?P<user>[^:@/]+):(?P<password>[^@]+)@")

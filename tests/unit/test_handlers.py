@@ -7,7 +7,6 @@ import copy
 import json
 import uuid
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,8 +18,8 @@ from task_types.period_score import PeriodScoreHandler
 from task_types.schedule import ScheduleHandler
 from task_types.stat_correction import StatCorrectionHandler
 from taskmgr.handlers import HandlerError, Outcome, ParseError, PollContext, Registry
+from tests.helpers import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 EPOCH = datetime(2026, 3, 1, 18, 0, tzinfo=UTC)
 TASK = uuid.UUID(int=1)
 

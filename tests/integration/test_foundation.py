@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import aio_pika
 import asyncpg
@@ -16,6 +17,7 @@ from taskmgr.errors import (
     AlreadyExists,
     IllegalTransition,
     InvalidInput,
+    MigrationsMissing,
     TaskNotFound,
     TaskTypeNotFound,
 )
@@ -65,6 +67,11 @@ async def test_task_events_is_a_hypertable(database_url: str) -> None:
     finally:
         await conn.close()
     assert [(d["column_name"], d["time_interval"]) for d in dims] == [("time", timedelta(days=1))]
+
+
+async def test_migrate_refuses_to_run_without_migrations(database_url: str, tmp_path: Path) -> None:
+    with pytest.raises(MigrationsMissing, match="no migrations"):
+        await migrate(database_url, sql_dirs=[tmp_path])
 
 
 async def test_task_type_lifecycle(service: TaskService) -> None:

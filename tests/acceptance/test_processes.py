@@ -1,5 +1,5 @@
 """Acceptance: the real `taskmgr` processes, configured only by environment variables,
-killed and stopped the hard way."""
+killed, frozen and stopped the hard way."""
 
 from __future__ import annotations
 
@@ -285,3 +285,76 @@ async def test_sigterm_hands_tasks_back_and_exits_within_10_s(
         assert any(e.state == State.RETRYING and e.detail.get("report") == "handback" for e in history)
         assert not any(e.detail.get("recovery") == "runner_dead" for e in history)
     assert r2.returncode is None
+
+
+async def test_a_standby_takes_over_a_frozen_leader_which_then_writes_nothing(
+    engine, service, settings: Settings, database_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Two manager processes; the leader is SIGSTOPped (its connections stay open, its
+    kernel answers TCP keepalives): the standby leads within lease + retry + the idle
+    transaction timeout. SIGCONT: the old leader finds its lease gone and stays a
+    standby; the tasks due afterwards are each started once."""
+    lease = 3.0
+    env = env_of(
+        settings,
+        "taskmgr_manager",
+        TASKMGR_LEADER_LEASE=lease,
+        TASKMGR_LEADER_RETRY=0.3,
+        TASKMGR_DATABASE_URL=as_role(database_url, "taskmgr_manager"),
+    )
+    await service.create_type({"name": "box", "handler": "noop"})
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "taskmgr.cli",
+            "manager",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+
+    async def leader_pid() -> int | None:
+        async with engine.connect() as conn:
+            name = await store.leader_name(conn)
+        return int(name.rsplit("-", 1)[1]) if name else None
+
+    try:
+        async with asyncio.timeout(30):
+            while (first := await leader_pid()) not in {p.pid for p in procs}:
+                await asyncio.sleep(0.1)
+        frozen = next(p for p in procs if p.pid == first)
+        frozen.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        async with asyncio.timeout(30):
+            while (second := await leader_pid()) in (first, None):
+                await asyncio.sleep(0.05)
+        handover_s = time.monotonic() - stopped_at
+        print(f"hand-over after SIGSTOP: {handover_s:.2f} s (lease {lease} s)")
+        assert handover_s < lease + 0.3 + 3.0 + 2.0, handover_s
+        frozen.send_signal(signal.SIGCONT)
+        ids = await schedule(service, "box", 20, due_at=datetime.now(UTC))
+        async with asyncio.timeout(30):
+            while [t for t in ids if (await service.get_task(t)).state is not State.STARTED]:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(lease)  # the woken one has had time to try
+        assert await leader_pid() == second, "the woken leader did not take the lease back"
+        assert frozen.returncode is None, "it lives on as a standby"
+        async with engine.connect() as conn:
+            doubles = (
+                await conn.execute(
+                    text(
+                        "select count(*) from (select task_id, attempt from task_events"
+                        " where state = 'STARTED' and applied group by 1, 2 having count(*) > 1) x"
+                    )
+                )
+            ).scalar_one()
+        assert doubles == 0
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+            await p.wait()
