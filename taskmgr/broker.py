@@ -300,11 +300,6 @@ class Publisher:
             )
         )
 
-    async def publish_event(
-        self, routing_key: str, body: bytes, *, message_id: str, headers: Mapping[str, Any]
-    ) -> None:
-        await self._publish(self._ex["events"], routing_key, body, message_id=message_id, headers=headers)
-
     async def publish_progress(self, body: bytes) -> None:
         await self._publish(self._ex["reports"], "", body)
 

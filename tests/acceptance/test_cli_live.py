@@ -192,8 +192,8 @@ async def test_events_tail_prints_the_events_its_pattern_binds(
             # The ones the pattern does not bind come first: had they reached the
             # queue, they would be printed first.
             for key, ev in events:
-                await pub.publish_event(
-                    key, encode(ev), message_id=str(ev.event_id), headers={"task_id": str(ev.task_id)}
+                await pub.publish_many(
+                    [("events", key, encode(ev), {"task_id": str(ev.task_id)}, str(ev.event_id))]
                 )
             out, _ = await asyncio.wait_for(proc.communicate(), 20)
         finally:

@@ -191,7 +191,7 @@ async def test_downstream_consumer_reads_events_only(settings: Settings, topolog
                 await got.put(m.body)
 
             await c.consume_events("live_game.#", on_event)
-            await pub.publish_event("live_game.game.final", b"{}", message_id="e1", headers={})
+            await pub.publish_many([("events", "live_game.game.final", b"{}", {}, "e1")])
             async with asyncio.timeout(5):
                 assert await got.get() == b"{}"
         conn = await aio_pika.connect(consumer_url)

@@ -129,7 +129,7 @@ async def test_a_downstream_consumer_binds_and_reads_its_own_queue_only(
 
         await c.consume_events("live_game.#", on_event)  # a server-named queue
         await c.consume_queue(f"{topology.prefix}.consumer.scores", on_event, durable=False, auto_delete=True)
-        await declared.publish_event("live_game.game.final", b"{}", message_id="e1", headers={})
+        await declared.publish_many([("events", "live_game.game.final", b"{}", {}, "e1")])
         async with asyncio.timeout(5):
             assert await got.get() == b"{}"
 
