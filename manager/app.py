@@ -28,7 +28,7 @@ from manager import metrics
 from manager.dispatch import DispatchCounts, Dispatcher
 from manager.intake import IntakeCounts, ProgressIntake
 from manager.leadership import Elector, FencedEngine, manager_server_settings
-from manager.recovery import Recovery, Retention
+from manager.recovery import EventRetention, Recovery, Retention
 from taskmgr import store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
 from taskmgr.db import make_engine
@@ -66,7 +66,8 @@ class TaskManager:
         self.engine = engine
         self.name = name or f"manager-{uuid.uuid4().hex[:8]}"
         self._clock = clock
-        self.topology = Topology(settings.amqp_prefix)
+        # With the events stream and the recorder's queue (declared with the rest).
+        self.topology = Topology.from_settings(settings)
         self.elector = Elector(engine=engine, lease_s=settings.leader_lease)
         # The leader's components write through the fence: a write after the lease is
         # lost is refused (manager/leadership.py).
@@ -81,6 +82,7 @@ class TaskManager:
         )
         self.recovery = Recovery(engine=fenced, settings=settings, clock=clock)
         self.retention = Retention(engine=fenced, settings=settings, clock=clock)
+        self.event_retention = EventRetention(engine=fenced, settings=settings, clock=clock)
         self.jobs: list[LeaderJob] = list(jobs(JobContext(self.service, fenced, clock))) if jobs else []
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -181,6 +183,7 @@ class TaskManager:
             **every,
         )
         s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
+        s.add_job(self._job(self.event_retention.run_once), "cron", hour=3, minute=27, **every)
         s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
         for job in self.jobs:
             when: dict[str, Any] = {"next_run_time": utcnow()} if job.at_start else {}

@@ -205,6 +205,9 @@ class Event(_Message):
     attempt: int
     observed_at: datetime
     data: dict[str, Any] = Field(default_factory=dict)
+    # The version of the JSON Schema of this kind's data (`<task_type>.<event>`): a kind
+    # whose data changes incompatibly gets a new version, and consumers see which.
+    version: int = Field(1, ge=1, le=INT32_MAX)
 
 
 def encode(message: BaseModel) -> bytes:
