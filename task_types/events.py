@@ -64,22 +64,30 @@ class PeriodEnded(GameRef):
 
 
 class PeriodLine(_Data):
+    """One period's line score (None: not played, or not in the box score)."""
+
     period: int = Field(ge=1)
     home: int | None
     away: int | None
 
 
 class GameFinal(GameRef):
+    """The box score says final: the final score and the line score of every period."""
+
     home_score: int | None
     away_score: int | None
     periods: list[PeriodLine]
 
 
 class GamePostponed(GameRef):
+    """The provider postponed the game: its task ends."""
+
     detail: str
 
 
 class GameCancelled(GameRef):
+    """The provider cancelled the game: its task ends."""
+
     detail: str
 
 
@@ -93,6 +101,8 @@ class PeriodScore(GameRef):
 
 
 class Score(_Data):
+    """A final score (None: the box score had none)."""
+
     home_score: int | None
     away_score: int | None
 

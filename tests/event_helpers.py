@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,3 +100,75 @@ async def running_recorder(settings: Settings, engine: AsyncEngine) -> AsyncIter
 async def stored_count(engine: AsyncEngine) -> tuple[int, int]:
     async with engine.connect() as conn:
         return await event_store.event_counts(conn)
+
+
+# -- a simulated day: the feed, a manager, two runners and the recorder in this process ---
+
+FAST_TYPES = {"poll_interval_s": 0.2, "request_timeout_s": 2.0}
+
+
+@dataclass
+class Day:
+    feed: Any  # task_types.feed.RunningFeed
+    service: Any  # taskmgr.service.TaskService
+    recorder: Recorder
+    manager: Any
+
+
+@contextlib.asynccontextmanager
+async def simulated_day(
+    engine: AsyncEngine, settings: Settings, config: Any, *, runners: int = 2
+) -> AsyncIterator[Day]:
+    """The feed playing `config`, a manager (which declares the events stream), runners
+    and a recorder; the day's schedule seeded."""
+    from manager.app import TaskManager
+    from runners import TaskRunner
+    from task_types.daily import DailySchedule
+    from task_types.feed import start_feed
+    from task_types.settings import SportsSettings
+    from taskmgr.service import TaskService
+    from tests.helpers import sports_registry
+
+    feed = await start_feed(config)
+    sports = SportsSettings(feed_url=feed.url, schedule_lead_s=0.0, leagues=LEAGUES)
+    service = TaskService(engine=engine)
+    for name in ("live_game", "period_score", "stat_correction", "schedule"):
+        await service.update_type(name, **FAST_TYPES)
+    stop = asyncio.Event()
+    registry = sports_registry(feed.base_urls())
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            manager = await stack.enter_async_context(TaskManager(settings=settings, engine=engine))
+            tasks.append(asyncio.create_task(manager.run(stop)))
+            await asyncio.wait_for(manager.is_leader.wait(), 15)
+            for _ in range(runners):
+                r = await stack.enter_async_context(TaskRunner(settings=settings, registry=registry))
+                tasks.append(asyncio.create_task(r.run(stop)))
+            recorder = Recorder(settings=settings, engine=engine)
+            tasks.append(asyncio.create_task(recorder.run(stop)))
+            await asyncio.wait_for(recorder.ready.wait(), 15)
+            providers = {p for p, _ in sports.league_list()}
+            await DailySchedule(service=service, settings=sports).run_once(feed.day.day)
+            assert providers
+            try:
+                yield Day(feed=feed, service=service, recorder=recorder, manager=manager)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await feed.close()
+
+
+LEAGUES = "nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl"
+
+
+async def games_done(engine: AsyncEngine) -> bool:
+    from taskmgr import store
+
+    async with engine.connect() as conn:
+        rows = await store.counts_by_type_and_state(conn)
+    games = sum(n for t, _, n in rows if t == "live_game")
+    # stat_correction checks come 10 minutes after a final: not waited for.
+    open_ = sum(n for t, s, n in rows if t in ("live_game", "period_score", "schedule") and not s.terminal)
+    return games > 0 and open_ == 0
