@@ -459,6 +459,17 @@ class Consumer:
         self._consumers.clear()
 
 
+async def queue_depth(url: str, queue: str) -> int:
+    """Messages ready in a queue (not for a stream, which reports none)."""
+    conn = await aio_pika.connect(url)
+    try:
+        channel = await conn.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+    finally:
+        await conn.close()
+
+
 async def delete_names(url: str, topology: Topology, pools: Sequence[str] = ()) -> None:
     """Delete a topology's exchanges and queues (tests)."""
     conn = await aio_pika.connect(url)

@@ -22,6 +22,8 @@ from taskmgr.queries import load
 from taskmgr.resources import sql_dir
 from taskmgr.store import Conn, StoreError
 
+# The history's tables (tests and benchmarks empty them).
+TABLES = "emitted_events, emitted_event_ids"
 # Rows a listing returns at most unless told otherwise.
 DEFAULT_LIMIT = 1000
 # Rows per page of a replay from the hypertable.

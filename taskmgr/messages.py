@@ -207,7 +207,7 @@ class Event(_Message):
     data: dict[str, Any] = Field(default_factory=dict)
     # The version of the JSON Schema of this kind's data (`<task_type>.<event>`): a kind
     # whose data changes incompatibly gets a new version, and consumers see which.
-    version: int = Field(1, ge=1, le=INT32_MAX)
+    version: int = Field(default=1, ge=1, le=INT32_MAX)
 
 
 def encode(message: BaseModel) -> bytes:
