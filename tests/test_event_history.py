@@ -283,3 +283,16 @@ async def _stream_length(url: str, stream: str) -> int:
 def test_encode_keeps_the_version() -> None:
     ev = make_event(1).model_copy(update={"version": 2})
     assert b'"version":2' in encode(ev)
+
+
+def test_compose_runs_a_recorder_as_the_managers_role_and_user() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "compose.yaml").read_text())
+    recorder = compose["services"]["recorder"]
+    assert recorder["command"] == ["recorder"]
+    env = recorder["environment"]
+    assert env["TASKMGR_DATABASE_URL"].startswith("postgresql+asyncpg://taskmgr_manager:${")
+    assert env["TASKMGR_AMQP_URL"].startswith("amqp://taskmgr_manager:${")
