@@ -28,6 +28,7 @@ from manager import metrics
 from manager.dispatch import DispatchCounts, Dispatcher
 from manager.intake import IntakeCounts, ProgressIntake
 from manager.leadership import Elector, FencedEngine, manager_server_settings
+from manager.lifecycle import LIFECYCLE_INTERVAL_S, LifecycleRelay
 from manager.recovery import EventRetention, Recovery, Retention
 from taskmgr import store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
@@ -83,6 +84,7 @@ class TaskManager:
         self.recovery = Recovery(engine=fenced, settings=settings, clock=clock)
         self.retention = Retention(engine=fenced, settings=settings, clock=clock)
         self.event_retention = EventRetention(engine=fenced, settings=settings, clock=clock)
+        self.lifecycle = LifecycleRelay(engine=fenced, publisher=self.publisher)
         self.jobs: list[LeaderJob] = list(jobs(JobContext(self.service, fenced, clock))) if jobs else []
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -184,6 +186,7 @@ class TaskManager:
         )
         s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
         s.add_job(self._job(self.event_retention.run_once), "cron", hour=3, minute=27, **every)
+        s.add_job(self._job(self.lifecycle.run_once), "interval", seconds=LIFECYCLE_INTERVAL_S, **every)
         s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
         for job in self.jobs:
             when: dict[str, Any] = {"next_run_time": utcnow()} if job.at_start else {}

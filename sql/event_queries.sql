@@ -54,3 +54,14 @@ select count(*) as events, count(distinct event_id) as ids from emitted_events;
 -- drop_old_emitted_events --
 -- Through a SECURITY DEFINER function (sql/0012): drop_chunks needs the table's owner.
 select taskmgr_drop_old_emitted_events(cast(:older_than as timestamptz));
+
+-- take_lifecycle --
+-- The oldest unpublished state changes, locked (another relay skips them) and deleted:
+-- the deletion commits only after the broker confirmed their events.
+with taken as (
+    select id from lifecycle_outbox order by id limit :limit for update skip locked
+), gone as (
+    delete from lifecycle_outbox o using taken where o.id = taken.id
+    returning o.id, o.seq, o.time, o.task_id, o.state, o.attempt, o.runner_id, o.source, o.detail
+)
+select g.*, t.type, t.root_id from gone g join tasks t on t.id = g.task_id order by g.id;

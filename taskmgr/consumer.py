@@ -54,7 +54,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from taskmgr.broker import BrokerError, Delivery, QueueReader, Topology
 from taskmgr.errors import InvalidInput
-from taskmgr.messages import BadMessage, Event, decode_event, event_kinds
+from taskmgr.messages import (
+    LIFECYCLE_TASK_TYPE,
+    BadMessage,
+    Event,
+    TaskLifecycle,
+    decode_event,
+    event_kinds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +121,8 @@ class EventModels:
         return cls(event_kinds())
 
     def get(self, routing_key: str, version: int) -> type[BaseModel] | None:
+        if routing_key.startswith(LIFECYCLE_TASK_TYPE + ".") and version == 1:
+            return TaskLifecycle  # task.<type>.<state>: every task type's
         return self._models.get(routing_key, {}).get(version)
 
     def kinds(self) -> dict[str, dict[int, type[BaseModel]]]:

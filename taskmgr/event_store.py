@@ -164,3 +164,45 @@ async def drop_old_emitted_events(conn: Conn, older_than: datetime) -> int:
     """Drop the history's chunks older than `older_than` (never newer than the owner's
     floor) and their ids; returns the chunks dropped."""
     return int((await _run(conn, "drop_old_emitted_events", {"older_than": older_than})).scalar_one())
+
+
+# -- task lifecycle events: the outbox (sql/0014) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class LifecycleChange:
+    """A state change waiting to be published as a lifecycle event."""
+
+    id: int
+    seq: int
+    time: datetime
+    task_id: uuid.UUID
+    root_id: uuid.UUID
+    type: str
+    state: str
+    attempt: int
+    runner_id: str | None
+    source: str
+    detail: dict[str, Any]
+
+
+async def take_lifecycle(conn: Conn, limit: int) -> list[LifecycleChange]:
+    """Up to `limit` unpublished state changes, oldest first, locked and deleted in the
+    caller's transaction: commit once their events are confirmed, roll back otherwise."""
+    rows = await _run(conn, "take_lifecycle", {"limit": limit})
+    return [
+        LifecycleChange(
+            id=r.id,
+            seq=r.seq,
+            time=r.time,
+            task_id=r.task_id,
+            root_id=r.root_id,
+            type=r.type,
+            state=r.state,
+            attempt=r.attempt,
+            runner_id=r.runner_id,
+            source=r.source,
+            detail=r.detail,
+        )
+        for r in rows
+    ]

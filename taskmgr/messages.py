@@ -210,6 +210,32 @@ class Event(_Message):
     version: int = Field(default=1, ge=1, le=INT32_MAX)
 
 
+# Task lifecycle events: the manager publishes each applied state change on the events
+# exchange as an Event with task_type "task" and event "<type>.<state>" (routing key
+# task.<type>.<state>, the state in lowercase), its id uuid5 of the task and the history
+# row's seq, so a repeat (a relay that crashed before its commit) has the same id.
+LIFECYCLE_TASK_TYPE = "task"
+LIFECYCLE_NAMESPACE = uuid.UUID("3c2f7d0e-5b1a-4e8e-9f57-0c5d2b8a7e41")
+LIFECYCLE_SCHEMA = "task.lifecycle"
+
+
+class TaskLifecycle(BaseModel):
+    """A task changed state (the data of a task.<type>.<state> event)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    state: Literal["SCHEDULED", "STARTED", "RUNNING", "RETRYING", "FINISHED", "FAILED", "CANCELLED"]
+    attempt: int = Field(ge=0)
+    source: str
+    runner_id: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+def lifecycle_event_id(task_id: uuid.UUID, seq: int) -> uuid.UUID:
+    return uuid.uuid5(LIFECYCLE_NAMESPACE, f"{task_id}|{seq}")
+
+
 def encode(message: BaseModel) -> bytes:
     return message.model_dump_json().encode()
 
@@ -278,7 +304,10 @@ def event_kinds() -> dict[str, dict[int, type[BaseModel]]]:
 
 
 def kind_schema_name(routing_key: str, version: int) -> str:
-    """The name of a kind's schema in the contract document: live_game.score.changed.v1."""
+    """The name of a kind's schema in the contract document: live_game.score.changed.v1
+    (every task.<type>.<state> lifecycle event: task.lifecycle.v1)."""
+    if routing_key.startswith(LIFECYCLE_TASK_TYPE + "."):
+        return f"{LIFECYCLE_SCHEMA}.v{version}"
     return f"{routing_key}.v{version}"
 
 
@@ -287,12 +316,27 @@ def _kind_schemas(schemas: dict[str, Any]) -> dict[str, dict[str, Any]]:
     type, event and version fixed and its data's schema. Adds the data models' schemas
     to `schemas`; returns the kinds' by name."""
     kinds: dict[str, dict[str, Any]] = {}
+    lifecycle = TaskLifecycle.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas["TaskLifecycle"] = lifecycle
+    kinds[kind_schema_name(LIFECYCLE_SCHEMA, 1)] = {
+        "title": "task.<type>.<state> v1",
+        "description": "A task changed state: published by the manager after the commit that made the "
+        "change, through an outbox; the routing key is task.<task type>.<state in lowercase>.",
+        "allOf": [{"$ref": "#/components/schemas/Event"}],
+        "properties": {
+            "task_type": {"const": LIFECYCLE_TASK_TYPE},
+            "event": {"type": "string", "pattern": r"^[a-z][a-z0-9_.-]*\.[a-z]+$"},
+            "version": {"const": 1},
+            "data": {"$ref": "#/components/schemas/TaskLifecycle"},
+        },
+        "required": ["task_type", "event", "version", "data"],
+    }
     for routing_key, versions in event_kinds().items():
         task_type, _, event = routing_key.partition(".")
         for version, model in sorted(versions.items()):
             data = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, sub in {**data.pop("$defs", {}), model.__name__: data}.items():
-                if name in CONTRACTS or schemas.get(name, sub) != sub:
+                if name in CONTRACTS or name == "TaskLifecycle" or schemas.get(name, sub) != sub:
                     raise ValueError(f"event data model {name} ({routing_key}) clashes with another schema")
                 schemas[name] = sub
             kinds[kind_schema_name(routing_key, version)] = {
