@@ -84,7 +84,7 @@ class TaskManager:
         self.recovery = Recovery(engine=fenced, settings=settings, clock=clock)
         self.retention = Retention(engine=fenced, settings=settings, clock=clock)
         self.event_retention = EventRetention(engine=fenced, settings=settings, clock=clock)
-        self.lifecycle = LifecycleRelay(engine=fenced, publisher=self.publisher)
+        self.lifecycle = LifecycleRelay(engine=fenced, url=settings.amqp_url, topology=self.topology)
         self.jobs: list[LeaderJob] = list(jobs(JobContext(self.service, fenced, clock))) if jobs else []
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -98,6 +98,7 @@ class TaskManager:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.lifecycle.close()
         await self.publisher.__aexit__(*exc)
 
     # -- the process ---------------------------------------------------------------

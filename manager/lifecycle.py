@@ -11,6 +11,7 @@ the task and the history row's seq), so consumers drop it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from taskmgr import event_store
-from taskmgr.broker import Publisher
+from taskmgr.broker import BrokerError, Publisher, Topology
 from taskmgr.event_store import LifecycleChange
 from taskmgr.messages import (
     LIFECYCLE_TASK_TYPE,
@@ -68,10 +69,46 @@ def lifecycle_event(change: LifecycleChange) -> Event:
 
 
 class LifecycleRelay:
-    def __init__(self, *, engine: AsyncEngine, publisher: Publisher, batch: int = LIFECYCLE_BATCH) -> None:
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        publisher: Publisher | None = None,
+        url: str = "",
+        topology: Topology | None = None,
+        batch: int = LIFECYCLE_BATCH,
+    ) -> None:
+        """publisher: one to use; otherwise the relay opens its own (on `url`, once the
+        manager declared `topology`), so a burst of lifecycle events never queues the
+        leader's start orders behind it on one channel."""
         self._engine = engine
         self._publisher = publisher
+        self._own = publisher is None
+        self._url = url
+        self._topology = topology
         self._batch = batch
+
+    async def _ready(self) -> Publisher:
+        if self._publisher is None:
+            assert self._topology is not None, "a publisher or a url and topology"
+            publisher = Publisher(
+                url=self._url, topology=self._topology, name="taskmgr-lifecycle", declare=False
+            )
+            await publisher.__aenter__()
+            self._publisher = publisher
+        return self._publisher
+
+    async def _reset(self) -> None:
+        """A failed publish: a relay's own publisher connects anew next time."""
+        if self._own:
+            with contextlib.suppress(Exception):
+                await self.close()
+            self._publisher = None
+
+    async def close(self) -> None:
+        if self._own and self._publisher is not None:
+            await self._publisher.__aexit__()
+            self._publisher = None
 
     async def run_once(self) -> int:
         """Publish what the outbox holds; returns the events confirmed."""
@@ -83,12 +120,17 @@ class LifecycleRelay:
                 return total
 
     async def _one_batch(self) -> int:
+        publisher = await self._ready()
         async with self._engine.begin() as conn:
             changes = await event_store.take_lifecycle(conn, self._batch)
             if changes:
                 # Inside the transaction: the rows are deleted only if every publish is
                 # confirmed; an exception rolls them back for the next run.
-                await self._publisher.publish_many(_items(changes))
+                try:
+                    await publisher.publish_many(_items(changes))
+                except BrokerError:
+                    await self._reset()
+                    raise
         if changes:
             PUBLISHED.inc(len(changes))
         return len(changes)
