@@ -27,7 +27,8 @@ from manager import metrics
 from manager.dispatch import Dispatcher
 from manager.intake import ProgressIntake
 from manager.leadership import Elector, FencedEngine, manager_server_settings
-from manager.recovery import Recovery, Retention
+from manager.lifecycle import LIFECYCLE_INTERVAL_S, LifecycleRelay
+from manager.recovery import EventRetention, Recovery, Retention
 from manager.signals import ManagerSignals
 from taskmgr import db, store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
@@ -67,7 +68,8 @@ class TaskManager:
         self.engine = engine
         self.name = name or f"manager-{uuid.uuid4().hex[:8]}"
         self._clock = clock
-        self.topology = Topology(settings.amqp_prefix)
+        # With the events stream and the recorder's queue (declared with the rest).
+        self.topology = Topology.from_settings(settings)
         self.elector = Elector(engine=engine, lease_s=settings.leader_lease)
         # The leader's components write through the fence: a write after the lease is
         # lost is refused (manager/leadership.py).
@@ -82,6 +84,8 @@ class TaskManager:
         )
         self.recovery = Recovery(engine=fenced, settings=settings, clock=clock)
         self.retention = Retention(engine=fenced, settings=settings, clock=clock)
+        self.event_retention = EventRetention(engine=fenced, settings=settings, clock=clock)
+        self.lifecycle = LifecycleRelay(engine=fenced, url=settings.amqp_url, topology=self.topology)
         self.jobs: list[LeaderJob] = list(jobs(JobContext(self.service, fenced, clock))) if jobs else []
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -93,6 +97,7 @@ class TaskManager:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.lifecycle.close()
         await self.publisher.__aexit__(*exc)
 
     # -- the process ---------------------------------------------------------------
@@ -181,6 +186,8 @@ class TaskManager:
             **every,
         )
         s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
+        s.add_job(self._job(self.event_retention.run_once), "cron", hour=3, minute=27, **every)
+        s.add_job(self._job(self.lifecycle.run_once), "interval", seconds=LIFECYCLE_INTERVAL_S, **every)
         s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
         for job in self.jobs:
             when: dict[str, Any] = {"next_run_time": utcnow()} if job.at_start else {}

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
-from taskmgr import store
+from taskmgr import event_store, store
 from taskmgr.models import ACTIVE, State, Transition
 from taskmgr.service import utcnow
 from taskmgr.settings import Settings
@@ -182,4 +182,25 @@ class Retention:
             dropped = await store.drop_chunks(conn, cutoff)
         if dropped:
             log.info("retention dropped %d task_events chunks older than %s", dropped, cutoff.isoformat())
+        return dropped
+
+
+class EventRetention:
+    """Drops the chunks of the emitted events' history (emitted_events) older than
+    TASKMGR_EVENT_RETENTION_DAYS, and their ids, daily, as Retention does for task_events
+    (through a SECURITY DEFINER function that never drops newer than the owner's floor)."""
+
+    def __init__(
+        self, *, engine: AsyncEngine, settings: Settings, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._clock = clock
+
+    async def run_once(self) -> int:
+        cutoff = self._clock() - timedelta(days=self._settings.event_retention_days)
+        async with self._engine.begin() as conn:
+            dropped = await event_store.drop_old_emitted_events(conn, cutoff)
+        if dropped:
+            log.info("retention dropped %d emitted_events chunks older than %s", dropped, cutoff.isoformat())
         return dropped

@@ -283,6 +283,7 @@ class Poller:
                     attempt=order.attempt,
                     observed_at=now,
                     data=dict(ev.data),
+                    version=ev.version,
                 )
             )
             headers = {

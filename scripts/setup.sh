@@ -114,15 +114,18 @@ create_database() {
 # declaring needs configure; queue.bind needs write on the queue and read on the
 # exchange; a queue declared with a dead-letter exchange needs write on it and read on
 # the queue; publishing needs write on the exchange; consuming needs read on the queue.
-#   manager:  declares the topology; publishes start orders (P.start), stops (P.control),
-#             dead letters (P.dlx); consumes P.progress. It may not publish reports.
+#   manager:  declares the topology (the events stream P.events.stream and the recorder's
+#             queue P.events.recorder with it); publishes start orders (P.start), stops
+#             (P.control), dead letters (P.dlx); consumes P.progress and, as the recorder,
+#             P.events.recorder. It may not publish reports.
 #   runner:   declares its pool's start queue and its own control queue (P.control.<id>);
 #             publishes reports (P.reports), events (P.events), dead letters; consumes
 #             its start and control queues. It may not publish start orders or stops.
 #   service:  an outside service: publishes to P.reports only.
 #   consumer: a downstream service: declares, binds (to P.events) and reads its own
 #             queues (server-named amq.gen-*, aio-pika's generated amq_<hex>, or
-#             P.consumer.*); it may publish nowhere.
+#             P.consumer.*), and reads (only) the events stream P.events.stream; it may
+#             publish nowhere.
 # Development passwords equal the user names; set TASKMGR_RABBIT_PASSWORD_<USER> to
 # choose others.
 rabbit_users() {

@@ -58,6 +58,8 @@ class EmittedEvent:
     name: str
     key: str
     data: Mapping[str, Any] = field(default_factory=dict)
+    # The version of this kind's data schema (Event.version); bump it on an incompatible change.
+    version: int = 1
 
     def event_id(self, task_id: uuid.UUID) -> uuid.UUID:
         return uuid.uuid5(EVENT_NAMESPACE, f"{task_id}|{self.name}|{self.key}")

@@ -219,6 +219,35 @@ class Event(_Message):
     attempt: int
     observed_at: datetime
     data: dict[str, Any] = Field(default_factory=dict)
+    # The version of the JSON Schema of this kind's data (`<task_type>.<event>`): a kind
+    # whose data changes incompatibly gets a new version, and consumers see which.
+    version: int = Field(default=1, ge=1, le=INT32_MAX)
+
+
+# Task lifecycle events: the manager publishes each applied state change on the events
+# exchange as an Event with task_type "task" and event "<type>.<state>" (routing key
+# task.<type>.<state>, the state in lowercase), its id uuid5 of the task and the history
+# row's seq, so a repeat (a relay that crashed before its commit) has the same id.
+LIFECYCLE_TASK_TYPE = "task"
+LIFECYCLE_NAMESPACE = uuid.UUID("3c2f7d0e-5b1a-4e8e-9f57-0c5d2b8a7e41")
+LIFECYCLE_SCHEMA = "task.lifecycle"
+
+
+class TaskLifecycle(BaseModel):
+    """A task changed state (the data of a task.<type>.<state> event)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    state: Literal["SCHEDULED", "STARTED", "RUNNING", "RETRYING", "FINISHED", "FAILED", "CANCELLED"]
+    attempt: int = Field(ge=0)
+    source: str
+    runner_id: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+def lifecycle_event_id(task_id: uuid.UUID, seq: int) -> uuid.UUID:
+    return uuid.uuid5(LIFECYCLE_NAMESPACE, f"{task_id}|{seq}")
 
 
 def encode(message: BaseModel) -> bytes:
@@ -278,6 +307,74 @@ CONTRACTS: dict[str, type[BaseModel]] = {
 }
 
 
+# Models of event data, by routing key and version: each entry point of this group names
+# a mapping "<task_type>.<event>" -> {version: pydantic model} (the sports kinds:
+# task_types.events.EVENT_KINDS). The consumer kit and the contract document read them.
+EVENT_KINDS_ENTRY_POINT_GROUP = "taskmgr.event_kinds"
+
+
+def event_kinds() -> dict[str, dict[int, type[BaseModel]]]:
+    """Every registered event kind's data models, by routing key and version."""
+    from importlib.metadata import entry_points
+
+    merged: dict[str, dict[int, type[BaseModel]]] = {}
+    for ep in sorted(entry_points(group=EVENT_KINDS_ENTRY_POINT_GROUP), key=lambda e: e.name):
+        for key, versions in ep.load().items():
+            merged.setdefault(key, {}).update(versions)
+    return dict(sorted(merged.items()))
+
+
+def kind_schema_name(routing_key: str, version: int) -> str:
+    """The name of a kind's schema in the contract document: live_game.score.changed.v1
+    (every task.<type>.<state> lifecycle event: task.lifecycle.v1)."""
+    if routing_key.startswith(LIFECYCLE_TASK_TYPE + "."):
+        return f"{LIFECYCLE_SCHEMA}.v{version}"
+    return f"{routing_key}.v{version}"
+
+
+def _kind_schemas(schemas: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One JSON Schema per event kind and version: the Event envelope with its task
+    type, event and version fixed and its data's schema. Adds the data models' schemas
+    to `schemas`; returns the kinds' by name."""
+    kinds: dict[str, dict[str, Any]] = {}
+    lifecycle = TaskLifecycle.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas["TaskLifecycle"] = lifecycle
+    kinds[kind_schema_name(LIFECYCLE_SCHEMA, 1)] = {
+        "title": "task.<type>.<state> v1",
+        "description": "A task changed state: published by the manager after the commit that made the "
+        "change, through an outbox; the routing key is task.<task type>.<state in lowercase>.",
+        "allOf": [{"$ref": "#/components/schemas/Event"}],
+        "properties": {
+            "task_type": {"const": LIFECYCLE_TASK_TYPE},
+            "event": {"type": "string", "pattern": r"^[a-z][a-z0-9_.-]*\.[a-z]+$"},
+            "version": {"const": 1},
+            "data": {"$ref": "#/components/schemas/TaskLifecycle"},
+        },
+        "required": ["task_type", "event", "version", "data"],
+    }
+    for routing_key, versions in event_kinds().items():
+        task_type, _, event = routing_key.partition(".")
+        for version, model in sorted(versions.items()):
+            data = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in {**data.pop("$defs", {}), model.__name__: data}.items():
+                if name in CONTRACTS or name == "TaskLifecycle" or schemas.get(name, sub) != sub:
+                    raise ValueError(f"event data model {name} ({routing_key}) clashes with another schema")
+                schemas[name] = sub
+            kinds[kind_schema_name(routing_key, version)] = {
+                "title": f"{routing_key} v{version}",
+                "description": " ".join((model.__doc__ or "").split("\n\n")[0].split()),
+                "allOf": [{"$ref": "#/components/schemas/Event"}],
+                "properties": {
+                    "task_type": {"const": task_type},
+                    "event": {"const": event},
+                    "version": {"const": version},
+                    "data": {"$ref": f"#/components/schemas/{model.__name__}"},
+                },
+                "required": ["task_type", "event", "version", "data"],
+            }
+    return kinds
+
+
 def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
     """The machine-readable contract (AsyncAPI 3.0) of every channel and message,
     generated from the models above. docs/asyncapi.yaml is this document; a test keeps
@@ -287,6 +384,8 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[name] = schema
+    kinds = _kind_schemas(schemas)
+    schemas.update(kinds)
 
     def msg(name: str, summary: str) -> dict[str, Any]:
         return {
@@ -295,6 +394,10 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
             "contentType": "application/json",
             "payload": {"$ref": f"#/components/schemas/{name}"},
         }
+
+    def event_messages() -> dict[str, Any]:  # fresh dicts for each channel: no YAML anchors
+        names = ["Event", *kinds]
+        return {name: {"$ref": f"#/components/messages/{name}"} for name in names}
 
     channels = {
         "start": {
@@ -311,8 +414,29 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
             "description": "Topic exchange; routing key `<task_type>.<event>` "
             "(e.g. live_game.score.changed). "
             "Headers repeat task_id, root_task_id, task_runner_id, event_id; message_id is "
-            "the event_id, stable across repeats.",
-            "messages": {"Event": {"$ref": "#/components/messages/Event"}},
+            "the event_id, stable across repeats. Two queues of the manager's topology are bound to it "
+            f"with '#': the stream {prefix}.events.stream (replay) and the durable queue "
+            f"{prefix}.events.recorder, which the recorder stores in the emitted_events hypertable, "
+            "once per event_id. A queue bound here sees only what is published while it is bound; "
+            "read the stream to see what was published before.",
+            "messages": event_messages(),
+        },
+        "eventsStream": {
+            "address": f"{prefix}.events.stream",
+            "description": "A RabbitMQ stream (x-queue-type: stream) of every event of the events "
+            "exchange, in publish order, kept for TASKMGR_EVENTS_STREAM_MAX_AGE (x-max-age, 7D) or up "
+            "to TASKMGR_EVENTS_STREAM_MAX_BYTES (x-max-length-bytes, 10 GiB), whichever is reached "
+            "first (whole segments are dropped). Read it with any AMQP 0-9-1 client: set a prefetch "
+            "(basic.qos; required), basic.consume without no-ack, and the consumer argument "
+            "x-stream-offset = 'first' | 'last' | 'next' (the default) | an offset (long) | a "
+            "timestamp (AMQP timestamp, seconds) | an interval string ('10m', '2h', '1D'); ack the "
+            "deliveries (acks only grant credit: a stream is not consumed by reading). Each delivery "
+            "carries its offset in the x-stream-offset header: a consumer resumes after a restart "
+            "from the offset it stored + 1. An event may appear more than once (two runners, a new "
+            "attempt): drop repeats by event_id (message_id). The taskmgr_consumer user may read "
+            "the stream and nothing more (no declare, delete, bind or publish). "
+            "taskmgr.consumer.EventStream does all of this.",
+            "messages": event_messages(),
         },
         "progress": {
             "address": f"{prefix}.progress",
@@ -346,12 +470,13 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
         "Heartbeat": "A runner is alive and holds these (task_id, attempt) pairs.",
         "ServiceReport": "An outside service's own state for a task.",
         "Stop": "Stop polling this task (cancelled, stale attempt).",
+        **{name: f"An event of kind {k['title']}." for name, k in kinds.items()},
     }
     return {
         "asyncapi": "3.0.0",
         "info": {
             "title": "taskmgr messages",
-            "version": "1.0.0",
+            "version": "1.1.0",
             "description": "RabbitMQ contracts between the Task Manager, TaskRunners and "
             "downstream services.",
         },
@@ -360,6 +485,7 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
         "operations": {
             "sendStart": {"action": "send", "channel": {"$ref": "#/channels/start"}},
             "publishEvents": {"action": "send", "channel": {"$ref": "#/channels/events"}},
+            "replayEvents": {"action": "receive", "channel": {"$ref": "#/channels/eventsStream"}},
             "reportProgress": {"action": "send", "channel": {"$ref": "#/channels/progress"}},
             "stopTask": {"action": "send", "channel": {"$ref": "#/channels/control"}},
         },

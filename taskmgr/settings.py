@@ -52,6 +52,18 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="bytes of an API response body read at most (decompressed)"
     )
 
+    # Events: the history (the recorder's hypertable) and the replayable stream.
+    event_retention_days: int = Field(30, ge=1, description="days of emitted events kept in the history")
+    events_stream_max_age: str = Field(
+        "7D",
+        pattern=r"^[1-9][0-9]*[YMDhms]$",
+        description="how long the events stream keeps events (RabbitMQ x-max-age: 7D, 12h, ...)",
+    )
+    events_stream_max_bytes: int = Field(
+        10 * 1024**3, ge=1024**2, description="bytes the events stream keeps at most (x-max-length-bytes)"
+    )
+    recorder_batch: int = Field(5000, ge=1, description="events stored per transaction by the recorder")
+
     # Observability.
     log_level: str = "INFO"
     log_format: str = "text"  # or json

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from bench import chaos, discovery, dispatch, footprint
+from bench import events as events_bench
 from bench import runner as runner_bench
 from taskmgr.cli.common import EXIT_FAILURE, BadInput, run, settings_of
 
@@ -71,6 +72,25 @@ _bench(
     "Idle RSS of a manager and a runner, and of a runner holding N pollers.",
     [
         click.Option(["--pollers"], type=int, default=10000, show_default=True),
+    ],
+)
+
+_bench(
+    "events",
+    events_bench.main,
+    "The event path: recorder throughput (dedup included), replay from the stream and from the "
+    "hypertable, lost and doubled events.",
+    [
+        click.Option(["--events"], type=click.IntRange(1, 100_000_000), default=200_000, show_default=True),
+        click.Option(
+            ["--duplicates"],
+            type=click.FloatRange(0, 1),
+            default=0.1,
+            show_default=True,
+            help="Copies of events published again, as a share of --events.",
+        ),
+        click.Option(["--recorders"], type=click.IntRange(1, 16), default=1, show_default=True),
+        click.Option(["--batch"], type=click.IntRange(1, 50_000), default=5000, show_default=True),
     ],
 )
 

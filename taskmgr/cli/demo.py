@@ -119,6 +119,8 @@ class Demo:
                 p.kill()
 
     def on_event(self, routing_key: str, body: bytes) -> None:
+        if routing_key.startswith("task."):
+            return  # task lifecycle events: the status line counts tasks by state
         ev = decode_event(body)
         if str(ev.event_id) in self.seen_ids:
             return  # a repeat (same observation polled twice): consumers drop it by id

@@ -1,0 +1,1 @@
+"""Example downstream services built on the consumer kit (taskmgr.consumer)."""

@@ -1,0 +1,135 @@
+"""Games in the event history: a game's events, its score by period, its events per
+minute. The sports side of the history (the engine's emitted_events knows no games; the
+game_key column comes from the events' data, task_types/sql/0013)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import TextClause
+from sqlalchemy import exc as sa_exc
+
+from task_types.providers import PROVIDERS
+from taskmgr.errors import InvalidInput, NotFound
+from taskmgr.event_store import DEFAULT_LIMIT, StoredEvent, event_from_row
+from taskmgr.queries import load
+from taskmgr.store import Conn, StoreError
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@cache
+def _queries() -> dict[str, TextClause]:
+    from importlib import resources
+
+    return load(resources.files("task_types") / "sql" / "game_queries.sql")
+
+
+async def _run(conn: Conn, name: str, params: dict[str, Any]) -> Any:
+    try:
+        return await conn.execute(_queries()[name], params)
+    except sa_exc.DBAPIError as exc:
+        raise StoreError(f"{name}: {exc.orig!r}") from exc
+
+
+class GameNotFound(NotFound):
+    pass
+
+
+def candidate_keys(game: str) -> list[str]:
+    """`provider:game_id` as given, or a bare game id under every provider. Raises
+    InvalidInput for an unknown provider or an empty id."""
+    provider, sep, game_id = game.partition(":")
+    if not sep:
+        if not game.strip():
+            raise InvalidInput("game", "give a game as <provider>:<game_id> (e.g. nba:0022400061) or its id")
+        return [f"{p}:{game}" for p in sorted(PROVIDERS)]
+    if provider not in PROVIDERS:
+        known = ", ".join(sorted(PROVIDERS))
+        raise InvalidInput("game", f"{game!r}: unknown provider {provider!r} (known: {known})")
+    if not game_id:
+        raise InvalidInput("game", f"{game!r}: no game id after the provider")
+    return [game]
+
+
+async def resolve_game(conn: Conn, game: str) -> str:
+    """The history's game key for `game` (`nba:0022400061`, or `0022400061` when only
+    one provider has that id)."""
+    keys = candidate_keys(game)
+    found = sorted(r.game_key for r in await _run(conn, "game_keys", {"keys": keys}))
+    if not found:
+        raise GameNotFound(f"no events of game {game!r} in the history (keys look like nba:0022400061)")
+    if len(found) > 1:
+        raise InvalidInput("game", f"{game!r} is ambiguous: {', '.join(found)}; give the provider")
+    return found[0]
+
+
+async def events_of_game(
+    conn: Conn,
+    game_key: str,
+    *,
+    since: datetime | None = None,
+    kinds: Sequence[str] = (),
+    limit: int = DEFAULT_LIMIT,
+) -> list[StoredEvent]:
+    params = {"key": game_key, "since": since or _EPOCH, "kinds": list(kinds), "limit": limit}
+    return [event_from_row(r) for r in await _run(conn, "game_events", params)]
+
+
+@dataclass(frozen=True)
+class Minute:
+    minute: datetime
+    events: int
+    score_changes: int
+
+
+async def minutes_of_game(conn: Conn, game_key: str) -> list[Minute]:
+    rows = await _run(conn, "game_minutes", {"key": game_key})
+    return [Minute(r.minute, int(r.events), int(r.score_changes)) for r in rows]
+
+
+@dataclass
+class GameSummary:
+    """What the history says of one game."""
+
+    game_key: str
+    teams: dict[str, str] = field(default_factory=dict)  # home, away
+    status: str = "scheduled"
+    score: dict[str, int | None] = field(default_factory=lambda: {"home": None, "away": None})
+    periods: dict[int, dict[str, int | None]] = field(default_factory=dict)
+    corrected: bool = False
+
+
+def summarize(game_key: str, events: Sequence[StoredEvent]) -> GameSummary:
+    """Status, score and line score by period, from the game's events in time order: the
+    final's periods when there is a final, the periods' ends before that; a stat
+    correction's score over the final's."""
+    s = GameSummary(game_key)
+    for e in events:
+        d = e.data
+        if "home_team" in d:
+            s.teams = {"home": d["home_team"], "away": d["away_team"]}
+        if e.kind == "game.started":
+            s.status = "live"
+        elif e.kind == "score.changed":
+            s.status = "live" if s.status == "scheduled" else s.status
+            s.score = {"home": d.get("home_score"), "away": d.get("away_score")}
+        elif e.kind in ("period.ended", "period.score") and d.get("home") is not None:
+            s.periods[int(d["period"])] = {"home": d.get("home"), "away": d.get("away")}
+        elif e.kind == "game.final":
+            s.status = "final"
+            s.score = {"home": d.get("home_score"), "away": d.get("away_score")}
+            for p in d.get("periods", []):
+                s.periods[int(p["period"])] = {"home": p.get("home"), "away": p.get("away")}
+        elif e.kind == "score.corrected":
+            after = d.get("after", {})
+            s.score = {"home": after.get("home_score"), "away": after.get("away_score")}
+            s.corrected = True
+        elif e.kind in ("game.postponed", "game.cancelled"):
+            s.status = e.kind.partition(".")[2]
+    s.periods = dict(sorted(s.periods.items()))
+    return s
