@@ -32,9 +32,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from taskmgr import event_store
-from taskmgr.broker import Delivery, Publisher, QueueReader, Topology, amqp_user
+from taskmgr.broker import Publisher, Topology, amqp_user
 from taskmgr.db import make_engine
 from taskmgr.messages import BadMessage, Event, decode_event
+from taskmgr.reader import Delivery, QueueReader
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)

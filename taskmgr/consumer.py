@@ -52,7 +52,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from taskmgr.broker import BrokerError, Delivery, QueueReader, Topology
+from taskmgr.broker import BrokerError, Topology
 from taskmgr.errors import InvalidInput
 from taskmgr.messages import (
     LIFECYCLE_TASK_TYPE,
@@ -62,6 +62,7 @@ from taskmgr.messages import (
     decode_event,
     event_kinds,
 )
+from taskmgr.reader import Delivery, QueueReader
 
 log = logging.getLogger(__name__)
 

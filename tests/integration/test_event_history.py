@@ -18,10 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager.recorder import Recorder
 from manager.recovery import EventRetention
 from taskmgr import event_store
-from taskmgr.broker import Publisher, QueueReader, Topology
+from taskmgr.broker import Publisher, Topology
 from taskmgr.db import make_engine
 from taskmgr.messages import Event, encode
 from taskmgr.migrate import asyncpg_dsn
+from taskmgr.reader import QueueReader
 from taskmgr.settings import Settings
 from tests.event_helpers import (
     make_event,
