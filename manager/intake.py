@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import asyncpg
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager import metrics
-from taskmgr import store
+from taskmgr import db, store
 from taskmgr.backoff import backoff_s
 from taskmgr.broker import BrokerError, Message, Publisher, ack_all, requeue_all
 from taskmgr.errors import InvalidInput, TaskTypeNotFound
@@ -87,36 +85,6 @@ class _Batch:
 
     def add(self, t: Transition) -> None:
         self.changes.add(t)
-
-
-def _transient(exc: BaseException) -> bool:
-    """A failure of the database or the connection, not of the message: the batch is
-    requeued whole rather than split (every part would fail the same way)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(
-            seen,
-            sa_exc.OperationalError
-            | sa_exc.InterfaceError
-            | sa_exc.TimeoutError
-            | asyncpg.PostgresConnectionError
-            | asyncpg.InterfaceError
-            | asyncpg.exceptions.OperatorInterventionError
-            | asyncpg.exceptions.InsufficientResourcesError
-            | asyncpg.exceptions.ConnectionDoesNotExistError
-            | OSError
-            | TimeoutError
-            | ConnectionError,
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _reason(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 class ProgressIntake:
@@ -215,10 +183,10 @@ class ProgressIntake:
         try:
             batch = await self.apply([msg for _, msg in items], part)
         except Exception as exc:
-            if _transient(exc):
+            if db.is_transient(exc):
                 raise
             if len(items) == 1:
-                reason = f"cannot be applied: {_reason(exc)}"
+                reason = f"cannot be applied: {db.root_reason(exc)}"
                 log.error("progress message dead-lettered: %s", reason)
                 await self._dead_letter(items[0][0].body, reason, counts)
                 return

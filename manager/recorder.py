@@ -26,12 +26,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import asyncpg
 from prometheus_client import Counter
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from taskmgr import event_store
+from taskmgr import db, event_store
 from taskmgr.broker import Publisher, Topology, amqp_user
 from taskmgr.db import make_engine
 from taskmgr.messages import BadMessage, Event, decode_event
@@ -66,34 +64,6 @@ class RecordCounts:
             setattr(self, name, getattr(self, name) + value)
 
 
-def _transient(exc: BaseException) -> bool:
-    """A failure of the database or of the connection, not of the events: the batch
-    goes back to the queue whole instead of being split."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(
-            seen,
-            sa_exc.OperationalError
-            | sa_exc.InterfaceError
-            | sa_exc.TimeoutError
-            | asyncpg.PostgresConnectionError
-            | asyncpg.InterfaceError
-            | asyncpg.exceptions.OperatorInterventionError
-            | asyncpg.exceptions.InsufficientResourcesError
-            | OSError
-            | TimeoutError,
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _reason(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}"[:500]
-
-
 class Recorder:
     def __init__(self, *, settings: Settings, engine: AsyncEngine, name: str = "taskmgr-recorder") -> None:
         self._settings = settings
@@ -114,7 +84,7 @@ class Recorder:
                 await self._consume(stop)
             except Exception as exc:
                 self.ready.clear()
-                log.warning("recorder: %s; connecting again in %.0f s", _reason(exc), RETRY_S)
+                log.warning("recorder: %s; connecting again in %.0f s", db.root_reason(exc), RETRY_S)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(RETRY_S):
                         await stop.wait()
@@ -175,10 +145,10 @@ class Recorder:
             async with self._engine.begin() as conn:
                 stored = await event_store.record_events(conn, [ev for _, ev in items])
         except Exception as exc:
-            if _transient(exc):
+            if db.is_transient(exc):
                 raise
             if len(items) == 1:
-                reason = f"cannot be stored: {_reason(exc)}"
+                reason = f"cannot be stored: {db.root_reason(exc)}"
                 await self._dead_letter(publisher, items[0][0], reason, counts)
                 return
             half = len(items) // 2

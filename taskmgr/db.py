@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 
 import asyncpg
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from taskmgr.store import CANCEL_CHANNEL, WAKEUP_CHANNEL
@@ -92,3 +93,34 @@ async def drop_and_create_database(database_url: str) -> None:
         await admin.execute(f'create database "{name}"')
     finally:
         await admin.close()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure of the database or of the connection, not of what was being written: a
+    batch goes back whole rather than being split (every part would fail the same way)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(
+            seen,
+            sa_exc.OperationalError
+            | sa_exc.InterfaceError
+            | sa_exc.TimeoutError
+            | asyncpg.PostgresConnectionError
+            | asyncpg.InterfaceError
+            | asyncpg.exceptions.OperatorInterventionError
+            | asyncpg.exceptions.InsufficientResourcesError
+            | asyncpg.exceptions.ConnectionDoesNotExistError
+            | OSError
+            | TimeoutError
+            | ConnectionError,
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def root_reason(exc: BaseException) -> str:
+    """The innermost cause, as 'Type: message', cut to 500 characters."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"[:500]
