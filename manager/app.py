@@ -28,7 +28,7 @@ from manager.dispatch import Dispatcher
 from manager.intake import ProgressIntake
 from manager.leadership import Elector, FencedEngine, manager_server_settings
 from manager.lifecycle import LIFECYCLE_INTERVAL_S, LifecycleRelay
-from manager.recovery import EventRetention, Recovery, Retention
+from manager.recovery import Recovery, Retention
 from manager.signals import ManagerSignals
 from taskmgr import db, store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
@@ -83,8 +83,8 @@ class TaskManager:
             engine=fenced, publisher=self.publisher, settings=settings, clock=clock, service=self.service
         )
         self.recovery = Recovery(engine=fenced, settings=settings, clock=clock)
-        self.retention = Retention(engine=fenced, settings=settings, clock=clock)
-        self.event_retention = EventRetention(engine=fenced, settings=settings, clock=clock)
+        self.retention = Retention.of_task_events(engine=fenced, settings=settings, clock=clock)
+        self.event_retention = Retention.of_emitted_events(engine=fenced, settings=settings, clock=clock)
         self.lifecycle = LifecycleRelay(engine=fenced, url=settings.amqp_url, topology=self.topology)
         self.jobs: list[LeaderJob] = list(jobs(JobContext(self.service, fenced, clock))) if jobs else []
         self.is_leader = asyncio.Event()

@@ -4,11 +4,12 @@ stopped, start orders nobody took, and the outbox. Also retention."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager import metrics
 from taskmgr import event_store, store
@@ -166,41 +167,47 @@ class Recovery:
 
 
 class Retention:
-    """Drops task_events chunks older than TASKMGR_RETENTION_DAYS (the Apache edition
-    of TimescaleDB has no retention policies, so the manager does it daily)."""
+    """Drops a history hypertable's chunks older than its retention, daily (the Apache
+    edition of TimescaleDB has no retention policies, so the manager does it), through a
+    SECURITY DEFINER function that never drops newer than the owner's floor."""
 
     def __init__(
-        self, *, engine: AsyncEngine, settings: Settings, clock: Callable[[], datetime] = utcnow
+        self,
+        *,
+        engine: AsyncEngine,
+        table: str,
+        days: int,
+        drop: Callable[[AsyncConnection, datetime], Awaitable[int]],
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._engine = engine
-        self._settings = settings
+        self._table = table
+        self._days = days
+        self._drop = drop
         self._clock = clock
 
-    async def run_once(self) -> int:
-        cutoff = self._clock() - timedelta(days=self._settings.retention_days)
-        async with self._engine.begin() as conn:
-            dropped = await store.drop_chunks(conn, cutoff)
-        if dropped:
-            log.info("retention dropped %d task_events chunks older than %s", dropped, cutoff.isoformat())
-        return dropped
+    @classmethod
+    def of_task_events(cls, *, engine: AsyncEngine, settings: Settings, **kw: Any) -> Retention:
+        """task_events, kept TASKMGR_RETENTION_DAYS."""
+        return cls(
+            engine=engine, table="task_events", days=settings.retention_days, drop=store.drop_chunks, **kw
+        )
 
-
-class EventRetention:
-    """Drops the chunks of the emitted events' history (emitted_events) older than
-    TASKMGR_EVENT_RETENTION_DAYS, and their ids, daily, as Retention does for task_events
-    (through a SECURITY DEFINER function that never drops newer than the owner's floor)."""
-
-    def __init__(
-        self, *, engine: AsyncEngine, settings: Settings, clock: Callable[[], datetime] = utcnow
-    ) -> None:
-        self._engine = engine
-        self._settings = settings
-        self._clock = clock
+    @classmethod
+    def of_emitted_events(cls, *, engine: AsyncEngine, settings: Settings, **kw: Any) -> Retention:
+        """The emitted events' history and their ids, kept TASKMGR_EVENT_RETENTION_DAYS."""
+        return cls(
+            engine=engine,
+            table="emitted_events",
+            days=settings.event_retention_days,
+            drop=event_store.drop_old_emitted_events,
+            **kw,
+        )
 
     async def run_once(self) -> int:
-        cutoff = self._clock() - timedelta(days=self._settings.event_retention_days)
+        cutoff = self._clock() - timedelta(days=self._days)
         async with self._engine.begin() as conn:
-            dropped = await event_store.drop_old_emitted_events(conn, cutoff)
+            dropped = await self._drop(conn, cutoff)
         if dropped:
-            log.info("retention dropped %d emitted_events chunks older than %s", dropped, cutoff.isoformat())
+            log.info("retention dropped %d %s chunks older than %s", dropped, self._table, cutoff.isoformat())
         return dropped

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager.recorder import Recorder
-from manager.recovery import EventRetention
+from manager.recovery import Retention
 from taskmgr import event_store
 from taskmgr.broker import Publisher, Topology
 from taskmgr.db import make_engine
@@ -241,7 +241,7 @@ async def test_retention_drops_old_chunks_and_their_ids_never_past_the_floor(
     try:
         # Asked to keep 1 day, it still keeps the owner's floor (30 days).
         ask = settings.model_copy(update={"event_retention_days": 1})
-        assert await EventRetention(engine=manager_engine, settings=ask).run_once() == 1
+        assert await Retention.of_emitted_events(engine=manager_engine, settings=ask).run_once() == 1
     finally:
         await manager_engine.dispose()
     async with engine.connect() as conn:

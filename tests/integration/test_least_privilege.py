@@ -171,7 +171,7 @@ async def test_manager_role_runs_retention_through_the_function(
         )
     manager_engine = make_engine(as_role(database_url, "taskmgr_manager"))
     try:
-        assert await Retention(engine=manager_engine, settings=settings).run_once() == 1
+        assert await Retention.of_task_events(engine=manager_engine, settings=settings).run_once() == 1
         async with manager_engine.connect() as conn:
             with pytest.raises(Exception, match="must be owner"):
                 await conn.execute(text("select drop_chunks('task_events', older_than => now())"))

@@ -772,7 +772,7 @@ async def test_retention_drops_old_chunks_only(engine, service, settings, poll_t
             ),
             {"t": tid},
         )
-    dropped = await Retention(
+    dropped = await Retention.of_task_events(
         engine=engine, settings=settings.model_copy(update={"retention_days": 30})
     ).run_once()
     assert dropped == 2
