@@ -3,10 +3,12 @@ as `task.<type>.<state>` after the commit that made it, through an outbox (sql/0
 
 The outbox rows are written by a trigger on task_events in the transaction of the change
 itself, so no code path can change a task without its event, and a rollback leaves none.
-The leader takes a batch (locked, skip locked), publishes it with confirms, and deletes it
-in the same transaction only once every event is confirmed: a failed publish or a crash
-rolls the batch back and it is published again. A repeat has the same event id (uuid5 of
-the task and the history row's seq), so consumers drop it.
+The leader reads a batch, publishes it with confirms, and deletes it in a second short
+transaction once every event is confirmed: no transaction stays open while the broker
+confirms (a slow broker, a memory alarm, would otherwise outlast the leader's idle-in-
+transaction timeout and roll the batch back, again and again). A failed publish or a
+crash between the two leaves the rows, and they are published again: a repeat has the
+same event id (uuid5 of the task and the history row's seq), so consumers drop it.
 """
 
 from __future__ import annotations
@@ -123,16 +125,18 @@ class LifecycleRelay:
         publisher = await self._ready()
         async with self._engine.begin() as conn:
             changes = await event_store.take_lifecycle(conn, self._batch)
-            if changes:
-                # Inside the transaction: the rows are deleted only if every publish is
-                # confirmed; an exception rolls them back for the next run.
-                try:
-                    await publisher.publish_many(_items(changes))
-                except BrokerError:
-                    await self._reset()
-                    raise
-        if changes:
-            PUBLISHED.inc(len(changes))
+        if not changes:
+            return 0
+        # No transaction is open while the broker confirms; the rows are deleted only
+        # once every event is confirmed, so a failure leaves them for the next run.
+        try:
+            await publisher.publish_many(_items(changes))
+        except BrokerError:
+            await self._reset()
+            raise
+        async with self._engine.begin() as conn:
+            await event_store.delete_lifecycle(conn, [c.id for c in changes])
+        PUBLISHED.inc(len(changes))
         return len(changes)
 
 

@@ -56,12 +56,15 @@ select count(*) as events, count(distinct event_id) as ids from emitted_events;
 select taskmgr_drop_old_emitted_events(cast(:older_than as timestamptz));
 
 -- take_lifecycle --
--- The oldest unpublished state changes, locked (another relay skips them) and deleted:
--- the deletion commits only after the broker confirmed their events.
-with taken as (
-    select id from lifecycle_outbox order by id limit :limit for update skip locked
-), gone as (
-    delete from lifecycle_outbox o using taken where o.id = taken.id
-    returning o.id, o.seq, o.time, o.task_id, o.state, o.attempt, o.runner_id, o.source, o.detail
-)
-select g.*, t.type, t.root_id from gone g join tasks t on t.id = g.task_id order by g.id;
+-- The oldest unpublished state changes, read without a lock: the relay publishes them,
+-- then deletes them (delete_lifecycle) once the broker confirmed every one. No
+-- transaction stays open while it waits for the confirms; a crash or a failed publish
+-- in between leaves the rows to be published again (repeats carry the same event id).
+select o.id, o.seq, o.time, o.task_id, o.state, o.attempt, o.runner_id, o.source, o.detail,
+       t.type, t.root_id
+from (select * from lifecycle_outbox order by id limit :limit) o
+join tasks t on t.id = o.task_id
+order by o.id;
+
+-- delete_lifecycle --
+delete from lifecycle_outbox where id = any(:ids);

@@ -187,8 +187,8 @@ class LifecycleChange:
 
 
 async def take_lifecycle(conn: Conn, limit: int) -> list[LifecycleChange]:
-    """Up to `limit` unpublished state changes, oldest first, locked and deleted in the
-    caller's transaction: commit once their events are confirmed, roll back otherwise."""
+    """Up to `limit` unpublished state changes, oldest first. Nothing is locked or
+    deleted: the relay deletes them (delete_lifecycle) once their events are confirmed."""
     rows = await _run(conn, "take_lifecycle", {"limit": limit})
     return [
         LifecycleChange(
@@ -206,3 +206,8 @@ async def take_lifecycle(conn: Conn, limit: int) -> list[LifecycleChange]:
         )
         for r in rows
     ]
+
+
+async def delete_lifecycle(conn: Conn, ids: Sequence[int]) -> None:
+    """Forget the outbox rows whose events the broker confirmed."""
+    await _run(conn, "delete_lifecycle", {"ids": list(ids)})

@@ -21,6 +21,7 @@ from manager.app import TaskManager
 from manager.lifecycle import LifecycleRelay
 from taskmgr.broker import BrokerError, Publisher, Topology
 from taskmgr.consumer import EventStream, Received
+from taskmgr.db import make_engine
 from taskmgr.messages import TaskLifecycle, encode, kind_schema_name
 from taskmgr.service import NewTask, TaskService
 from taskmgr.settings import Settings
@@ -134,6 +135,39 @@ async def test_a_failed_publish_loses_nothing_and_a_repeat_has_the_same_id(
     got = await lifecycle(settings, 2 if after_confirm else 1)
     assert {r.event.task_id for r in got} == {a}
     assert len({r.event_id for r in got}) == 1  # the repeat is marked by its id
+
+
+class Slow:
+    """A publisher whose broker takes `delay_s` to confirm (a loaded broker, an alarm)."""
+
+    def __init__(self, real: Publisher, delay_s: float) -> None:
+        self.real = real
+        self.delay_s = delay_s
+
+    async def publish_many(
+        self, items: Sequence[tuple[str, str, bytes, Mapping[str, Any] | None, str]]
+    ) -> None:
+        await asyncio.sleep(self.delay_s)
+        await self.real.publish_many(items)
+
+
+async def test_a_confirm_slower_than_the_idle_transaction_limit_is_published_once(
+    settings: Settings, database_url: str, service: TaskService, events_publisher: Publisher
+) -> None:
+    """The leader's connections end a transaction left idle past a limit. A relay that
+    held its transaction open while the broker confirmed lost it whenever the confirms
+    were slower than that: the batch rolled back and was published again at every run,
+    never deleted. The relay holds no transaction during the publish."""
+    limit = {"idle_in_transaction_session_timeout": "300"}
+    idle = make_engine(database_url, name="taskmgr-tests-idle", server_settings=limit)
+    try:
+        [a] = await schedule(service, "box", 1)
+        relay = LifecycleRelay(engine=idle, publisher=Slow(events_publisher, 0.8))  # type: ignore[arg-type]
+        assert await relay.run_once() == 1
+        assert await outbox(idle) == 0
+    finally:
+        await idle.dispose()
+    assert [r.event.task_id for r in await lifecycle(settings, 1)] == [a]
 
 
 async def test_the_leader_publishes_them_and_the_recorder_stores_them(
