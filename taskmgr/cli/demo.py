@@ -1,5 +1,7 @@
 """The live demo: the simulated feed, a manager, two runners and a day of games, with
-the events printed as they arrive and a summary at the end.
+the events printed as they arrive and a summary at the end. A recorder stores every event
+once in the history; the summary counts the events stored against the distinct events the
+demo saw on the exchange (equal, every run).
 
 It works in its own database (taskmgr_demo, made anew each run) and its own RabbitMQ
 names (prefix taskmgr_demo), so it never touches a real installation's data.
@@ -27,7 +29,7 @@ from rich.table import Table
 from task_types.daily import DailySchedule
 from task_types.feed import feed_day
 from task_types.settings import SportsSettings
-from taskmgr import store
+from taskmgr import event_store, store
 from taskmgr.broker import Consumer, Topology
 from taskmgr.db import make_engine, with_database
 from taskmgr.messages import decode_event
@@ -79,6 +81,9 @@ class Demo:
         self.events: Counter[str] = Counter()
         self.finals: dict[str, dict[str, Any]] = {}
         self.seen_ids: set[str] = set()
+        self.emitted: set[str] = set()  # every distinct event id on the exchange, lifecycle too
+        self.stored = 0  # rows in the history
+        self.doubled = 0  # rows beyond the first of an id (0 unless dedup failed)
 
     def env(self) -> dict[str, str]:
         s = self.settings
@@ -119,9 +124,10 @@ class Demo:
                 p.kill()
 
     def on_event(self, routing_key: str, body: bytes) -> None:
+        ev = decode_event(body)
+        self.emitted.add(str(ev.event_id))
         if routing_key.startswith("task."):
             return  # task lifecycle events: the status line counts tasks by state
-        ev = decode_event(body)
         if str(ev.event_id) in self.seen_ids:
             return  # a repeat (same observation polled twice): consumers drop it by id
         self.seen_ids.add(str(ev.event_id))
@@ -157,6 +163,7 @@ class Demo:
         await service.update_type("live_game", poll_interval_s=1.0)
         await service.update_type("period_score", poll_interval_s=1.0)
         await self.start("manager", "manager")
+        await self.start("recorder", "recorder")
         await self.start("runner-1", "runner", "--pool", "default")
         await self.start("runner-2", "runner", "--pool", "default")
         if not self.sports.provider_urls:
@@ -220,6 +227,7 @@ class Demo:
                     if await self.all_games_done(engine):
                         result = 0
                         break
+                await self.settle(engine)
         except KeyboardInterrupt:
             pass
         finally:
@@ -227,6 +235,21 @@ class Demo:
         await self.summary(engine, service, time.monotonic() - started)
         await engine.dispose()
         return result
+
+    async def settle(self, engine: Any, timeout_s: float = 20.0) -> None:
+        """Wait until the recorder stored every event the demo saw and nothing new came
+        for a second (the last lifecycle events follow the last state changes)."""
+        deadline = time.monotonic() + timeout_s
+        last = (-1, -1)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            async with engine.connect() as conn:
+                self.stored, ids = await event_store.event_counts(conn)
+            self.doubled = self.stored - ids
+            now = (len(self.emitted), self.stored)
+            if now == last and self.stored == len(self.emitted):
+                return
+            last = now
 
     async def all_games_done(self, engine: Any) -> bool:
         """Every game, period-score and schedule task has ended (stat corrections are
@@ -262,6 +285,11 @@ class Demo:
         for k, n in sorted(self.events.items()):
             ev.add_row(k, str(n))
         console.print(ev)
+        console.print(
+            f"events: {len(self.emitted)} distinct emitted (game and lifecycle), {self.stored} stored "
+            f"by the recorder, {self.doubled} stored twice "
+            f"({'equal' if self.stored == len(self.emitted) and not self.doubled else 'NOT EQUAL'})"
+        )
         if lateness:
             q = statistics.quantiles(lateness, n=100) if len(lateness) > 1 else [lateness[0]] * 99
             console.print(
@@ -273,7 +301,13 @@ class Demo:
             f"TASKMGR_DATABASE_URL={self.settings.database_url} taskmgr tasks list"
         )
         # One line of JSON for scripts: never wrapped.
-        totals = {"games_final": len(self.finals), "events": dict(self.events)}
+        totals = {
+            "games_final": len(self.finals),
+            "events": dict(self.events),
+            "events_emitted": len(self.emitted),
+            "events_stored": self.stored,
+            "events_stored_twice": self.doubled,
+        }
         console.print(json.dumps(totals), soft_wrap=True)
 
 

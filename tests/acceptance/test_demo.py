@@ -55,3 +55,6 @@ def test_demo_runs_to_its_summary(settings: Settings) -> None:
     totals = json.loads(out.strip().splitlines()[-1])
     assert totals["games_final"] == 4
     assert totals["events"]["game.final"] == 4 and totals["events"]["game.started"] == 4
+    # Every event on the exchange (game and lifecycle) stored once by the recorder.
+    assert totals["events_stored"] == totals["events_emitted"] > 100
+    assert totals["events_stored_twice"] == 0
