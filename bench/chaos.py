@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from bench.chaos_checks import event_invariants, store_invariants
+from bench.chaos_checks import event_invariants, recorder_invariants, store_invariants
 from task_types.daily import DailySchedule
 from task_types.feed import feed_day
 from task_types.settings import SportsSettings
@@ -412,6 +412,7 @@ class Harness:
             await self.spawn("manager", "manager", role="taskmgr_manager")
         for _ in range(RUNNERS):
             await self.spawn("runner", "runner", role="taskmgr_runner")
+        await self.spawn("recorder", "recorder", role="taskmgr_manager")
         schedule = [k for k in self.kinds for _ in range(max(1, round(2 * self.minutes)))]
         self.rng.shuffle(schedule)
         gap = window / (len(schedule) + 1)
@@ -446,7 +447,7 @@ class Harness:
                 died = [
                     n
                     for n, p in self.procs.items()
-                    if n.split("-")[0] in ("runner", "manager")
+                    if n.split("-")[0] in ("runner", "manager", "recorder")
                     and n not in self.killed
                     and p.returncode is not None
                 ]
@@ -566,6 +567,7 @@ class Harness:
         }
         inv.update(event_invariants(self.events, truth, self.reversed))
         inv.update(await store_invariants(engine))
+        inv.update(await recorder_invariants(engine, self.events))
         counts = await service.counts_by_state()
         ok = all(v["ok"] for v in inv.values())
         return {

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import text
@@ -117,3 +119,36 @@ async def store_invariants(engine: AsyncEngine) -> dict[str, dict[str, Any]]:
     inv["every game task FINISHED"] = {"ok": unfinished == 0, "unfinished": unfinished}
     inv["no attempt started twice"] = {"ok": double == 0, "doubles": double}
     return inv
+
+
+async def recorder_invariants(
+    engine: AsyncEngine, events: Sequence[tuple[str, Event]], settle_s: float = 30.0
+) -> dict[str, dict[str, Any]]:
+    """Every distinct event the harness saw on the exchange (game and lifecycle) is
+    stored by the recorder, and each once. Waits (up to `settle_s`) for the recorder
+    to catch up: the last lifecycle events follow the last state changes."""
+    seen = {str(ev.event_id) for _, ev in events}
+    stored: set[str] = set()
+    rows = 0
+    deadline = time.monotonic() + settle_s
+    while True:
+        async with engine.connect() as conn:
+            result = await conn.execute(text("select event_id::text from emitted_events"))
+            ids = [r[0] for r in result]
+        rows, stored = len(ids), set(ids)
+        if seen <= stored or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1.0)
+    missing, unseen = seen - stored, stored - seen
+    return {
+        "every event emitted is stored once": {
+            "ok": not missing and rows == len(stored),
+            "emitted": len(seen),
+            "stored": len(stored),
+            "stored_twice": rows - len(stored),
+            "missing": sorted(missing)[:5],
+            # Published while the harness's own queue was being restored after a broker
+            # restart: the recorder's durable queue kept them, the harness's did not.
+            "stored_not_seen_by_the_harness": len(unseen),
+        }
+    }
