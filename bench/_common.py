@@ -95,6 +95,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def services_cpu() -> dict[str, dict[int, float]]:
+    """CPU seconds of every PostgreSQL and RabbitMQ (beam.smp) process now, by pid: two
+    snapshots give what the services spent in between (a pid new in the second counts
+    whole)."""
+    out: dict[str, dict[int, float]] = {"postgres": {}, "rabbitmq": {}}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+            kind = "postgres" if comm == "postgres" else "rabbitmq" if comm == "beam.smp" else None
+            if kind:
+                out[kind][int(entry)] = cpu_seconds(int(entry))
+        except OSError:
+            continue  # gone meanwhile
+    return out
+
+
+def services_cpu_spent(before: dict[str, dict[int, float]]) -> dict[str, float]:
+    """CPU seconds each service spent since `before` (a services_cpu() snapshot)."""
+    now = services_cpu()
+    return {
+        kind: round(sum(cpu - before[kind].get(pid, 0.0) for pid, cpu in pids.items()), 2)
+        for kind, pids in now.items()
+    }
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

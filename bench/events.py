@@ -37,7 +37,17 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench._common import Procs, child_env, fresh_database, log, machine, new_prefix
+from bench._common import (
+    Procs,
+    child_env,
+    cpu_seconds,
+    fresh_database,
+    log,
+    machine,
+    new_prefix,
+    services_cpu,
+    services_cpu_spent,
+)
 from taskmgr import broker, event_store
 from taskmgr.broker import Publisher, Topology
 from taskmgr.consumer import EventModels, EventStream
@@ -177,8 +187,8 @@ async def main(
         # 2. The recorders drain the queue.
         env = child_env(bench, url, prefix, TASKMGR_RECORDER_BATCH=batch)
         started = time.perf_counter()
-        for _ in range(recorders):
-            procs.start(["-m", "taskmgr.cli", "recorder"], env)
+        services_before = services_cpu()
+        children = [procs.start(["-m", "taskmgr.cli", "recorder"], env) for _ in range(recorders)]
         first = None
         stored = 0
         deadline = started + max(120.0, events / 1000)
@@ -188,6 +198,8 @@ async def main(
                 first = time.perf_counter()
             await asyncio.sleep(0.05)
         done = time.perf_counter()
+        cpu = {"recorders": round(sum(cpu_seconds(p.pid) for p in children), 2)}
+        cpu.update(services_cpu_spent(services_before))
         # Let the last acks land, then the queue must be empty.
         await asyncio.sleep(1.0)
         depth = await broker.queue_depth(bench.amqp_url, topo.events_recorder)
@@ -203,6 +215,12 @@ async def main(
             "seconds_from_process_start": round(done - started, 2),
             "queue_left": depth,
             "goal_per_s": GOAL_PER_S,
+            # Where the machine's time went while the queue drained (process start
+            # included): CPU microseconds per distinct event stored, and how many cores
+            # the goal's rate would need at that cost.
+            "cpu_seconds": cpu,
+            "cpu_us_per_event": {k: round(v / stored * 1e6, 1) for k, v in cpu.items()} if stored else {},
+            "cores_needed_at_goal": round(sum(cpu.values()) / stored * GOAL_PER_S, 2) if stored else None,
         }
         _log(f"recorder: {rec}")
         async with engine.connect() as conn:
