@@ -75,6 +75,8 @@ def set_runners_live(counts: Mapping[str, int]) -> None:
         RUNNERS_LIVE.remove(pool)
     for pool, n in counts.items():
         RUNNERS_LIVE.labels(pool).set(n)
+        # Exported at 0 before a first death, so increase() sees that death.
+        RUNNERS_DEAD.labels(pool)
     _pools.clear()
     _pools.update(counts)
 
