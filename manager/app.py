@@ -127,6 +127,7 @@ class TaskManager:
                 if self.is_leader.is_set():
                     self.is_leader.clear()
                     metrics.LEADER.set(0)
+                    metrics.clear_leader_gauges()
                     await self.elector.resign()  # a standby need not wait for the expiry
                 if conn is not None:
                     with contextlib.suppress(Exception):
@@ -189,6 +190,8 @@ class TaskManager:
         s.add_job(self._job(self.event_retention.run_once), "cron", hour=3, minute=27, **every)
         s.add_job(self._job(self.lifecycle.run_once), "interval", seconds=LIFECYCLE_INTERVAL_S, **every)
         s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
+        gauges_every = metrics.GAUGES_INTERVAL_S
+        s.add_job(self._job(self.measure), "interval", seconds=gauges_every, next_run_time=utcnow(), **every)
         for job in self.jobs:
             when: dict[str, Any] = {"next_run_time": utcnow()} if job.at_start else {}
             if job.cron is not None:
@@ -209,6 +212,15 @@ class TaskManager:
 
     async def _refresh_gauges(self) -> None:
         metrics.set_tasks_by_state(await self.service.counts_by_state())
+
+    async def measure(self) -> None:
+        """The leader's readings that alerts need (docs/observability/alerts.yml): live
+        runners per pool, the lifecycle outbox's age, the dead-letter queue's depth.
+        Each is an index probe or a broker round trip, never a scan of the history."""
+        await self.recovery.measure_runners()
+        await self.lifecycle.measure()
+        dead = self.topology.dead
+        metrics.DEAD_LETTERS.labels(dead).set(await self.publisher.queue_depth(dead))
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
         """Poll every TASKMGR_POLL_INTERVAL at most; sooner when the next waiting task

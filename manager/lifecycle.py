@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from manager import metrics
 from taskmgr import event_store
 from taskmgr.broker import BrokerError, Publisher, Topology
 from taskmgr.event_store import LifecycleChange
@@ -111,6 +112,15 @@ class LifecycleRelay:
         if self._own and self._publisher is not None:
             await self._publisher.__aexit__()
             self._publisher = None
+
+    async def measure(self) -> float:
+        """Set the age of the oldest state change still in the outbox (the gauge of the
+        outbox-age alert; one index probe): apart from run_once, so a relay that stalls
+        or keeps failing shows as a growing age."""
+        async with self._engine.connect() as conn:
+            age = await event_store.lifecycle_outbox_age(conn)
+        metrics.LIFECYCLE_OUTBOX_AGE.set(age)
+        return age
 
     async def run_once(self) -> int:
         """Publish what the outbox holds; returns the events confirmed."""

@@ -34,6 +34,59 @@ RECOVERY_GAVE_UP = Counter(
     ["reason"],
 )
 RECOVERED = Counter("taskmgr_recovered_total", "Tasks dispatched again by recovery", ["reason"])
+RUNNERS_DEAD = Counter(
+    "taskmgr_runners_dead_total",
+    "Runners declared dead by recovery: no heartbeat for TASKMGR_RUNNER_DEAD_AFTER (a runner that stops "
+    "on SIGTERM says so and is not counted)",
+    ["pool"],
+)
+
+# The leader's readings of shared facts, refreshed every GAUGES_INTERVAL_S by the leader
+# only (manager/app.py) and removed when it steps down, so a former leader's stale value
+# never stands beside the new leader's: an alert takes max() over managers.
+GAUGES_INTERVAL_S = 15.0
+RUNNERS_LIVE = Gauge(
+    "taskmgr_runners_live",
+    "Live runners per pool (heartbeating, not stopped, not dead); 0 for a task type's pool without any",
+    ["pool"],
+)
+DEAD_LETTERS = Gauge(
+    "taskmgr_dead_letter_messages", "Messages waiting in the dead-letter queue (P.dead)", ["queue"]
+)
+LIFECYCLE_OUTBOX_AGE = Gauge(
+    "taskmgr_lifecycle_outbox_age_seconds",
+    "Age of the oldest state change not published yet as a lifecycle event (0: none waits, or not leading)",
+)
+_pools: set[str] = set()  # the pools RUNNERS_LIVE has a series for
+
+# Label values known in advance are exported from the start (at 0), so a query or an
+# alert on them has a series before the first recovery (the Prometheus guidance on
+# missing series).
+for _reason in ("runner_dead", "start_timeout", "dropped"):
+    RECOVERED.labels(_reason)
+for _reason in ("runner_dead", "start_timeout"):
+    RECOVERY_GAVE_UP.labels(_reason)
+
+
+def set_runners_live(counts: Mapping[str, int]) -> None:
+    """Set the live runners of each pool; a pool no longer listed (its type deleted, its
+    runners gone) is removed rather than left at its last count."""
+    for pool in _pools - set(counts):
+        RUNNERS_LIVE.remove(pool)
+    for pool, n in counts.items():
+        RUNNERS_LIVE.labels(pool).set(n)
+        # Exported at 0 before a first death, so increase() sees that death.
+        RUNNERS_DEAD.labels(pool)
+    _pools.clear()
+    _pools.update(counts)
+
+
+def clear_leader_gauges() -> None:
+    """A manager that stops leading stops reporting the leader's readings."""
+    RUNNERS_LIVE.clear()
+    _pools.clear()
+    DEAD_LETTERS.clear()
+    LIFECYCLE_OUTBOX_AGE.set(0)
 
 
 def set_tasks_by_state(counts: Mapping[Any, int]) -> None:

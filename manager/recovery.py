@@ -63,8 +63,10 @@ class Recovery:
             # id); a runner returning while declared dead cannot deadlock the two.
             dead = await store.dead_runners(conn, now - timedelta(seconds=self._settings.runner_dead_after))
             counts.dead_runners = len(dead)
+            for pool in dead.values():
+                metrics.RUNNERS_DEAD.labels(pool).inc()
             if dead:
-                ids = await store.tasks_of_runners(conn, dead)
+                ids = await store.tasks_of_runners(conn, list(dead))
                 counts.from_dead_runners = await self._redispatch(
                     conn,
                     ids,
@@ -77,7 +79,9 @@ class Recovery:
                     counted=self._quick_deaths,
                 )
                 log.warning(
-                    "runners declared dead: %s (%d tasks dispatched again)", dead, counts.from_dead_runners
+                    "runners declared dead: %s (%d tasks dispatched again)",
+                    list(dead),
+                    counts.from_dead_runners,
                 )
         async with self._engine.begin() as conn:
             ids = await store.start_timeouts(conn, now, RECOVERY_BATCH)
@@ -92,6 +96,15 @@ class Recovery:
                 bound_reason=lambda n: f"no runner took its start order {n} times: is its pool consumed?",
                 since_running=True,
             )
+        return counts
+
+    async def measure_runners(self) -> dict[str, int]:
+        """Set the live runners per pool (the gauge the "no live runner" alert reads): the
+        runners recovery does not count as dead, by the same TASKMGR_RUNNER_DEAD_AFTER."""
+        since = self._clock() - timedelta(seconds=self._settings.runner_dead_after)
+        async with self._engine.connect() as conn:
+            counts = await store.live_runners_by_pool(conn, since)
+        metrics.set_runners_live(counts)
         return counts
 
     def quick_death_window_s(self, poll_interval_s: float, request_timeout_s: float) -> float:

@@ -7,11 +7,14 @@
 #   2. PostgreSQL preloads timescaledb (restart only when the setting changes).
 #   3. PostgreSQL and RabbitMQ are started when down.
 #   4. The database (TASKMGR_DB_NAME, default taskmgr) is created when missing.
-#   5. A virtualenv at .venv with the project installed (re-installed only when
+#   5. Prometheus (Debian's `prometheus` package: the server and promtool) for the tests
+#      of the alerting rules; the service the package enables is kept stopped (the tests
+#      start their own Prometheus on a free port).
+#   6. A virtualenv at .venv with the project installed (re-installed only when
 #      pyproject.toml changed).
 #
 # Needs root (apt-get, the PostgreSQL cluster). Set TASKMGR_SETUP_SKIP_SYSTEM=1 to do
-# only step 5 (for example inside a container where the services are elsewhere).
+# only step 6 (for example inside a container where the services are elsewhere).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -144,6 +147,26 @@ rabbit_users() {
   done <"$here/scripts/rabbitmq-users"
 }
 
+install_prometheus() {
+  if ! command -v promtool >/dev/null || [ ! -x /usr/bin/prometheus ]; then
+    say "installing Prometheus (Debian's prometheus package: the server and promtool)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  fi
+  # The package enables a service on port 9090; nothing here uses it.
+  if [ -d /run/systemd/system ]; then
+    if systemctl is-enabled --quiet prometheus 2>/dev/null || systemctl is-active --quiet prometheus; then
+      say "stopping and disabling the prometheus service"
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+  elif [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then
+    say "stopping the prometheus service"
+    /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
+}
+
 make_venv() {
   cd "$here"
   local stamp=.venv/.taskmgr-installed want
@@ -168,6 +191,7 @@ if [ "${TASKMGR_SETUP_SKIP_SYSTEM:-0}" != 1 ]; then
   start_rabbitmq
   rabbit_users
   create_database
+  install_prometheus
 fi
 make_venv
 say "ready: PostgreSQL+TimescaleDB on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672, .venv"

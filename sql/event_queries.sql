@@ -68,3 +68,9 @@ order by o.id;
 
 -- delete_lifecycle --
 delete from lifecycle_outbox where id = any(:ids);
+
+-- lifecycle_outbox_age --
+-- Seconds since the oldest row still in the outbox was written (no row: none waits). The
+-- primary key's first entry: one index probe, however large the outbox grew.
+select extract(epoch from clock_timestamp() - time) as age
+from lifecycle_outbox order by id limit 1;

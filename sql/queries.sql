@@ -206,7 +206,21 @@ where id in (
     order by id
     for update
 )
-returning id;
+returning id, pool;
+
+-- live_runners_by_pool --
+-- Live runners (as active_runners counts them) per pool, and 0 for the pool of a task type
+-- that has none: the "no live runner in a pool" alert. Reads the partial index of runners
+-- not stopped and not dead (sql/0021) and the task types, not every runner ever seen.
+select p.pool, count(r.id) as n
+from (
+    select pool from task_types where deleted_at is null
+    union
+    select pool from runners where not dead and stopped_at is null
+) p
+left join runners r
+    on r.pool = p.pool and not r.dead and r.stopped_at is null and r.last_seen >= :since
+group by p.pool;
 
 -- active_runners --
 select id, pool, host, pid, started_at, last_seen, tasks from runners

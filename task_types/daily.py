@@ -15,6 +15,7 @@ from importlib import resources
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
+from prometheus_client import Gauge
 from sqlalchemy import TextClause
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -30,6 +31,18 @@ SCHEDULE_TYPE = "schedule"
 GAME_TYPE = "live_game"
 # A day whose cron moment passed unseeded is looked for this often by the leader.
 CATCH_UP_EVERY_S = 60.0
+
+# The "day not seeded by its time" alert compares the two (docs/observability/alerts.yml).
+# Every manager with the job computes the first at each scrape; the leader's catch-up sets
+# the second once it finds that fire's day seeded, so it lags the first by at most a minute.
+FIRE = Gauge(
+    "taskmgr_schedule_fire_timestamp_seconds",
+    "The daily schedule cron's latest fire time (Unix seconds; 0: none within two days)",
+)
+SEEDED = Gauge(
+    "taskmgr_schedule_seeded_timestamp_seconds",
+    "The latest daily schedule fire whose day the leader found seeded (Unix seconds)",
+)
 
 
 @cache
@@ -68,6 +81,7 @@ def daily_schedule_jobs(settings: SportsSettings) -> LeaderJobs:
         if not settings.schedule_cron.strip():
             return []
         daily = DailySchedule(service=ctx.service, settings=settings, clock=ctx.clock, engine=ctx.engine)
+        FIRE.set_function(daily.last_fire_timestamp)
         return [
             LeaderJob("schedule-catch-up", daily.catch_up, every_s=CATCH_UP_EVERY_S, at_start=True),
             LeaderJob(
@@ -113,37 +127,41 @@ class DailySchedule:
         follows moved or dropped ones."""
         now = self._clock()
         day = day or now.astimezone(ZoneInfo(self._settings.schedule_timezone)).date()
+        try:
+            return await self._seed(now, day, providers=providers, manual=manual)
+        except TaskTypeNotFound:
+            _no_schedule_type()
+            return 0
+
+    async def _seed(self, now: datetime, day: date, *, providers: Sequence[str] | None, manual: bool) -> int:
+        """run_once's work; raises TaskTypeNotFound when there is no schedule type."""
         pairs = [(p, lg) for p, lg in self._settings.league_list() if providers is None or p in providers]
         suffix = f":manual:{uuid.uuid4().hex[:12]}" if manual else ""
-        try:
-            async with self._begin() as conn:
-                done = set() if manual else await seeded(conn, day)
-                todo = [pair for pair in pairs if pair not in done]
-                if not todo:
-                    return 0
-                news = [
-                    NewTask(
-                        type=SCHEDULE_TYPE,
-                        payload={
-                            "provider": provider,
-                            "league": league,
-                            "date": day.isoformat(),
-                            "lead_s": self._settings.schedule_lead_s,
-                            "game_type": GAME_TYPE,
-                        },
-                        due_at=now,
-                        dedup_key=f"schedule:{provider}:{league}:{day.isoformat()}{suffix}",
-                        created_by="schedule-cron",
-                    )
-                    for provider, league in todo
-                ]
-                scheduled = await self._service.schedule_many(conn, news)
-                await record_seedings(
-                    conn, day, [(p, lg, s.id) for (p, lg), s in zip(todo, scheduled, strict=True)], now
+        async with self._begin() as conn:
+            done = set() if manual else await seeded(conn, day)
+            todo = [pair for pair in pairs if pair not in done]
+            if not todo:
+                return 0
+            news = [
+                NewTask(
+                    type=SCHEDULE_TYPE,
+                    payload={
+                        "provider": provider,
+                        "league": league,
+                        "date": day.isoformat(),
+                        "lead_s": self._settings.schedule_lead_s,
+                        "game_type": GAME_TYPE,
+                    },
+                    due_at=now,
+                    dedup_key=f"schedule:{provider}:{league}:{day.isoformat()}{suffix}",
+                    created_by="schedule-cron",
                 )
-        except TaskTypeNotFound:
-            log.error("no %r task type: run `taskmgr migrate` (it seeds the sports types)", SCHEDULE_TYPE)
-            return 0
+                for provider, league in todo
+            ]
+            scheduled = await self._service.schedule_many(conn, news)
+            await record_seedings(
+                conn, day, [(p, lg, s.id) for (p, lg), s in zip(todo, scheduled, strict=True)], now
+            )
         created = sum(1 for d in scheduled if d.created)
         log.info("daily schedule job: %d schedule tasks for %s", created, day)
         return created
@@ -167,7 +185,22 @@ class DailySchedule:
         if fire is None:
             return 0
         day = fire.astimezone(ZoneInfo(self._settings.schedule_timezone)).date()
-        created = await self.run_once(day)
+        try:
+            created = await self._seed(self._clock(), day, providers=None, manual=False)
+        except TaskTypeNotFound:
+            _no_schedule_type()
+            return 0
+        # Committed (or seeded before): that fire's day is seeded.
+        SEEDED.set(fire.timestamp())
         if created:
             log.warning("schedule for %s seeded late (catch-up after %s)", day, fire.isoformat())
         return created
+
+    def last_fire_timestamp(self) -> float:
+        """last_fire() in Unix seconds, 0 for none (the FIRE gauge, read at each scrape)."""
+        fire = self.last_fire()
+        return fire.timestamp() if fire is not None else 0.0
+
+
+def _no_schedule_type() -> None:
+    log.error("no %r task type: run `taskmgr migrate` (it seeds the sports types)", SCHEDULE_TYPE)

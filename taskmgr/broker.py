@@ -387,6 +387,19 @@ class Publisher:
     async def publish_control_pool(self, pool: str, body: bytes) -> None:
         await self._publish(self._ex["control"], self.topology.control_pool_key(pool), body)
 
+    async def queue_depth(self, queue: str) -> int:
+        """Messages ready in `queue`, on a channel of its own: a failed passive declare
+        closes its channel, which must not be the one that publishes."""
+        if self._conn is None:
+            raise BrokerError("publisher is not connected (use `async with`)")
+        channel = await self._conn.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return declared.declaration_result.message_count or 0
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
     async def dead_letter(self, body: bytes, reason: str, headers: Mapping[str, Any] | None = None) -> None:
         await self._publish(
             self._ex["dlx"], "", body, headers={**(headers or {}), REASON_HEADER: reason[:1000]}

@@ -211,3 +211,9 @@ async def take_lifecycle(conn: Conn, limit: int) -> list[LifecycleChange]:
 async def delete_lifecycle(conn: Conn, ids: Sequence[int]) -> None:
     """Forget the outbox rows whose events the broker confirmed."""
     await _run(conn, "delete_lifecycle", {"ids": list(ids)})
+
+
+async def lifecycle_outbox_age(conn: Conn) -> float:
+    """Seconds the oldest state change has waited in the outbox; 0 when none waits."""
+    age = (await _run(conn, "lifecycle_outbox_age")).scalar_one_or_none()
+    return max(float(age), 0.0) if age is not None else 0.0

@@ -416,8 +416,15 @@ async def stop_runner(conn: Conn, runner_id: str, now: datetime) -> None:
     await _run(conn, "stop_runner", {"id": runner_id, "now": now})
 
 
-async def dead_runners(conn: Conn, before: datetime) -> list[str]:
-    return [r[0] for r in await _run(conn, "dead_runners", {"before": before})]
+async def dead_runners(conn: Conn, before: datetime) -> dict[str, str]:
+    """Mark the runners silent since `before` dead; returns their ids and pools."""
+    return {r.id: r.pool for r in await _run(conn, "dead_runners", {"before": before})}
+
+
+async def live_runners_by_pool(conn: Conn, since: datetime) -> dict[str, int]:
+    """Runners heard from since `since` (not stopped, not dead) per pool; 0 for the pool
+    of a task type that has none."""
+    return {r.pool: int(r.n) for r in await _run(conn, "live_runners_by_pool", {"since": since})}
 
 
 async def active_runners(conn: Conn, since: datetime) -> list[Mapping[str, Any]]:

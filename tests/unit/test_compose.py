@@ -74,3 +74,68 @@ def test_gen_secrets_writes_a_private_env_file_with_every_variable(tmp_path: Pat
     assert all(len(v) >= 24 for v in values.values())
     again = subprocess.run(["bash", str(copy / "scripts" / "gen-secrets")], capture_output=True, text=True)
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+# -- the observability profile: Prometheus with its alerts, Alertmanager, a receiver -------
+
+OBSERVABILITY = ("prometheus", "alertmanager", "alert-receiver", "grafana")
+
+
+def mounts(service: str) -> dict[str, str]:
+    """Container path -> repository path of a service's bind mounts."""
+    out = {}
+    for volume in SERVICES[service].get("volumes", []):
+        source, target = volume.removesuffix(":ro").split(":", 1)
+        if source.startswith("./"):
+            out[target] = source
+    return out
+
+
+def test_the_observability_services_come_only_with_their_profile() -> None:
+    for name in OBSERVABILITY:
+        assert SERVICES[name]["profiles"] == ["observability"], name
+    for name, service in SERVICES.items():
+        if name not in OBSERVABILITY:
+            assert "profiles" not in service, name
+    for name in OBSERVABILITY:
+        for source in mounts(name).values():
+            assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repository"
+
+
+def test_prometheus_loads_the_alert_rules_beside_its_config_and_sends_to_alertmanager() -> None:
+    files = mounts("prometheus")
+    assert files["/etc/prometheus/prometheus.yml"] == "./docs/observability/prometheus.yml"
+    config = yaml.safe_load((ROOT / files["/etc/prometheus/prometheus.yml"]).read_text())
+    for rule_file in config["rule_files"]:
+        # A relative path is read beside the config: it must be mounted there.
+        assert files.get(f"/etc/prometheus/{rule_file}") == f"./docs/observability/{rule_file}", rule_file
+    assert "./docs/observability/alerts.yml" in files.values()
+    targets = [
+        t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]
+    ]
+    assert targets == ["alertmanager:9093"]
+    assert "alertmanager" in SERVICES and "alertmanager" in SERVICES["prometheus"]["depends_on"]
+
+
+def test_alertmanager_routes_every_alert_to_the_example_webhook_receiver() -> None:
+    files = mounts("alertmanager")
+    # The image's default config path: no command-line flag needed.
+    config = yaml.safe_load((ROOT / files["/etc/alertmanager/alertmanager.yml"]).read_text())
+    receivers = {r["name"]: r for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    for route in config["route"].get("routes", []):
+        assert route["receiver"] in receivers
+    (hook,) = receivers[config["route"]["receiver"]]["webhook_configs"]
+    m = re.fullmatch(r"http://(?P<host>[\w-]+):(?P<port>\d+)/\S*", hook["url"])
+    assert m and hook["send_resolved"] is True
+    # The URL reaches the receiver service, which listens on that port and runs the
+    # example from the repository.
+    receiver = SERVICES[m["host"]]
+    assert receiver["command"][-2:] == ["--port", m["port"]]
+    assert mounts(m["host"])[receiver["command"][1]] == "./examples/alert_receiver.py"
+    assert m["host"] in SERVICES["alertmanager"]["depends_on"]
+    rules = yaml.safe_load((ROOT / "docs" / "observability" / "alerts.yml").read_text())
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    for inhibit in config.get("inhibit_rules", []):
+        for matcher in inhibit["source_matchers"] + inhibit["target_matchers"]:
+            assert re.fullmatch(r'alertname="(\w+)"', matcher)[1] in names, matcher  # type: ignore[index]

@@ -182,7 +182,7 @@ def test_dashboard_promql_uses_only_registered_metrics(dashboard: dict[str, Any]
         assert name in used, name
 
 
-def test_prometheus_scrapes_the_manager_and_runner_services() -> None:
+def test_prometheus_scrapes_the_manager_runner_and_recorder_services() -> None:
     config = yaml.safe_load((OBS / "prometheus.yml").read_text())
     targets: dict[str, set[str]] = {}
     for job in config["scrape_configs"]:
@@ -191,11 +191,11 @@ def test_prometheus_scrapes_the_manager_and_runner_services() -> None:
             found.update(f"{name}:{sd['port']}" for name in sd["names"])
         for static in job.get("static_configs", []):
             found.update(static["targets"])
-    assert set().union(*targets.values()) == {"manager:9100", "runner:9100"}
+    assert set().union(*targets.values()) == {"manager:9100", "runner:9100", "recorder:9100"}
     # The dashboard's "Runners up" counts the runner job by name.
     assert "taskmgr-runner" in targets and targets["taskmgr-runner"] == {"runner:9100"}
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    for service in ("manager", "runner"):
+    for service in ("manager", "runner", "recorder"):
         assert compose["services"][service]["environment"]["TASKMGR_METRICS_PORT"] == "9100"
     assert (
         "./docs/observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
