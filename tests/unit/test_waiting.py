@@ -122,3 +122,25 @@ def test_parameters_are_set_over_the_payload() -> None:
     assert payload_of(None, []) is None
     with pytest.raises(click.ClickException, match="must be a JSON object"):
         payload_of("[1]", ["a=1"])
+
+
+def test_a_deadlock_is_transient_not_the_datas_fault() -> None:
+    """Two dependencies ending at once may, in a rare graph, lock two waiting tasks in
+    opposite orders: PostgreSQL aborts one transaction, which goes back whole (an intake
+    batch is requeued, not split down to a dead-lettered report)."""
+    import asyncpg
+
+    from taskmgr.db import is_transient
+    from taskmgr.store import StoreError
+
+    def chained(cause: BaseException) -> StoreError:
+        try:
+            try:
+                raise cause
+            except Exception as exc:
+                raise StoreError("lock_dependents: failed") from exc
+        except StoreError as outer:
+            return outer
+
+    assert is_transient(chained(asyncpg.exceptions.DeadlockDetectedError("deadlock detected")))
+    assert not is_transient(chained(asyncpg.exceptions.CheckViolationError("check violation")))
