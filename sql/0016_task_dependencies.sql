@@ -3,7 +3,7 @@
 -- it (on_dependency_failure = 'fail', the default) or counts as ended
 -- (on_dependency_failure = 'run': it runs once every dependency has ended, whatever the
 -- outcome). The release is written in the transaction that ends the last dependency
--- (taskmgr/dependencies.py, called where every state change is written): no job polls.
+-- (taskmgr/waiting.py, called where every state change is written): no job polls.
 --
 -- Dependencies are named when a task is created and never change afterwards, and only
 -- tasks that exist (or are created in the same call) can be named, so the graph is

@@ -130,8 +130,8 @@ class SyncResult:
 
 class TaskService(TaskChanges):
     """The one owner of the rules of tasks and task types: every command, the manager's
-    intake and the HTTP API change them through it. Waiting tasks' changes (reschedule,
-    update_payload) are in taskmgr/service_changes.py."""
+    intake and the HTTP API change them through it. The operator's changes of one task
+    (cancel, retry, reschedule, update_payload) are in taskmgr/service_changes.py."""
 
     def __init__(
         self,
@@ -335,7 +335,7 @@ class TaskService(TaskChanges):
         if dup_keys:
             existing = await store.ids_by_dedup_key(conn, dup_keys)
         deps = waiting.NewDependencies()
-        if named or any(r.get("depends_on") for r in rows):
+        if any(r.get("depends_on") for r in rows):
             aliases = {r["id"]: existing[r["dedup_key"]] for r in rows if r["id"] not in inserted}
             await deps.judge(conn, rows, inserted, aliases, named)
         run_at = {r["id"]: None if deps.waits(r["id"]) else r["due_at"] for r in new_rows}

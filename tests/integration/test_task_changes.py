@@ -321,3 +321,21 @@ async def test_cli_bad_input_is_one_line_and_changes_nothing(  # type: ignore[no
     assert [await snapshot(engine, t) for t in (tid, done)] == before
     async with engine.connect() as conn:
         assert (await conn.execute(text("select count(*) from tasks"))).scalar() == 2
+
+
+async def test_a_recurring_tasks_occurrences_keep_its_name_and_priority(
+    service: TaskService, box: str, runs: Runs
+) -> None:
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    every = {"every_s": 3600}
+    [first] = await create(
+        service, NewTask(box, {"game_id": "g"}, due, recurrence=every, name="hourly", priority=3)
+    )
+    assert await runs.dispatch() == 1  # writes the next occurrence
+    [nxt] = [t for t in await service.list_tasks(type=box) if t.id != first]
+    assert (nxt.name, nxt.priority, nxt.occurrence, nxt.state) == ("hourly", 3, 2, State.SCHEDULED)
+    async with service.engine.connect() as conn:
+        copied = (
+            await conn.execute(text("select priority from task_state where task_id = :t"), {"t": nxt.id})
+        ).scalar()
+    assert copied == 3  # the claim's index has it
