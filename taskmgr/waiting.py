@@ -189,13 +189,15 @@ class NewDependencies:
         if unread:
             self.states.update(await lock_dependencies(conn, unread))
         for r in rows:
-            deps = self.depends_on.get(r["id"])
-            if deps:
-                # A new task has not ended; one named that is gone (pruned) no longer counts.
-                of = {d: State.SCHEDULED for d in deps if d in inserted}
-                of.update({d: self.states[d] for d in deps if d not in inserted and d in self.states})
-                policy = DependencyPolicy(r.get("on_dependency_failure") or DependencyPolicy.FAIL)
-                self.verdicts[r["id"]] = readiness(of, policy)
+            if r["id"] not in self.depends_on:
+                continue
+            # A new task has not ended; a task that is gone since (pruned) no longer counts.
+            deps = self.depends_on[r["id"]]
+            of = {d: State.SCHEDULED if d in inserted else self.states.get(d) for d in deps}
+            known = {d: s for d, s in of.items() if s is not None}
+            self.depends_on[r["id"]] = tuple(known)
+            policy = DependencyPolicy(r.get("on_dependency_failure") or DependencyPolicy.FAIL)
+            self.verdicts[r["id"]] = readiness(known, policy)
 
     def waits(self, task_id: uuid.UUID) -> bool:
         """Whether this new task starts waiting (run_at null): for a dependency, or to

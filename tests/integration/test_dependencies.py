@@ -362,3 +362,19 @@ async def test_the_claim_reads_the_due_index_in_order(engine, service: TaskServi
 
 def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [plan, *(n for child in plan.get("Plans", []) for n in _nodes(child))]
+
+
+async def test_waiting_for_a_task_whose_dedup_key_exists_waits_for_the_existing_one(
+    service: TaskService, step: str, runs: Runs
+) -> None:
+    """A call creates a task and one that waits for it, but the first's dedup key exists
+    already (a call repeated): the second waits for the task that has the key."""
+    [first] = await create(service, NewTask(step, dedup_key="k"))
+    again = uuid.uuid4()
+    done = await create(service, NewTask(step, dedup_key="k", id=again), after(again))
+    assert done[0] == first
+    waiting = await service.get_task(done[1])
+    assert waiting.depends_on == (first,) and waiting.blocked
+    await runs.dispatch()
+    await runs.end(first)
+    assert not (await service.get_task(done[1])).blocked
