@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -59,36 +60,17 @@ async def states(service: TaskService, *ids: uuid.UUID) -> list[State]:
     return [(await service.get_task(t)).state for t in ids]
 
 
-async def test_a_diamond_runs_in_order_with_a_real_manager_and_runner_under_their_roles(
-    database_url: str, settings: Settings, service: TaskService
+async def run_until(
+    database_url: str,
+    settings: Settings,
+    api: Callable[[httpx.Request], httpx.Response],
+    done: Callable[[], Awaitable[bool]],
 ) -> None:
-    """A -> B, A -> C, B + C -> D, created in one call (each names the others by id), run
-    by a manager as taskmgr_manager and a runner as taskmgr_runner: B and C start only
-    after A finished, D only after both; each is released in the transaction that
-    finished its last dependency; nothing polls."""
+    """A manager as taskmgr_manager (database and broker) and a runner as taskmgr_runner
+    (broker only), in this process, until `done()`."""
     from manager.app import TaskManager
     from runners import TaskRunner
     from taskmgr.handlers import Registry
-
-    await service.create_type(
-        {"name": "part", "handler": "noop", "url_template": "http://api.test/{n}", "poll_interval_s": 0.1}
-    )
-    a, b, c, d = (uuid.uuid4() for _ in range(4))
-    now = datetime.now(UTC)
-    # D first: an order in the call does not matter, only the ids.
-    await create(
-        service,
-        NewTask("part", {"n": "d"}, id=d, depends_on=[b, c], name="D"),
-        NewTask("part", {"n": "b"}, id=b, depends_on=[a], name="B"),
-        NewTask("part", {"n": "c"}, id=c, depends_on=[a], name="C"),
-        NewTask("part", {"n": "a"}, id=a, due_at=now + timedelta(seconds=0.5), name="A"),
-    )
-    assert [(await service.get_task(t)).blocked for t in (a, b, c, d)] == [False, True, True, True]
-    polled: list[str] = []
-
-    def api(request: httpx.Request) -> httpx.Response:
-        polled.append(request.url.path.strip("/"))
-        return httpx.Response(200, json={"ok": True})
 
     m_engine = make_engine(as_role(database_url, "taskmgr_manager"))
     stop = asyncio.Event()
@@ -111,13 +93,58 @@ async def test_a_diamond_runs_in_order_with_a_real_manager_and_runner_under_thei
             runs = [asyncio.create_task(m.run(stop)), asyncio.create_task(r.run(stop))]
             try:
                 async with asyncio.timeout(30):
-                    while (await service.get_task(d)).state is not State.FINISHED:
+                    while not await done():
                         await asyncio.sleep(0.05)
             finally:
                 stop.set()
                 await asyncio.gather(*runs)
     finally:
         await m_engine.dispose()
+
+
+@pytest.fixture
+async def part(service: TaskService) -> str:
+    await service.create_type(
+        {
+            "name": "part",
+            "handler": "noop",
+            "url_template": "http://api.test/{n}",
+            "poll_interval_s": 0.1,
+            "max_attempts": 1,
+            "max_consecutive_failures": 1,
+        }
+    )
+    return "part"
+
+
+async def test_a_diamond_runs_in_order_with_a_real_manager_and_runner_under_their_roles(
+    database_url: str, settings: Settings, service: TaskService, part: str
+) -> None:
+    """A -> B, A -> C, B + C -> D, created in one call (each names the others by id), run
+    by a manager as taskmgr_manager and a runner as taskmgr_runner: B and C start only
+    after A finished, D only after both; each is released in the transaction that
+    finished its last dependency; nothing polls."""
+    a, b, c, d = (uuid.uuid4() for _ in range(4))
+    now = datetime.now(UTC)
+    # D first: an order in the call does not matter, only the ids.
+    await create(
+        service,
+        NewTask(part, {"n": "d"}, id=d, depends_on=[b, c], name="D"),
+        NewTask(part, {"n": "b"}, id=b, depends_on=[a], name="B"),
+        NewTask(part, {"n": "c"}, id=c, depends_on=[a], name="C"),
+        NewTask(part, {"n": "a"}, id=a, due_at=now + timedelta(seconds=0.5), name="A"),
+    )
+    assert [(await service.get_task(t)).blocked for t in (a, b, c, d)] == [False, True, True, True]
+    polled: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        polled.append(request.url.path.strip("/"))
+        return httpx.Response(200, json={"ok": True})
+
+    async def finished() -> bool:
+        return (await service.get_task(d)).state is State.FINISHED
+
+    await run_until(database_url, settings, api, finished)
     assert await states(service, a, b, c, d) == [State.FINISHED] * 4
     assert polled[0] == "a" and sorted(polled[1:3]) == ["b", "c"] and polled[3:] == ["d"]
     history = await events(service.engine, a, b, c, d)
@@ -133,6 +160,40 @@ async def test_a_diamond_runs_in_order_with_a_real_manager_and_runner_under_thei
         assert seq[(child, "STARTED", True)]["seq"] > last["seq"]
         # Not late: lateness counts from its release, not from its due time.
         assert seq[(child, "STARTED", True)]["detail"]["lateness_ms"] < 5000
+
+
+async def test_a_parent_failing_on_a_real_runner_fails_or_runs_its_dependents(
+    database_url: str, settings: Settings, service: TaskService, part: str
+) -> None:
+    """A's API answers 500: the runner fails its one attempt, the manager records A
+    FAILED, and in that transaction fails B (on_dependency_failure=fail) and releases C
+    (run), which then runs on the runner; D, waiting for B, fails too."""
+    [a] = await create(service, NewTask(part, {"n": "a"}))
+    [b, c] = await create(
+        service,
+        NewTask(part, {"n": "b"}, depends_on=[a]),
+        NewTask(part, {"n": "c"}, depends_on=[a], on_dependency_failure="run"),
+    )
+    [d] = await create(service, NewTask(part, {"n": "d"}, depends_on=[b]))
+    polled: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        polled.append(request.url.path.strip("/"))
+        return httpx.Response(500 if request.url.path == "/a" else 200, json={})
+
+    async def ended() -> bool:
+        return (await service.get_task(c)).state is State.FINISHED
+
+    await run_until(database_url, settings, api, ended)
+    assert await states(service, a, b, c, d) == [State.FAILED, State.FAILED, State.FINISHED, State.FAILED]
+    assert "b" not in polled and "d" not in polled
+    history = await events(service.engine, a, b, c)
+    a_failed = next(e for e in history if e["task_id"] == a and e["state"] == "FAILED")
+    b_failed = next(e for e in history if e["task_id"] == b and e["state"] == "FAILED")
+    c_released = next(e for e in history if e["task_id"] == c and e["detail"].get("change") == "released")
+    assert b_failed["time"] == c_released["time"] == a_failed["time"]  # one transaction
+    assert b_failed["detail"]["reason"] == f"dependency {a} ended FAILED"
+    assert c_released["detail"]["released"] == {"FAILED": 1}
 
 
 async def test_a_failed_dependency_fails_its_dependents_or_not_per_their_flag(  # type: ignore[no-untyped-def]
