@@ -100,10 +100,11 @@ def check_task_fields(t: NewTask, where: str = "") -> dict[str, Any]:
         if value is not None and len(value) > most:
             raise InvalidInput(f"{where}{name}", f"{len(value)} characters; at most {most}")
     low, high = PRIORITY_RANGE
-    if isinstance(t.priority, bool) or not isinstance(t.priority, int) or not low <= t.priority <= high:
-        raise InvalidInput(f"{where}priority", f"must be an integer from {low} to {high}: {t.priority!r}")
+    priority = 0 if t.priority is None else t.priority  # None: the default, as left out
+    if isinstance(priority, bool) or not isinstance(priority, int) or not low <= priority <= high:
+        raise InvalidInput(f"{where}priority", f"must be an integer from {low} to {high}: {priority!r}")
     try:
-        policy = DependencyPolicy(t.on_dependency_failure)
+        policy = DependencyPolicy(t.on_dependency_failure or DependencyPolicy.FAIL)
     except ValueError:
         choices = ", ".join(p.value for p in DependencyPolicy)
         problem = f"one of {choices}, not {t.on_dependency_failure!r}"
@@ -114,7 +115,7 @@ def check_task_fields(t: NewTask, where: str = "") -> dict[str, Any]:
     return {
         "name": t.name,
         "description": t.description,
-        "priority": t.priority,
+        "priority": priority,
         "depends_on": depends_on,
         "on_dependency_failure": policy,
     }

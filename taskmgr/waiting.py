@@ -94,8 +94,10 @@ def moved(cur: CurrentState, old: datetime, new: datetime, source: str, **detail
 
 def check_depends_on(value: Any, where: str = "") -> tuple[uuid.UUID, ...]:
     """A task's `depends_on` as given: task ids (UUIDs or their strings), at most
-    MAX_DEPENDENCIES, each once (repeats are dropped)."""
+    MAX_DEPENDENCIES, each once (repeats are dropped); None is none."""
     field = f"{where}depends_on"
+    if value is None:
+        return ()
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise InvalidInput(field, "must be a list of task ids")
     ids: dict[uuid.UUID, None] = {}

@@ -66,6 +66,7 @@ def test_a_long_chain_is_checked_without_recursion() -> None:
 
 def test_depends_on_is_a_list_of_task_ids() -> None:
     assert check_depends_on([str(A), A, B]) == (A, B)  # strings or UUIDs, each once
+    assert check_depends_on(None) == ()
     with pytest.raises(InvalidInput, match="depends_on: must be a list"):
         check_depends_on(str(A))
     with pytest.raises(InvalidInput, match=r"tasks\[2\].depends_on: 'x' is not a task id"):
