@@ -439,3 +439,36 @@ async def test_waiting_for_a_task_whose_dedup_key_exists_waits_for_the_existing_
     await runs.dispatch()
     await runs.end(first)
     assert not (await service.get_task(done[1])).blocked
+
+
+async def test_a_dependency_ending_while_its_dependent_is_created_still_releases_it(  # type: ignore[no-untyped-def]
+    engine, service: TaskService, step: str, runs: Runs
+) -> None:
+    """A new task share-locks the tasks it names until its transaction ends: the report
+    that finishes one meanwhile waits for that commit, then sees the new task and
+    releases it (read before the commit, it would have left it waiting for ever)."""
+    [p] = await create(service, NewTask(step))
+    await runs.dispatch()
+    await runs.end(p, "running")
+    async with service.session() as session:
+        await session.begin()
+        [d] = await service.schedule_many(session, [after(p)])
+        finishing = asyncio.create_task(runs.end(p))
+        async with asyncio.timeout(10):  # the intake waits for the lock
+            while True:
+                async with engine.connect() as conn:
+                    waiting = await conn.execute(
+                        text(
+                            "select count(*) from pg_stat_activity"
+                            " where datname = current_database() and wait_event_type = 'Lock'"
+                        )
+                    )
+                    if waiting.scalar():
+                        break
+                await asyncio.sleep(0.02)
+        assert not finishing.done()
+        await session.commit()
+    await finishing
+    assert (await service.get_task(p)).state is State.FINISHED
+    released = await service.get_task(d.id)
+    assert (released.state, released.blocked) == (State.SCHEDULED, False)
