@@ -35,14 +35,17 @@ returning *;
 -- insert_tasks --
 -- Bulk insert; a dedup key that exists already inserts nothing (returned ids are the new ones).
 insert into tasks (id, type, payload, due_at, parent_id, root_id, dedup_key, recurrence,
-    occurrence, created_by)
+    occurrence, created_by, name, description, priority, on_dependency_failure)
 select t.id, t.type, t.payload::jsonb, t.due_at, t.parent_id, t.root_id, t.dedup_key,
-    t.recurrence::jsonb, t.occurrence, t.created_by
+    t.recurrence::jsonb, t.occurrence, t.created_by, t.name, t.description, t.priority,
+    t.on_dependency_failure
 from unnest(cast(:ids as uuid[]), cast(:types as text[]), cast(:payloads as text[]),
     cast(:due_ats as timestamptz[]), cast(:parent_ids as uuid[]), cast(:root_ids as uuid[]),
     cast(:dedup_keys as text[]), cast(:recurrences as text[]), cast(:occurrences as int[]),
-    cast(:created_bys as text[]))
-    as t(id, type, payload, due_at, parent_id, root_id, dedup_key, recurrence, occurrence, created_by)
+    cast(:created_bys as text[]), cast(:names as text[]), cast(:descriptions as text[]),
+    cast(:priorities as smallint[]), cast(:on_dependency_failures as text[]))
+    as t(id, type, payload, due_at, parent_id, root_id, dedup_key, recurrence, occurrence, created_by,
+         name, description, priority, on_dependency_failure)
 on conflict (dedup_key) do nothing
 returning id;
 
@@ -50,9 +53,11 @@ returning id;
 select dedup_key, id from tasks where dedup_key = any(cast(:keys as text[]));
 
 -- insert_states --
-insert into task_state (task_id, state, attempt, run_at, changed_at)
-select t.task_id, 'SCHEDULED', 0, t.run_at, :now
-from unnest(cast(:ids as uuid[]), cast(:run_ats as timestamptz[])) as t(task_id, run_at);
+-- run_at null: waiting for its dependencies (sql/0016).
+insert into task_state (task_id, state, attempt, run_at, changed_at, priority)
+select t.task_id, 'SCHEDULED', 0, t.run_at, :now, t.priority
+from unnest(cast(:ids as uuid[]), cast(:run_ats as timestamptz[]), cast(:priorities as smallint[]))
+    as t(task_id, run_at, priority);
 
 -- insert_events --
 insert into task_events (time, task_id, state, attempt, runner_id, source, applied, detail)
@@ -80,16 +85,18 @@ from unnest(cast(:ids as uuid[]), cast(:states as text[]), cast(:attempts as int
 where s.task_id = u.task_id;
 
 -- claim_due --
--- The due tasks, oldest first, locked so that overlapping managers never claim one twice,
--- with what a start order and a recurrence need (the dispatcher decides each one's
--- change). Cost: the entries of task_state_due_idx up to :now, not the history.
+-- The due tasks, oldest first (then the higher priority first), locked so that
+-- overlapping managers never claim one twice, with what a start order and a recurrence
+-- need (the dispatcher decides each one's change). Cost: the entries of
+-- task_state_due_idx (run_at, priority desc) up to :now, in its order: not the history.
 select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.payload,
     t.due_at, t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by, t.created_at,
+    t.name, t.description, t.priority,
     tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
     tt.max_consecutive_failures, tt.misfire_policy, tt.misfire_grace_s, tt.start_timeout_s
 from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
 where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now
-order by s.run_at
+order by s.run_at, s.priority desc
 limit :limit
 for update of s skip locked;
 
@@ -97,12 +104,13 @@ for update of s skip locked;
 -- Claim and start due one-off tasks in one statement: lock them (skipping rows another
 -- manager holds), move them SCHEDULED/RETRYING -> STARTED (the only edges the WHERE
 -- admits) with the order unsent, append their STARTED events, and return what a start
--- order needs. Recurring tasks take claim_due (next occurrence, misfire policy).
+-- order needs. Recurring tasks take claim_due (next occurrence, misfire policy). Oldest
+-- first, then the higher priority: the order of task_state_due_idx, so no sort.
 with due as (
     select s.task_id, s.attempt, s.run_at
     from task_state s join tasks t on t.id = s.task_id
     where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now and t.recurrence is null
-    order by s.run_at
+    order by s.run_at, s.priority desc
     limit :limit
     for update of s skip locked
 ), started as (
@@ -147,12 +155,16 @@ from unnest(cast(:ids as uuid[]), cast(:attempts as int[])) as u(task_id, attemp
 where s.task_id = u.task_id and s.attempt = u.attempt and s.state = 'STARTED';
 
 -- get_task --
-select t.*, s.state, s.attempt, s.failures, s.runner_id, s.changed_at
+select t.*, s.state, s.attempt, s.failures, s.runner_id, s.changed_at, s.run_at,
+    array(select d.depends_on from task_dependencies d where d.task_id = t.id order by d.depends_on)
+        as depends_on
 from tasks t join task_state s on s.task_id = t.id
 where t.id = :id;
 
 -- list_tasks --
-select t.*, s.state, s.attempt, s.failures, s.runner_id, s.changed_at
+select t.*, s.state, s.attempt, s.failures, s.runner_id, s.changed_at, s.run_at,
+    array(select d.depends_on from task_dependencies d where d.task_id = t.id order by d.depends_on)
+        as depends_on
 from tasks t join task_state s on s.task_id = t.id
 where (cast(:type as text) is null or t.type = :type)
   and (cast(:state as text) is null or s.state = :state)
@@ -286,12 +298,6 @@ select pg_advisory_xact_lock(hashtext(:scope));
 -- Delivered to the listeners at commit, and not at all on rollback (taskmgr/db.py listens).
 select pg_notify(:channel, :payload);
 
--- move_due --
-update tasks set due_at = :due_at where id = :id;
-
--- move_run_at --
-update task_state set run_at = :due_at, changed_at = :now where task_id = :id and state = 'SCHEDULED';
-
 -- drop_chunks --
 -- Through a SECURITY DEFINER function (sql/0003): drop_chunks needs the table's owner.
 select taskmgr_drop_old_events(cast(:older_than as timestamptz));
@@ -352,7 +358,7 @@ select
 -- history retention has dropped keep their row). STARTED orders come back unsent, so
 -- the relay sends them again (runners drop repeats).
 with last as (
-    select distinct on (task_id) task_id, state, attempt, runner_id, time, detail
+    select distinct on (task_id) task_id, state, attempt, runner_id, time, detail, seq
     from task_events where applied
     order by task_id, seq desc
 ), failures as (
@@ -365,8 +371,21 @@ update task_state s set
     attempt = l.attempt,
     failures = coalesce(f.n, 0),
     runner_id = case when l.state in ('SCHEDULED', 'STARTED', 'RETRYING') then null else l.runner_id end,
-    run_at = case l.state when 'SCHEDULED' then t.due_at
-                          when 'RETRYING' then coalesce((l.detail->>'retry_at')::timestamptz, l.time) end,
+    -- SCHEDULED: its due time, or null while it waits for its dependencies (created
+    -- waiting and not released since); RETRYING: its retry time, or the time an
+    -- operator moved it to since (TaskService.reschedule).
+    run_at = case l.state
+        when 'SCHEDULED' then case when exists (
+                select 1 from task_events w where w.task_id = l.task_id and w.detail ? 'waiting_for')
+            and not exists (
+                select 1 from task_events r where r.task_id = l.task_id and r.detail ? 'released')
+            then null else t.due_at end
+        when 'RETRYING' then coalesce(
+            (select (m.detail->>'run_at')::timestamptz from task_events m
+             where m.task_id = l.task_id and m.seq > l.seq and not m.applied and m.state = 'RETRYING'
+               and m.detail ? 'moved_from'
+             order by m.seq desc limit 1),
+            (l.detail->>'retry_at')::timestamptz, l.time) end,
     sent_at = null,
     changed_at = l.time
 from last l join tasks t on t.id = l.task_id left join failures f on f.task_id = l.task_id

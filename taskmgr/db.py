@@ -97,7 +97,9 @@ async def drop_and_create_database(database_url: str) -> None:
 
 def is_transient(exc: BaseException) -> bool:
     """A failure of the database or of the connection, not of what was being written: a
-    batch goes back whole rather than being split (every part would fail the same way)."""
+    batch goes back whole rather than being split (every part would fail the same way).
+    A deadlock (or a serialization failure) is one too: the transaction is tried again,
+    its data is not at fault."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(
@@ -110,6 +112,7 @@ def is_transient(exc: BaseException) -> bool:
             | asyncpg.exceptions.OperatorInterventionError
             | asyncpg.exceptions.InsufficientResourcesError
             | asyncpg.exceptions.ConnectionDoesNotExistError
+            | asyncpg.exceptions.TransactionRollbackError
             | OSError
             | TimeoutError
             | ConnectionError,

@@ -34,13 +34,29 @@ class InvalidInput(TaskmgrError, ValueError):
         super().__init__(f"{field}: {problem}")
 
 
-class IllegalTransition(TaskmgrError):
+class Conflict(TaskmgrError):
+    """The request is well formed, but the task's (or type's) current state does not
+    allow it: an HTTP API answers 409. Nothing was written."""
+
+
+class TaskNotWaiting(Conflict):
+    """A change only a waiting task (SCHEDULED or RETRYING) may take."""
+
+    def __init__(self, task_id: object, state: str, what: str) -> None:
+        self.task_id, self.state = task_id, state
+        super().__init__(
+            f"task {task_id} is {state}: only a SCHEDULED or RETRYING task can be {what} "
+            "(cancel it and create another, or `tasks retry` a FAILED one)"
+        )
+
+
+class IllegalTransition(Conflict):
     def __init__(self, task_id: object, current: str, new: str) -> None:
         self.task_id, self.current, self.new = task_id, current, new
         super().__init__(f"task {task_id}: cannot go from {current} to {new}")
 
 
-class AlreadyExists(TaskmgrError):
+class AlreadyExists(Conflict):
     pass
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -47,6 +48,39 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 def can_transition(current: State, new: State) -> bool:
     return new in TRANSITIONS[current]
+
+
+# A task's priority: among tasks due at the same time, higher is claimed first (smallint).
+PRIORITY_RANGE = (-32768, 32767)
+
+
+class DependencyPolicy(StrEnum):
+    """What a dependency that ends FAILED or CANCELLED does to the task waiting for it."""
+
+    FAIL = "fail"  # the waiting task fails at once, naming the dependency
+    RUN = "run"  # it counts as ended: the task runs once every dependency has ended
+
+
+class Readiness(StrEnum):
+    WAITING = "waiting"  # a dependency has not ended yet
+    READY = "ready"  # due (at its due time, or now if that has passed)
+    FAILED = "failed"  # a dependency ended FAILED or CANCELLED, and the policy is fail
+
+
+def readiness(
+    dependencies: Mapping[uuid.UUID, State], policy: DependencyPolicy
+) -> tuple[Readiness, uuid.UUID | None]:
+    """Whether a task waiting for these dependencies (their current states) may run: the
+    rule, in one place. READY once every one FINISHED (with policy RUN: once every one
+    ended, however); FAILED, naming the first dependency that ended FAILED or CANCELLED,
+    with policy FAIL, without waiting for the others. A FAILED dependency counts as ended
+    although an operator may retry it: its dependents were judged when it failed."""
+    unsuccessful = sorted(d for d, s in dependencies.items() if s in TERMINAL and s is not State.FINISHED)
+    if unsuccessful and policy is DependencyPolicy.FAIL:
+        return Readiness.FAILED, unsuccessful[0]
+    if all(s in TERMINAL for s in dependencies.values()):
+        return Readiness.READY, None
+    return Readiness.WAITING, None
 
 
 class MisfirePolicy(StrEnum):
@@ -173,6 +207,17 @@ class Task:
     failures: int
     runner_id: str | None
     changed_at: datetime
+    name: str | None = None
+    description: str | None = None
+    priority: int = 0  # among tasks due at the same time, higher is claimed first
+    run_at: datetime | None = None  # when it is due next (waiting), None otherwise
+    depends_on: tuple[uuid.UUID, ...] = ()
+    on_dependency_failure: DependencyPolicy = DependencyPolicy.FAIL
+
+    @property
+    def blocked(self) -> bool:
+        """SCHEDULED, waiting for its dependencies to end."""
+        return self.state is State.SCHEDULED and self.run_at is None
 
 
 @dataclass(frozen=True)

@@ -188,4 +188,8 @@ def next_occurrence_row(r: Mapping[str, Any], due_at: datetime) -> dict[str, Any
         "recurrence": r["recurrence"],
         "occurrence": r["occurrence"] + 1,
         "created_by": "recurrence",
+        # What people named it and its priority carry on; a recurring task has no dependencies.
+        "name": r.get("name"),
+        "description": r.get("description"),
+        "priority": r.get("priority", 0),
     }

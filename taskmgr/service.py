@@ -10,7 +10,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,20 +19,19 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from taskmgr import recurrence as recur
-from taskmgr import store
+from taskmgr import store, waiting
 from taskmgr.errors import (
     AlreadyExists,
-    IllegalTransition,
     InvalidInput,
     TaskNotFound,
     TaskTypeNotFound,
 )
-from taskmgr.messages import MAX_PAYLOAD_BYTES, CancelNotice
+from taskmgr.messages import MAX_PAYLOAD_BYTES
 from taskmgr.models import (
-    ACTIVE,
+    PRIORITY_RANGE,
     TYPE_FIELDS,
     CurrentState,
-    MisfirePolicy,
+    DependencyPolicy,
     Recurrence,
     Scheduled,
     State,
@@ -42,12 +41,13 @@ from taskmgr.models import (
     TaskTypeFields,
     Transition,
 )
+from taskmgr.service_changes import TaskChanges
 
-# How many occurrences after a cancelled one `cancel(series=True)` follows at most (a
-# series has one or two occurrences not yet ended: the guard is against a cycle).
-MAX_SERIES_WALK = 1000
 # A task due within this of now wakes the manager instead of waiting for its next poll.
-WAKEUP_HORIZON_S = 1.0
+WAKEUP_HORIZON_S = waiting.WAKEUP_HORIZON_S
+# The longest name and description of a task (sql/0015 checks them too).
+MAX_NAME = 200
+MAX_DESCRIPTION = 4000
 
 
 def utcnow() -> datetime:
@@ -83,6 +83,42 @@ class NewTask:
     recurrence: Mapping[str, Any] | Recurrence | None = None
     created_by: str = ""
     occurrence: int = 1
+    name: str | None = None
+    description: str | None = None
+    priority: int = 0  # among tasks due at the same time, higher is claimed first
+    depends_on: Sequence[uuid.UUID] = ()  # tasks it waits for (see taskmgr.waiting)
+    on_dependency_failure: DependencyPolicy | str = DependencyPolicy.FAIL
+    id: uuid.UUID | None = None  # None: a new one; given, tasks of one call can wait for it
+
+
+def check_task_fields(t: NewTask, where: str = "") -> dict[str, Any]:
+    """A new task's name, description, priority and dependencies, checked: the columns
+    they fill. InvalidInput names the field."""
+    for name, value, most in (("name", t.name, MAX_NAME), ("description", t.description, MAX_DESCRIPTION)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise InvalidInput(f"{where}{name}", "must be a non-blank string (or left out)")
+        if value is not None and len(value) > most:
+            raise InvalidInput(f"{where}{name}", f"{len(value)} characters; at most {most}")
+    low, high = PRIORITY_RANGE
+    priority = 0 if t.priority is None else t.priority  # None: the default, as left out
+    if isinstance(priority, bool) or not isinstance(priority, int) or not low <= priority <= high:
+        raise InvalidInput(f"{where}priority", f"must be an integer from {low} to {high}: {priority!r}")
+    try:
+        policy = DependencyPolicy(t.on_dependency_failure or DependencyPolicy.FAIL)
+    except ValueError:
+        choices = ", ".join(p.value for p in DependencyPolicy)
+        problem = f"one of {choices}, not {t.on_dependency_failure!r}"
+        raise InvalidInput(f"{where}on_dependency_failure", problem) from None
+    depends_on = waiting.check_depends_on(t.depends_on, where)
+    if depends_on and t.recurrence is not None:
+        raise InvalidInput(f"{where}depends_on", "a recurring task cannot wait for other tasks")
+    return {
+        "name": t.name,
+        "description": t.description,
+        "priority": priority,
+        "depends_on": depends_on,
+        "on_dependency_failure": policy,
+    }
 
 
 @dataclass(frozen=True)
@@ -93,7 +129,11 @@ class SyncResult:
     unchanged: int
 
 
-class TaskService:
+class TaskService(TaskChanges):
+    """The one owner of the rules of tasks and task types: every command, the manager's
+    intake and the HTTP API change them through it. The operator's changes of one task
+    (cancel, retry, reschedule, update_payload) are in taskmgr/service_changes.py."""
+
     def __init__(
         self,
         *,
@@ -185,11 +225,23 @@ class TaskService:
         root_id: uuid.UUID | None = None,
         recurrence: Mapping[str, Any] | Recurrence | None = None,
         created_by: str = "",
+        name: str | None = None,
+        description: str | None = None,
+        priority: int = 0,
+        depends_on: Sequence[uuid.UUID] = (),
+        on_dependency_failure: DependencyPolicy | str = DependencyPolicy.FAIL,
     ) -> Scheduled:
         """Schedule one task in the caller's transaction (nothing is committed here).
 
-        Raises InvalidInput (bad payload, due time, recurrence), TaskTypeNotFound
-        (unknown or deleted type); on error nothing is written.
+        name, description: for people (optional). priority: among tasks due at the same
+        time, higher is claimed first (-32768..32767, default 0). depends_on: tasks it
+        waits for; it is due (at due_at, or when the last ends if that is later) once
+        every one FINISHED. A dependency that ends FAILED or CANCELLED fails it
+        (on_dependency_failure="fail", the default) or counts as ended ("run").
+
+        Raises InvalidInput (bad payload, due time, recurrence, name, priority, a
+        dependency that does not exist), TaskTypeNotFound (unknown or deleted type); on
+        error nothing is written.
         """
         new = NewTask(
             type=type,
@@ -200,6 +252,11 @@ class TaskService:
             root_id=root_id,
             recurrence=recurrence,
             created_by=created_by,
+            name=name,
+            description=description,
+            priority=priority,
+            depends_on=depends_on,
+            on_dependency_failure=on_dependency_failure,
         )
         return (await self.schedule_many(session, [new]))[0]
 
@@ -208,6 +265,7 @@ class TaskService:
     ) -> list[Scheduled]:
         """Schedule many tasks with one statement per table, in the caller's transaction
         (a session or a connection). All are checked first: one bad task writes none.
+        A task may wait for another of the same call (give that one an `id`).
 
         types: the task types this transaction has read, by name, filled in as more are
         read (a caller's short-lived cache: the intake keeps one per batch)."""
@@ -233,9 +291,11 @@ class TaskService:
                 raise InvalidInput(where + exc.field, exc.problem) from None
             if t.dedup_key is not None and not t.dedup_key.strip():
                 raise InvalidInput(f"{where}dedup_key", "must not be blank")
-            task_id = uuid.uuid4()
+            fields = check_task_fields(t, where)
+            task_id = t.id or uuid.uuid4()
             rows.append(
                 {
+                    **fields,
                     "id": task_id,
                     "type": t.type,
                     "payload": dict(t.payload),
@@ -248,11 +308,17 @@ class TaskService:
                     "occurrence": t.occurrence,
                 }
             )
+        given = [r["id"] for t, r in zip(tasks, rows, strict=True) if t.id is not None]
+        if len(set(given)) < len(given):
+            raise InvalidInput("id", "two tasks of one call have the same id")
+        if given and (taken := await store.roots_of(session, given)):
+            raise AlreadyExists(f"task {sorted(taken)[0]} exists; give a new id or none")
         return await self.write_rows(session, rows, now)
 
     async def write_rows(self, conn: Any, rows: Sequence[dict[str, Any]], now: datetime) -> list[Scheduled]:
         """Write tasks already checked (by `schedule_many`, or copies of a checked task
-        such as the next occurrence of a recurrence): tasks, their state, SCHEDULED events."""
+        such as the next occurrence of a recurrence): tasks, their dependencies, state
+        and SCHEDULED events. A task waiting for dependencies starts with run_at null."""
         parents = {r["parent_id"] for r in rows if r["parent_id"] and r["root_id"] == r["id"]}
         if parents:
             roots = await store.roots_of(conn, list(parents))
@@ -262,9 +328,20 @@ class TaskService:
             for r in rows:
                 if r["parent_id"] in parents and r["root_id"] == r["id"]:
                     r["root_id"] = roots[r["parent_id"]]
+        named = await waiting.check_new(conn, rows)
         inserted = await store.insert_tasks(conn, rows)
         new_rows = [r for r in rows if r["id"] in inserted]
-        await store.insert_states(conn, [(r["id"], r["due_at"]) for r in new_rows], now)
+        existing: dict[str, uuid.UUID] = {}
+        dup_keys = [r["dedup_key"] for r in rows if r["id"] not in inserted]
+        if dup_keys:
+            existing = await store.ids_by_dedup_key(conn, dup_keys)
+        deps = waiting.NewDependencies()
+        if any(r.get("depends_on") for r in rows):
+            aliases = {r["id"]: existing[r["dedup_key"]] for r in rows if r["id"] not in inserted}
+            await deps.judge(conn, rows, inserted, aliases, named)
+        run_at = {r["id"]: None if deps.waits(r["id"]) else r["due_at"] for r in new_rows}
+        states = [(r["id"], run_at[r["id"]], r.get("priority", 0)) for r in new_rows]
+        await store.insert_states(conn, states, now)
         await store.insert_events(
             conn,
             [
@@ -273,17 +350,15 @@ class TaskService:
                     state=State.SCHEDULED,
                     attempt=0,
                     source=r["created_by"] or "service",
-                    detail={"due_at": r["due_at"].isoformat()},
+                    detail={"due_at": r["due_at"].isoformat()}
+                    | ({"waiting_for": len(deps.depends_on[r["id"]])} if deps.waits(r["id"]) else {}),
                 )
                 for r in new_rows
             ],
             now,
         )
-        existing: dict[str, uuid.UUID] = {}
-        dup_keys = [r["dedup_key"] for r in rows if r["id"] not in inserted]
-        if dup_keys:
-            existing = await store.ids_by_dedup_key(conn, dup_keys)
-        if any(r["due_at"] <= now + timedelta(seconds=WAKEUP_HORIZON_S) for r in new_rows):
+        await deps.write(conn, now)
+        if any(a is not None and a <= now + timedelta(seconds=WAKEUP_HORIZON_S) for a in run_at.values()):
             await store.notify_wakeup(conn)  # delivered at commit, and not at all on rollback
         return [
             Scheduled(r["id"], True) if r["id"] in inserted else Scheduled(existing[r["dedup_key"]], False)
@@ -378,21 +453,9 @@ class TaskService:
                 revived = f"{key}#{generation[key] + 1}"
                 new.append(NewTask(f.type, f.payload, due, revived, parent_id, root_id, None, "schedule"))
             elif row["state"] == State.SCHEDULED and row["due_at"] != due:
-                await store.move_due(conn, row["id"], due, now)
-                await store.insert_events(
-                    conn,
-                    [
-                        Transition(
-                            row["id"],
-                            State.SCHEDULED,
-                            0,
-                            "schedule",
-                            applied=False,
-                            detail={"moved_from": row["due_at"].isoformat(), "due_at": due.isoformat()},
-                        )
-                    ],
-                    now,
-                )
+                await waiting.move_due(conn, row["id"], due, now)
+                cur = CurrentState(row["id"], State.SCHEDULED, 0, 0, None, None, f.type, root_id)
+                await store.insert_events(conn, [waiting.moved(cur, row["due_at"], due, "schedule")], now)
                 moved += 1
             else:
                 unchanged += 1
@@ -420,115 +483,6 @@ class TaskService:
     ) -> list[Transition]:
         """Append state changes through the state machine (in the caller's transaction)."""
         return await store.apply_transitions(session, transitions, self._clock(), strict=strict)
-
-    async def cancel(
-        self, task_id: uuid.UUID, *, reason: str = "", source: str = "operator", series: bool = False
-    ) -> Task:
-        """Record CANCELLED. A due task is never dispatched after this commits; a
-        running one is stopped: the manager hears of it (NOTIFY) and tells its runner.
-
-        A recurring task: cancelling one occurrence cancels that occurrence only. Its
-        successor is written when it is dispatched; one cancelled before that gets its
-        successor written here (the same `<id>:next` row), so the series goes on.
-        series=True ends the series: no successor, and those already written are
-        cancelled too."""
-        now = self._clock()
-        async with self.session() as session, session.begin():
-            cur = (await store.lock_states(session, [task_id])).get(task_id)
-            if cur is None:
-                raise TaskNotFound(task_id)
-            if cur.state.terminal:
-                raise IllegalTransition(task_id, cur.state, State.CANCELLED)
-            await self._cancel_locked(session, cur, reason or "cancelled", source, now)
-            task = await store.get_task(session, task_id)
-            if task is not None and task.recurrence:
-                if series:
-                    await self._cancel_successors(session, task_id, source, now)
-                elif cur.state is State.SCHEDULED:
-                    await self._write_successor(session, task, now)
-        return await self.get_task(task_id)
-
-    async def _cancel_locked(
-        self, session: Any, cur: CurrentState, reason: str, source: str, now: datetime
-    ) -> None:
-        await store.apply_transitions(
-            session,
-            [
-                Transition(
-                    cur.task_id, State.CANCELLED, cur.attempt, source, cur.runner_id, {"reason": reason}
-                )
-            ],
-            now,
-            current={cur.task_id: cur},
-        )
-        if cur.state in ACTIVE:
-            # STARTED: no runner known yet; the stop goes to every runner of the pool.
-            tt = await store.get_type(session, cur.type)
-            notice = CancelNotice(
-                task_id=cur.task_id,
-                attempt=cur.attempt,
-                runner_id=cur.runner_id,
-                pool=tt.pool if tt is not None else None,
-            )
-            await store.notify_cancel(session, notice)
-
-    async def _cancel_successors(self, session: Any, task_id: uuid.UUID, source: str, now: datetime) -> None:
-        """Follow the `<id>:next` chain and cancel every occurrence not yet ended."""
-        key = f"{task_id}:next"
-        for _ in range(MAX_SERIES_WALK):
-            nxt = (await store.ids_by_dedup_key(session, [key])).get(key)
-            if nxt is None:
-                return
-            c = (await store.lock_states(session, [nxt])).get(nxt)
-            if c is not None and not c.state.terminal:
-                await self._cancel_locked(session, c, f"series cancelled with {task_id}", source, now)
-            key = f"{nxt}:next"
-
-    async def _write_successor(self, session: Any, task: Task, now: datetime) -> None:
-        rule = recur.parse(task.recurrence)
-        assert rule is not None
-        tt = await store.get_type(session, task.type)
-        due = recur.next_occurrence(
-            rule,
-            occurrence=task.occurrence,
-            due_at=task.due_at,
-            now=now,
-            policy=tt.misfire_policy if tt is not None else MisfirePolicy.COALESCE,
-        )
-        if due is None:  # the rule has ended
-            return
-        row = {
-            "task_id": task.id,
-            "type": task.type,
-            "payload": task.payload,
-            "root_id": task.root_id,
-            "recurrence": task.recurrence,
-            "occurrence": task.occurrence,
-        }
-        await self.write_rows(session, [recur.next_occurrence_row(row, due)], now)
-
-    async def retry(self, task_id: uuid.UUID, *, source: str = "operator") -> Task:
-        """An operator's retry of a FAILED task: due again now, failures count reset."""
-        async with self.session() as session, session.begin():
-            cur = (await store.lock_states(session, [task_id])).get(task_id)
-            if cur is None:
-                raise TaskNotFound(task_id)
-            await store.apply_transitions(
-                session,
-                [
-                    Transition(
-                        task_id,
-                        State.RETRYING,
-                        cur.attempt,
-                        source,
-                        detail={"reason": "manual retry", "failures": 0},
-                    )
-                ],
-                self._clock(),
-                current={task_id: replace(cur, failures=0)},
-            )
-            await store.notify_wakeup(session)
-        return await self.get_task(task_id)
 
     # -- reading -------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from taskmgr.messages import CancelNotice, encode
 from taskmgr.models import (
     TYPE_FIELDS,
     CurrentState,
+    DependencyPolicy,
     MisfirePolicy,
     State,
     StateChanges,
@@ -78,6 +79,9 @@ def _task_from_row(row: Any) -> Task:
         failures=m["failures"],
         runner_id=m["runner_id"],
         changed_at=m["changed_at"],
+        **{k: m[k] for k in ("name", "description", "priority", "run_at")},
+        depends_on=tuple(m["depends_on"]),
+        on_dependency_failure=DependencyPolicy(m["on_dependency_failure"]),
     )
 
 
@@ -199,6 +203,10 @@ async def insert_tasks(conn: Conn, tasks: Sequence[Mapping[str, Any]]) -> set[uu
         "recurrences": [_dumps(t.get("recurrence")) for t in tasks],
         "occurrences": [t.get("occurrence", 1) for t in tasks],
         "created_bys": [t.get("created_by", "") for t in tasks],
+        "names": [t.get("name") for t in tasks],
+        "descriptions": [t.get("description") for t in tasks],
+        "priorities": [t.get("priority", 0) for t in tasks],
+        "on_dependency_failures": [str(t.get("on_dependency_failure", DependencyPolicy.FAIL)) for t in tasks],
     }
     rows = await _run(conn, "insert_tasks", params)
     return {r[0] for r in rows}
@@ -210,18 +218,13 @@ async def ids_by_dedup_key(conn: Conn, keys: Sequence[str]) -> dict[str, uuid.UU
 
 
 async def insert_states(
-    conn: Conn, ids_and_run_at: Sequence[tuple[uuid.UUID, datetime]], now: datetime
+    conn: Conn, rows: Sequence[tuple[uuid.UUID, datetime | None, int]], now: datetime
 ) -> None:
-    if ids_and_run_at:
-        await _run(
-            conn,
-            "insert_states",
-            {
-                "ids": [i for i, _ in ids_and_run_at],
-                "run_ats": [r for _, r in ids_and_run_at],
-                "now": now,
-            },
-        )
+    """New tasks' rows: (id, run_at or None while waiting for dependencies, priority)."""
+    if rows:
+        ids, run_ats, priorities = zip(*rows, strict=True)
+        params = {"ids": list(ids), "run_ats": list(run_ats), "priorities": list(priorities), "now": now}
+        await _run(conn, "insert_states", params)
 
 
 async def insert_events(conn: Conn, transitions: Sequence[Transition], now: datetime) -> None:
@@ -296,7 +299,17 @@ async def apply_transitions(
 
 async def write_changes(conn: Conn, changes: StateChanges) -> None:
     """Append the changes' events to task_events and write the rows they changed to
-    task_state (both as models.StateChanges judged and folded them)."""
+    task_state (both as models.StateChanges judged and folded them); then, in the same
+    transaction, settle the tasks waiting for those that ended (taskmgr.waiting.settle)."""
+    from taskmgr import waiting  # it writes its own changes through this function
+
+    batch: StateChanges | None = changes
+    while batch is not None:
+        await _write_changes(conn, batch)
+        batch = await waiting.settle(conn, batch)
+
+
+async def _write_changes(conn: Conn, changes: StateChanges) -> None:
     await insert_events(conn, changes.recorded, changes.now)
     if changes.changed:
         rows = list(changes.changed.values())
@@ -517,11 +530,6 @@ async def notify_wakeup(conn: Conn) -> None:
 async def notify_cancel(conn: Conn, notice: CancelNotice) -> None:
     """At commit, tell the leader to stop a cancelled task on its runner(s)."""
     await _run(conn, "notify", {"channel": CANCEL_CHANNEL, "payload": encode(notice).decode()})
-
-
-async def move_due(conn: Conn, task_id: uuid.UUID, due_at: datetime, now: datetime) -> None:
-    await _run(conn, "move_due", {"id": task_id, "due_at": due_at})
-    await _run(conn, "move_run_at", {"id": task_id, "due_at": due_at, "now": now})
 
 
 async def drop_chunks(conn: Conn, older_than: datetime) -> int:

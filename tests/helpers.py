@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +13,18 @@ import aio_pika
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from manager.dispatch import Dispatcher
+from manager.intake import ProgressIntake
 from task_types.game import LiveGameHandler
 from task_types.noop import NoopHandler
 from task_types.period_score import PeriodScoreHandler
 from task_types.schedule import ScheduleHandler
 from task_types.stat_correction import StatCorrectionHandler
-from taskmgr.broker import Topology
+from taskmgr.broker import Publisher, Topology
 from taskmgr.handlers import Registry
-from taskmgr.messages import StartBatch, decode_start
+from taskmgr.messages import Report, RunnerReports, StartBatch, decode_start
 from taskmgr.service import NewTask, TaskService
+from taskmgr.settings import Settings
 
 # Re-exported for the tests: one copy, shared with the benchmarks.
 from taskmgr.testing import amqp_as as amqp_as
@@ -48,6 +51,30 @@ async def schedule(
             session, [NewTask(type_, payload or {}, due_at=due_at, **kw) for _ in range(n)]
         )
     return [d.id for d in done]
+
+
+async def create(service: TaskService, *news: NewTask) -> list[uuid.UUID]:
+    async with service.session() as session, session.begin():
+        return [s.id for s in await service.schedule_many(session, list(news))]
+
+
+class Runs:
+    """Dispatch what is due and report it ended, as a runner would (in this process)."""
+
+    def __init__(self, engine: Any, publisher: Publisher, settings: Settings, service: TaskService) -> None:
+        self.dispatcher = Dispatcher(engine=engine, publisher=publisher, service=service, settings=settings)
+        self.intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings)
+
+    async def dispatch(self) -> int:
+        return (await self.dispatcher.poll_once()).claimed
+
+    async def end(self, tid: uuid.UUID, status: str = "finished", attempt: int = 1) -> None:
+        now = datetime.now(UTC)
+        reports = [
+            Report(task_id=tid, attempt=attempt, status=s, at=now)  # type: ignore[arg-type]
+            for s in ("running", status)
+        ]
+        await self.intake.apply([RunnerReports(runner_id="r1", pool="default", reports=reports)])
 
 
 async def drain(url: str, queue: str, *, expect: int | None = None, timeout: float = 10.0) -> list[bytes]:

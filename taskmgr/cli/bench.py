@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from bench import chaos, discovery, dispatch, footprint
+from bench import chaos, dependencies, discovery, dispatch, footprint
 from bench import events as events_bench
 from bench import runner as runner_bench
 from taskmgr.cli.common import EXIT_FAILURE, BadInput, run, settings_of
@@ -47,6 +47,16 @@ _bench(
     "A poll's time with N events in history against an empty history.",
     [
         click.Option(["--events"], type=int, default=10_000_000, show_default=True),
+    ],
+)
+_bench(
+    "dependencies",
+    dependencies.main,
+    "Claims and intake batches with N waiting tasks stored (half waiting for the other half) against "
+    "none, and what releasing a task adds to the transaction that ends its dependency.",
+    [
+        click.Option(["--stored"], type=click.IntRange(2, 100_000_000), default=1_000_000, show_default=True),
+        click.Option(["--rounds"], type=click.IntRange(1, 1000), default=9, show_default=True),
     ],
 )
 _bench(

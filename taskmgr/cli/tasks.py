@@ -1,21 +1,24 @@
-"""`taskmgr tasks`, `audit` and `logs`: tasks created, read, listed, cancelled and
-retried, with their history."""
+"""`taskmgr tasks`, `audit` and `logs`: tasks created, read, listed, rescheduled,
+updated, cancelled and retried, with their history."""
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 
-from taskmgr.cli.common import parse_json_arg, parse_time, parse_uuid, run, settings_of
+from taskmgr.cli.common import BadInput, parse_json_arg, parse_time, parse_uuid, run, settings_of
 from taskmgr.cli.db import call, task_service
 from taskmgr.cli.output import emit, output_option
-from taskmgr.models import State
+from taskmgr.models import DependencyPolicy, State
 
-TASK_COLUMNS = ["id", "type", "state", "attempt", "due_at", "runner_id", "root_id", "dedup_key"]
+TASK_COLUMNS = ["id", "name", "type", "state", "attempt", "priority", "due_at", "runner_id", "root_id"]
+TASK_DETAIL = [*TASK_COLUMNS, "dedup_key", "run_at", "depends_on", "description", "payload"]
 EVENT_COLUMNS = ["time", "state", "attempt", "applied", "source", "runner_id", "detail"]
 
 
@@ -24,9 +27,67 @@ def tasks() -> None:
     """Tasks: create, get, list, history, cancel, retry, status."""
 
 
+def parse_parameters(values: Sequence[str], what: str = "--parameter") -> dict[str, Any]:
+    """KEY=VALUE pairs as payload fields: the value is JSON if it parses (5, true,
+    [1,2], {"a":1}, "quoted"), else the string as given."""
+    fields: dict[str, Any] = {}
+    for item in values:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise BadInput(f"{what}: {item!r} is not KEY=VALUE")
+        try:
+            fields[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key.strip()] = value
+    return fields
+
+
+def payload_of(payload: str | None, parameters: Sequence[str]) -> Any:
+    """--payload (JSON) with the --parameter fields set over it; None when neither."""
+    body = parse_json_arg(payload, "--payload")
+    if not parameters:
+        return body
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise BadInput("--payload: must be a JSON object to take --parameter fields")
+    return {**body, **parse_parameters(parameters)}
+
+
+PARAMETER_HELP = (
+    "A payload field KEY=VALUE (repeatable): VALUE is JSON if it parses (5, true, "
+    '"5", [1,2]), else a string. Set over --payload.'
+)
+
+
 @tasks.command("create")
-@click.argument("type_")
-@click.option("--payload", "-p", default="{}", help="JSON payload, inline or @file.")
+@click.argument("name_or_type", metavar="NAME|TYPE")
+@click.option("--type", "-t", "type_", default=None, help="The task type; the argument is then its name.")
+@click.option("--parameter", "parameters", multiple=True, metavar="KEY=VALUE", help=PARAMETER_HELP)
+@click.option("--payload", "-p", default=None, help="JSON payload, inline or @file (default: {}).")
+@click.option("--name", default=None, help="The task's name (with TYPE as the argument).")
+@click.option("--description", default=None, help="What the task is for.")
+@click.option(
+    "--priority",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Among tasks due at the same time, higher starts first (-32768..32767).",
+)
+@click.option(
+    "--after",
+    "after",
+    multiple=True,
+    metavar="TASK",
+    help="Wait for this task to end first (repeatable): due once all of them FINISHED.",
+)
+@click.option(
+    "--on-dependency-failure",
+    type=click.Choice([p.value for p in DependencyPolicy]),
+    default=DependencyPolicy.FAIL.value,
+    show_default=True,
+    help="A task of --after that ends FAILED or CANCELLED: fail this one, or run it anyway.",
+)
 @click.option("--due", default=None, help="ISO-8601 due time with a timezone (default: now).")
 @click.option("--in", "in_s", type=float, default=None, help="Due in this many seconds.")
 @click.option("--dedup-key", default=None, help="Idempotency key.")
@@ -40,8 +101,15 @@ def tasks() -> None:
 @click.pass_context
 def tasks_create(
     ctx: click.Context,
-    type_: str,
-    payload: str,
+    name_or_type: str,
+    type_: str | None,
+    parameters: tuple[str, ...],
+    payload: str | None,
+    name: str | None,
+    description: str | None,
+    priority: int,
+    after: tuple[str, ...],
+    on_dependency_failure: str,
     due: str | None,
     in_s: float | None,
     dedup_key: str | None,
@@ -53,8 +121,17 @@ def tasks_create(
     ends_at: str | None,
     output: str,
 ) -> None:
-    """Schedule a task of TYPE."""
-    body = parse_json_arg(payload, "--payload")
+    """Schedule a task: `create NAME --type TYPE [--parameter K=V ...]`, or `create TYPE
+    [-p JSON]`."""
+    if type_ is not None:
+        if name is not None:
+            raise BadInput("--name: the argument is the name already (with --type)")
+        name = name_or_type
+    else:
+        type_ = name_or_type
+    body = payload_of(payload, parameters)
+    body = {} if body is None else body
+    depends_on = [parse_uuid(a, "--after") for a in after]
     due_at = parse_time(due, "--due")
     if in_s is not None:
         due_at = datetime.now(UTC) + timedelta(seconds=in_s)
@@ -82,6 +159,11 @@ def tasks_create(
                     parent_id=parent_id,
                     recurrence=rec,
                     created_by="cli",
+                    name=name,
+                    description=description,
+                    priority=priority,
+                    depends_on=depends_on,
+                    on_dependency_failure=on_dependency_failure,
                 )
             return await svc.get_task(done.id), done.created
 
@@ -98,7 +180,51 @@ def tasks_create(
 def tasks_get(ctx: click.Context, task_id: str, output: str) -> None:
     tid = parse_uuid(task_id)
 
-    emit(call(ctx, lambda svc: svc.get_task(tid)), output, [*TASK_COLUMNS, "payload"])
+    emit(call(ctx, lambda svc: svc.get_task(tid)), output, TASK_DETAIL)
+
+
+@tasks.command("reschedule")
+@click.argument("task_id")
+@click.option("--at", "at", default=None, help="The new due time, ISO-8601 with a timezone.")
+@click.option("--in", "in_s", type=float, default=None, help="Due this many seconds from now.")
+@output_option
+@click.pass_context
+def tasks_reschedule(
+    ctx: click.Context, task_id: str, at: str | None, in_s: float | None, output: str
+) -> None:
+    """Move a waiting (SCHEDULED or RETRYING) task to a new due time."""
+    tid = parse_uuid(task_id)
+    if (at is None) == (in_s is None):
+        raise BadInput("give the new due time: --at ISO-TIME or --in SECONDS (one of them)")
+    due_at = parse_time(at, "--at") if at is not None else datetime.now(UTC) + timedelta(seconds=in_s or 0)
+    assert due_at is not None
+
+    emit(call(ctx, lambda svc: svc.reschedule(tid, due_at)), output, TASK_DETAIL)
+
+
+@tasks.command("update")
+@click.argument("task_id")
+@click.option("--payload", "-p", default=None, help="The new payload (JSON, inline or @file): replaces it.")
+@click.option(
+    "--parameter",
+    "parameters",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help=PARAMETER_HELP + " Without --payload, the task's other fields are kept.",
+)
+@output_option
+@click.pass_context
+def tasks_update(
+    ctx: click.Context, task_id: str, payload: str | None, parameters: tuple[str, ...], output: str
+) -> None:
+    """Change a waiting (SCHEDULED or RETRYING) task's payload; it must match its type's schema."""
+    tid = parse_uuid(task_id)
+    body = payload_of(payload, parameters)
+    if body is None:
+        raise BadInput("nothing to change: give -p JSON and/or --parameter KEY=VALUE")
+    merge = payload is None
+
+    emit(call(ctx, lambda svc: svc.update_payload(tid, body, merge=merge)), output, TASK_DETAIL)
 
 
 @tasks.command("list")
