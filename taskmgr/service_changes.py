@@ -230,7 +230,8 @@ class TaskChanges:
                     )
                 ],
                 self._clock(),
-                current={task_id: replace(cur, failures=0)},
+                # A new run: failures and max_runtime_s count again from here.
+                current={task_id: replace(cur, failures=0, started_at=None)},
             )
             await store.notify_wakeup(session)
         return await self.get_task(task_id)

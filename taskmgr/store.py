@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from taskmgr.errors import TaskmgrError
-from taskmgr.messages import CancelNotice, encode
+from taskmgr.messages import CancelNotice, TypeChange, encode
 from taskmgr.models import (
     TYPE_FIELDS,
     CurrentState,
@@ -42,6 +42,7 @@ Conn = AsyncConnection | AsyncSession
 # The NOTIFY channels (the leading manager LISTENs on them: taskmgr/db.py's listen).
 WAKEUP_CHANNEL = "taskmgr_wakeup"  # a task is due now: dispatch at once, not at the next poll
 CANCEL_CHANNEL = "taskmgr_cancel"  # a started or running task was cancelled: its payload, a CancelNotice
+TYPE_CHANNEL = "taskmgr_type_changed"  # a task type changed: its payload, a TypeChange for the runners
 
 
 class StoreError(TaskmgrError):
@@ -257,6 +258,7 @@ def _current_from_row(row: Any) -> CurrentState:
         run_at=m["run_at"],
         type=m["type"],
         root_id=m["root_id"],
+        started_at=m["started_at"],
     )
 
 
@@ -324,6 +326,7 @@ async def _write_changes(conn: Conn, changes: StateChanges) -> None:
                 "failures": [r.failures for r in rows],
                 "run_ats": [r.run_at for r in rows],
                 "runner_ids": [r.runner_id for r in rows],
+                "started_ats": [r.started_at for r in rows],
             },
         )
 
@@ -401,6 +404,8 @@ async def tree_events(conn: Conn, root_id: uuid.UUID) -> list[TaskEvent]:
 
 
 async def counts_by_state(conn: Conn, *, type: str | None = None) -> dict[State, int]:
+    """Counted from the projection, every task ever stored: for one type. Of all types,
+    upkeep.state_counts reads the counts the triggers keep."""
     rows = await _run(conn, "counts_by_state", {"type": type})
     return {State(r.state): r.n for r in rows}
 
@@ -530,6 +535,11 @@ async def notify_wakeup(conn: Conn) -> None:
 async def notify_cancel(conn: Conn, notice: CancelNotice) -> None:
     """At commit, tell the leader to stop a cancelled task on its runner(s)."""
     await _run(conn, "notify", {"channel": CANCEL_CHANNEL, "payload": encode(notice).decode()})
+
+
+async def notify_type_change(conn: Conn, change: TypeChange) -> None:
+    """At commit, tell the leader to broadcast a task type's new values to the runners."""
+    await _run(conn, "notify", {"channel": TYPE_CHANNEL, "payload": encode(change).decode()})
 
 
 async def drop_chunks(conn: Conn, older_than: datetime) -> int:
