@@ -149,9 +149,10 @@ class Poller:
                 woke = await self._sleep_until(deadline)
                 if woke == "retuned":
                     # The type's values changed: the next tick keeps to the new interval
-                    # from the last one (a backoff runs its course).
+                    # from the last one, or comes now if that has passed (a backoff runs
+                    # its course).
                     if slot is not None and not backing_off:
-                        deadline = slot + self._interval
+                        deadline = max(slot + self._interval, loop.time())
                     continue
                 if woke == "expired":
                     self._report_expired()
