@@ -208,6 +208,12 @@ async def test_bad_type_values_change_nothing_and_broadcast_nothing(
         for bad in ({"poll_interval_s": 0}, {"max_runtime_s": -1}, {"request_timeout_s": "soon"}):
             with pytest.raises(InvalidInput):
                 await service.update_type("forever", **bad)
+        env = {"TASKMGR_DATABASE_URL": settings.database_url, "TASKMGR_AMQP_PREFIX": settings.amqp_prefix}
+        for flags in (["--max-runtime", "0"], ["--max-runtime", "soon"], ["--poll-interval", "-1"]):
+            result = await asyncio.to_thread(
+                CliRunner().invoke, main, ["types", "update", "forever", *flags], env=env
+            )
+            assert result.exit_code == 2, (flags, result.output)
         await asyncio.sleep(0.5)
         assert s.msignals.type_broadcast.count == 0
     t = await service.get_type("forever")
