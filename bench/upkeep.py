@@ -5,8 +5,11 @@ Everything runs in this process against its own database `taskmgr_bench_upkeep` 
 with force and made anew) and RabbitMQ prefix `bench<random>`:
 
 1. the same live work in both phases: `--active` (1,000) tasks dispatched and left
-   STARTED (sent, never taken: no runner consumes the pool; a start timeout of an hour
-   and a max_runtime_s of a day, so recovery's scans walk them and change nothing);
+   STARTED (sent, never taken: no runner consumes the pool), every type's start timeout
+   an hour and the bench type's max_runtime_s a day, so that recovery finds nothing to
+   do: its scans read what is overdue (sent orders older than the smallest start
+   timeout, active tasks older than the smallest max runtime), which is work, not what
+   is stored;
 2. with no finished task, each periodic job of the leader `--runs` times (after 2
    warm-up runs), median ms:
    - dispatch: `Dispatcher.poll_once()` with `--due` (100) tasks due (claim, STARTED
@@ -224,6 +227,7 @@ async def main(
             dispatcher = Dispatcher(engine=engine, publisher=pub, service=svc, settings=own)
             past = datetime.now(UTC) - timedelta(seconds=1)
             async with engine.begin() as conn:
+                await conn.execute(text("update task_types set start_timeout_s = 3600"))
                 await svc.schedule_many(conn, [NewTask(TYPE, {"a": j}, due_at=past) for j in range(active)])
             assert (await dispatcher.poll_once()).claimed == active
             await relay.run_once()
