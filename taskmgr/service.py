@@ -185,7 +185,7 @@ class TaskService(TaskChanges):
             assert updated is not None
             # At commit, the leader broadcasts the values running pollers take at their
             # next tick (the rest, such as the URL or the pool, apply from the next dispatch).
-            await store.notify_type_change(conn, TypeChange.of(updated))
+            await store.notify_leader(conn, TypeChange.of(updated))
             return updated
 
     async def get_type(self, name: str, *, include_deleted: bool = False) -> TaskType:

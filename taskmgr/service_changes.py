@@ -172,7 +172,7 @@ class TaskChanges:
                 runner_id=cur.runner_id,
                 pool=tt.pool if tt is not None else None,
             )
-            await store.notify_cancel(session, notice)
+            await store.notify_leader(session, notice)
 
     async def _cancel_successors(self, session: Any, task_id: uuid.UUID, source: str, now: datetime) -> None:
         """Follow the `<id>:next` chain and cancel every occurrence not yet ended."""

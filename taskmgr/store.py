@@ -404,8 +404,6 @@ async def tree_events(conn: Conn, root_id: uuid.UUID) -> list[TaskEvent]:
 
 
 async def counts_by_state(conn: Conn, *, type: str | None = None) -> dict[State, int]:
-    """Counted from the projection, every task ever stored: for one type. Of all types,
-    upkeep.state_counts reads the counts the triggers keep."""
     rows = await _run(conn, "counts_by_state", {"type": type})
     return {State(r.state): r.n for r in rows}
 
@@ -532,14 +530,10 @@ async def notify_wakeup(conn: Conn) -> None:
     await _run(conn, "notify", {"channel": WAKEUP_CHANNEL, "payload": ""})
 
 
-async def notify_cancel(conn: Conn, notice: CancelNotice) -> None:
-    """At commit, tell the leader to stop a cancelled task on its runner(s)."""
-    await _run(conn, "notify", {"channel": CANCEL_CHANNEL, "payload": encode(notice).decode()})
-
-
-async def notify_type_change(conn: Conn, change: TypeChange) -> None:
-    """At commit, tell the leader to broadcast a task type's new values to the runners."""
-    await _run(conn, "notify", {"channel": TYPE_CHANNEL, "payload": encode(change).decode()})
+async def notify_leader(conn: Conn, message: CancelNotice | TypeChange) -> None:
+    """At commit, tell the leader of a task to stop (CancelNotice), a type change to broadcast."""
+    channel = CANCEL_CHANNEL if isinstance(message, CancelNotice) else TYPE_CHANNEL
+    await _run(conn, "notify", {"channel": channel, "payload": encode(message).decode()})
 
 
 async def drop_chunks(conn: Conn, older_than: datetime) -> int:
