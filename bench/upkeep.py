@@ -21,7 +21,7 @@ with force and made anew) and RabbitMQ prefix `bench<random>`:
    - gauges: `Upkeep.refresh_gauges()` (fold the counts' deltas, read them);
    - retention: `Retention.run_once()` of task_events and emitted_events (no chunk is
      old enough) and `Upkeep.prune_once()` (no task ended before the retention);
-   - and, for comparison, the count the gauges used to run (`store.counts_by_state`:
+   - and, for comparison, the count the gauges used to run (`upkeep.counts_by_state`:
      every task stored, grouped by state);
 3. `--finished` tasks FINISHED within the last 20 days (inside the retention), written
    server-side with generate_series in steps of 100,000 through the real triggers
@@ -50,7 +50,7 @@ from manager.dispatch import Dispatcher
 from manager.lifecycle import LifecycleRelay
 from manager.recovery import Recovery, Retention
 from manager.upkeep import Upkeep
-from taskmgr import broker, store
+from taskmgr import broker, upkeep
 from taskmgr.db import make_engine
 from taskmgr.queries import q
 from taskmgr.service import NewTask, TaskService
@@ -235,7 +235,7 @@ async def main(
 
             async def counted() -> None:
                 async with engine.connect() as conn:
-                    await store.counts_by_state(conn)
+                    await upkeep.counts_by_state(conn)
 
             async def retention() -> None:
                 await Retention.of_task_events(engine=engine, settings=own).run_once()

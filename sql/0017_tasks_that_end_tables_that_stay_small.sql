@@ -67,7 +67,7 @@ create trigger task_state_count_truncate after truncate on task_state
 insert into task_state_counts (state, n) select state, count(*) from task_state group by state;
 
 -- Whole trees only: a tree is pruned when every task in it is terminal and changed
--- before the cutoff. Scans at most max_tasks old terminal tasks (task_state_ended_idx,
+-- before the cutoff, and no task of a tree kept depends on one of its tasks. Scans at most max_tasks old terminal tasks (task_state_ended_idx,
 -- after the cursor after_at/after_id), locks the state and task rows of their trees,
 -- checks again under the locks (an operator's retry of a FAILED task, a child written
 -- meanwhile) and deletes those trees: task_services, task_state, tasks (and, by their
@@ -98,11 +98,18 @@ begin
     end if;
     perform 1 from tasks t join task_state s on s.task_id = t.id
     where t.root_id = any(roots) order by t.id for update of s, t;
-    select array_agg(t.id) into doomed from tasks t
+    select array_agg(distinct t.root_id) into roots from tasks t
     where t.root_id = any(roots) and t.root_id not in (
         select t2.root_id from tasks t2 join task_state s on s.task_id = t2.id
         where t2.root_id = any(roots)
           and (s.state not in ('FINISHED', 'FAILED', 'CANCELLED') or s.changed_at >= cutoff));
+    -- A tree one of whose tasks a task of a tree kept depends on (sql/0016) is kept too:
+    -- the dependency stays on record while its dependent does.
+    select array_agg(t.id) into doomed from tasks t
+    where t.root_id = any(roots) and t.root_id not in (
+        select t3.root_id from tasks t3 join task_dependencies d on d.depends_on = t3.id
+        join tasks t4 on t4.id = d.task_id
+        where t3.root_id = any(roots) and not (t4.root_id = any(roots)));
     if doomed is not null then
         delete from task_services where task_id = any(doomed);
         delete from task_state where task_id = any(doomed);

@@ -188,21 +188,6 @@ from task_events e
 where e.task_id in (select id from tasks where root_id = :root_id)
 order by e.seq;
 
--- counts_by_state --
--- Counts every task stored: for an operator's question about one type. The periodic
--- gauges read state_counts (sql/upkeep_queries.sql), kept by triggers (sql/0017).
-select s.state, count(*) as n
-from task_state s join tasks t on t.id = s.task_id
-where (cast(:type as text) is null or t.type = :type)
-group by s.state;
-
--- counts_per_bucket --
-select time_bucket(cast(:bucket as interval), time) as bucket, state, count(*) as n
-from task_events
-where applied and time >= :since and time < :until
-group by bucket, state
-order by bucket, state;
-
 -- upsert_runner --
 insert into runners (id, pool, host, pid, started_at, last_seen, tasks)
 values (:id, :pool, :host, :pid, :now, :now, :tasks)

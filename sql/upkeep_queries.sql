@@ -1,10 +1,26 @@
--- Named queries of upkeep (taskmgr/upkeep.py): the counts by state, expiries, pruning.
+-- Named queries of upkeep (taskmgr/upkeep.py): the counts by state (kept, counted, and
+-- per time bucket from the history), expiries, pruning.
 -- "-- name --" then the SQL, as sql/queries.sql.
 
 -- state_counts --
 -- Tasks by state: the sum of the deltas the triggers of sql/0017 wrote (a few rows per
 -- state since the last fold), not a count of every task stored.
 select state, sum(n)::bigint as n from task_state_counts group by state having sum(n) <> 0;
+
+-- counts_by_state --
+-- Counts every task stored: for an operator's question about one type. The periodic
+-- gauges read state_counts (above), kept by triggers (sql/0017).
+select s.state, count(*) as n
+from task_state s join tasks t on t.id = s.task_id
+where (cast(:type as text) is null or t.type = :type)
+group by s.state;
+
+-- counts_per_bucket --
+select time_bucket(cast(:bucket as interval), time) as bucket, state, count(*) as n
+from task_events
+where applied and time >= :since and time < :until
+group by bucket, state
+order by bucket, state;
 
 -- fold_state_counts --
 -- One row per state again: the deltas committed so far, summed (a delta of a transaction

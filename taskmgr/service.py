@@ -518,7 +518,7 @@ class TaskService(TaskChanges):
         async with self._engine.connect() as conn:
             if type is None:
                 return await upkeep.state_counts(conn)
-            return await store.counts_by_state(conn, type=type)
+            return await upkeep.counts_by_state(conn, type=type)
 
     async def counts_per_bucket(
         self, bucket: str, since: datetime, until: datetime
@@ -528,7 +528,7 @@ class TaskService(TaskChanges):
             raise InvalidInput("bucket", f"{bucket!r} is not like '1 minute' or '5 minutes'")
         width = timedelta(**{m.group(2) + "s": int(m.group(1))})
         async with self._engine.connect() as conn:
-            return await store.counts_per_bucket(conn, width, since, until)
+            return await upkeep.counts_per_bucket(conn, width, since, until)
 
 
 def _ids_of(parent: Task | Mapping[str, Any]) -> tuple[uuid.UUID, uuid.UUID]:

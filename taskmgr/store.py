@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from functools import cache
 from typing import Any, get_origin
@@ -401,18 +401,6 @@ async def history(conn: Conn, task_id: uuid.UUID) -> list[TaskEvent]:
 
 async def tree_events(conn: Conn, root_id: uuid.UUID) -> list[TaskEvent]:
     return [_event_from_row(r) for r in await _run(conn, "tree_events", {"root_id": root_id})]
-
-
-async def counts_by_state(conn: Conn, *, type: str | None = None) -> dict[State, int]:
-    rows = await _run(conn, "counts_by_state", {"type": type})
-    return {State(r.state): r.n for r in rows}
-
-
-async def counts_per_bucket(
-    conn: Conn, bucket: timedelta, since: datetime, until: datetime
-) -> list[tuple[datetime, State, int]]:
-    rows = await _run(conn, "counts_per_bucket", {"bucket": bucket, "since": since, "until": until})
-    return [(r.bucket, State(r.state), r.n) for r in rows]
 
 
 # -- runners -------------------------------------------------------------------------

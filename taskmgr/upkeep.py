@@ -1,5 +1,6 @@
 """The data layer of upkeep (sql/0017, queries in sql/upkeep_queries.sql): the counts of
-tasks by state that triggers keep, the scan for tasks past their type's max_runtime_s,
+tasks by state (those triggers keep; counted for one type; per time bucket from the
+history), the scan for tasks past their type's max_runtime_s,
 and pruning (whole trees of old terminal tasks, runners long gone). As taskmgr.store:
 functions named after their queries, taking the connection to run on, returning values,
 never rows; driver errors become StoreError.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -39,6 +40,20 @@ async def state_counts(conn: Conn) -> dict[State, int]:
     """Tasks by state (states with none left out), from the counts kept by triggers in
     the transaction of each change: a read of a few rows, however many tasks are stored."""
     return {State(r.state): int(r.n) for r in await _run(conn, "state_counts")}
+
+
+async def counts_by_state(conn: Conn, *, type: str | None = None) -> dict[State, int]:
+    """Counted from the projection, every task stored: for one type (an operator's question).
+    Of all types, state_counts reads the counts the triggers keep."""
+    rows = await _run(conn, "counts_by_state", {"type": type})
+    return {State(r.state): r.n for r in rows}
+
+
+async def counts_per_bucket(
+    conn: Conn, bucket: timedelta, since: datetime, until: datetime
+) -> list[tuple[datetime, State, int]]:
+    rows = await _run(conn, "counts_per_bucket", {"bucket": bucket, "since": since, "until": until})
+    return [(r.bucket, State(r.state), r.n) for r in rows]
 
 
 async def fold_state_counts(conn: Conn) -> None:

@@ -65,7 +65,9 @@ _bench(
     upkeep_bench.main,
     "Each periodic job of the manager with N finished tasks stored against none.",
     [
-        click.Option(["--finished"], type=click.IntRange(1, 100_000_000), default=1_000_000, show_default=True),
+        click.Option(
+            ["--finished"], type=click.IntRange(1, 100_000_000), default=1_000_000, show_default=True
+        ),
         click.Option(["--active"], type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
         click.Option(["--runs"], type=click.IntRange(1, 1000), default=15, show_default=True),
     ],

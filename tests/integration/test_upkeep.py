@@ -163,6 +163,9 @@ async def _dangling(engine: Any) -> dict[str, int]:
         "(select 1 from task_state s where s.task_id = t.id)",
         "seedings": "select count(*) from schedule_seedings g where not exists "
         "(select 1 from tasks t where t.id = g.task_id)",
+        "dependencies": "select count(*) from task_dependencies d where not exists "
+        "(select 1 from tasks t where t.id = d.task_id) or not exists "
+        "(select 1 from tasks t where t.id = d.depends_on)",
     }
     async with engine.connect() as conn:
         return {k: (await conn.execute(text(sql))).scalar_one() for k, sql in checks.items()}
@@ -201,7 +204,13 @@ async def test_pruning_deletes_whole_old_trees_only_and_leaves_nothing_dangling(
     # D: a lone root ended 40 days ago: pruned.
     d = await schedule(service, "poll", 1)
     await _end(service, d)
-    await _age(database_url, a + b + c[:-1] + d, OLD)
+    # E: a lone root ended 40 days ago, but a task still waiting (G, another tree) depends
+    # on it: kept while G is.
+    later = datetime.now(UTC) + timedelta(hours=1)
+    e = await schedule(service, "poll", 1, due_at=later)
+    g = await schedule(service, "poll", 1, due_at=later, depends_on=e, on_dependency_failure="run")
+    await _end(service, e)
+    await _age(database_url, a + b + c[:-1] + d + e, OLD)
     # Runners: stopped long ago (pruned), dead long ago (pruned), stopped lately, live.
     async with engine.begin() as conn:
         long_ago = datetime.now(UTC) - timedelta(days=10)
@@ -225,20 +234,21 @@ async def test_pruning_deletes_whole_old_trees_only_and_leaves_nothing_dangling(
     assert await _existing(engine, a + d) == set()
     assert await _existing(engine, b) == set(b)
     assert await _existing(engine, c) == set(c)
+    assert await _existing(engine, e + g) == set(e + g)
     assert await _dangling(engine) == dict.fromkeys(
-        ("task_state", "task_services", "parents", "roots", "stateless", "seedings"), 0
+        ("task_state", "task_services", "parents", "roots", "stateless", "seedings", "dependencies"), 0
     )
     async with engine.connect() as conn:
         seedings = (await conn.execute(text("select count(*) from schedule_seedings"))).scalar()
         runners = {r[0] for r in await conn.execute(text("select id from runners"))}
     assert seedings == 0 and runners == {"r-lately", "r-live"}
     await _check_counts(engine)
-    # Once the last task of B ends (and is old), B goes too; a second run finds nothing else.
-    await _end(service, [b[1]])
-    await _age(database_url, [b[1]], OLD)
+    # Once the last task of B ends (and is old), B goes too; and E with G once G has ended.
+    await _end(service, [b[1], *g])
+    await _age(database_url, [b[1], *g], OLD)
     again = await Upkeep(engine=engine, settings=settings).prune_once()
-    assert again.tasks == len(b)
-    assert await _existing(engine, b + c) == set(c)
+    assert again.tasks == len(b) + len(e) + len(g)
+    assert await _existing(engine, b + c + e + g) == set(c)
     await _check_counts(engine)
 
 
