@@ -30,10 +30,11 @@ from manager.leadership import Elector, FencedEngine, manager_server_settings
 from manager.lifecycle import LIFECYCLE_INTERVAL_S, LifecycleRelay
 from manager.recovery import Recovery, Retention
 from manager.signals import ManagerSignals
+from manager.upkeep import Upkeep
 from taskmgr import db, store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
 from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
-from taskmgr.messages import BadMessage, Stop, decode_cancel, encode
+from taskmgr.messages import BadMessage, Stop, TypeChange, decode_cancel, decode_type_change, encode
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
@@ -82,7 +83,13 @@ class TaskManager:
         self.intake = ProgressIntake(
             engine=fenced, publisher=self.publisher, settings=settings, clock=clock, service=self.service
         )
-        self.recovery = Recovery(engine=fenced, settings=settings, clock=clock)
+        self.recovery = Recovery(
+            engine=fenced,
+            settings=settings,
+            clock=clock,
+            send_stop=lambda stop, runner_id, pool: self._send_stop(stop, runner_id=runner_id, pool=pool),
+        )
+        self.upkeep = Upkeep(engine=fenced, settings=settings, clock=clock)
         self.retention = Retention.of_task_events(engine=fenced, settings=settings, clock=clock)
         self.event_retention = Retention.of_emitted_events(engine=fenced, settings=settings, clock=clock)
         self.lifecycle = LifecycleRelay(engine=fenced, url=settings.amqp_url, topology=self.topology)
@@ -116,6 +123,7 @@ class TaskManager:
                         name=self.elector.name,
                         on_wakeup=self._wakeup.set,
                         on_cancel=self._on_cancel,
+                        on_type_change=self._on_type_change,
                     )
                     await self._lead(conn, stop)
             except Exception as exc:  # includes the ExceptionGroup of the leader's TaskGroup
@@ -188,8 +196,11 @@ class TaskManager:
         )
         s.add_job(self._job(self.retention.run_once), "cron", hour=3, minute=17, **every)
         s.add_job(self._job(self.event_retention.run_once), "cron", hour=3, minute=27, **every)
+        s.add_job(self._job(self.upkeep.prune_once), "cron", hour=3, minute=37, **every)
         s.add_job(self._job(self.lifecycle.run_once), "interval", seconds=LIFECYCLE_INTERVAL_S, **every)
-        s.add_job(self._job(self._refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every)
+        s.add_job(
+            self._job(self.upkeep.refresh_gauges), "interval", seconds=15, next_run_time=utcnow(), **every
+        )
         gauges_every = metrics.GAUGES_INTERVAL_S
         s.add_job(self._job(self.measure), "interval", seconds=gauges_every, next_run_time=utcnow(), **every)
         for job in self.jobs:
@@ -209,9 +220,6 @@ class TaskManager:
                 log.exception("periodic job %s failed (it runs again on schedule)", fn.__qualname__)
 
         return job
-
-    async def _refresh_gauges(self) -> None:
-        metrics.set_tasks_by_state(await self.service.counts_by_state())
 
     async def measure(self) -> None:
         """The leader's readings that alerts need (docs/observability/alerts.yml): live
@@ -281,6 +289,27 @@ class TaskManager:
             asyncio.get_running_loop().create_task(self._send_stop(stop, runner_id=notice.runner_id))
         elif notice.pool:
             asyncio.get_running_loop().create_task(self._send_stop(stop, pool=notice.pool))
+
+    def _on_type_change(self, payload: str) -> None:
+        """A task type changed (TaskService.update_type's NOTIFY): broadcast its new values
+        to every runner, whose pollers of that type take them at their next tick. Only the
+        manager sends control messages (runners hold no database credentials, and no one
+        else may write to the control exchange)."""
+        try:
+            change = decode_type_change(payload)
+        except BadMessage as exc:
+            log.error("type change ignored: %s", exc)
+            return
+        asyncio.get_running_loop().create_task(self._broadcast(change))
+
+    async def _broadcast(self, change: TypeChange) -> None:
+        try:
+            await self.publisher.publish_control_all(encode(change))
+        except Exception as exc:  # pollers take the new values at their next dispatch
+            log.warning("type change of %s not broadcast: %s", change.name, exc)
+            return
+        if self._signals is not None:
+            self._signals.type_broadcast.emit(change)
 
     async def _send_stop(self, stop: Stop, *, runner_id: str | None = None, pool: str | None = None) -> None:
         try:

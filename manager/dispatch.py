@@ -162,6 +162,7 @@ class Dispatcher:
                 r["run_at"],
                 r["type"],
                 r["root_id"],
+                r["started_at"],
             )
             # Lateness counts from when the task could first have started: a task
             # scheduled with a due time already past is late only from its creation.
@@ -345,4 +346,7 @@ def _order(r: Mapping[str, Any], attempt: int, claimed_at: datetime) -> StartOrd
         due_at=r["due_at"],
         claimed_at=claimed_at,
         start_timeout_s=r["start_timeout_s"],
+        max_runtime_s=r["max_runtime_s"],
+        # A recurring task's claim (claim_due) has it from before its first start.
+        started_at=r["started_at"] or claimed_at,
     )

@@ -34,7 +34,7 @@ from taskmgr.messages import (
     decode_progress,
     encode,
 )
-from taskmgr.models import ACTIVE, CurrentState, State, StateChanges, TaskType, Transition
+from taskmgr.models import ACTIVE, EXPIRED, CurrentState, State, StateChanges, TaskType, Transition
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
@@ -326,6 +326,13 @@ class ProgressIntake:
                 await self._derive(conn, batch, r.task_id, tt)
             else:
                 batch.add(Transition(r.task_id, State.FINISHED, r.attempt, "runner", rid, detail))
+        elif r.status == "failed" and r.detail.get("kind") == EXPIRED and tt is not None and tt.max_runtime_s:
+            # Past its type's max_runtime_s: final, never retried (recovery ends it the
+            # same way if the runner says nothing).
+            final = {**detail, "reason": EXPIRED, "final": True}
+            batch.add(
+                Transition(r.task_id, State.FAILED, r.attempt, "runner", rid, final, count_failure=True)
+            )
         elif r.status == "failed":
             self._fail(batch, c, r.attempt, "runner", rid, detail, tt)
         elif r.status == "rejected":

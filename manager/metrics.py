@@ -30,7 +30,8 @@ BAD_RULES = Counter(
 )
 RECOVERY_GAVE_UP = Counter(
     "taskmgr_recovery_failed_total",
-    "Tasks failed by recovery: taken back too often (runner_dead, start_timeout)",
+    "Tasks failed by recovery: taken back too often (runner_dead, start_timeout) or past their "
+    "max_runtime_s (expired)",
     ["reason"],
 )
 RECOVERED = Counter("taskmgr_recovered_total", "Tasks dispatched again by recovery", ["reason"])

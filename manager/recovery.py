@@ -1,5 +1,5 @@
 """Recovery, the reconciliation job (every TASKMGR_RECOVERY_INTERVAL): runners whose heartbeats
-stopped, start orders nobody took, and the outbox. Also retention."""
+stopped, start orders nobody took, tasks past their type's max_runtime_s. Also retention."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager import metrics
-from taskmgr import event_store, store
-from taskmgr.models import ACTIVE, State, Transition
+from taskmgr import event_store, store, upkeep
+from taskmgr.messages import Stop
+from taskmgr.models import ACTIVE, EXPIRED, State, Transition
 from taskmgr.service import utcnow
 from taskmgr.settings import Settings
 
@@ -45,15 +46,29 @@ class RecoveryCounts:
     dead_runners: int = 0
     from_dead_runners: int = 0
     start_timeouts: int = 0
+    expired: int = 0
+
+
+# Sends a stop to a runner (runner id) or, while no runner is known (STARTED), to every
+# runner of a pool: the manager's (TaskManager._send_stop).
+StopSender = Callable[[Stop, str | None, str | None], Awaitable[None]]
 
 
 class Recovery:
     def __init__(
-        self, *, engine: AsyncEngine, settings: Settings, clock: Callable[[], datetime] = utcnow
+        self,
+        *,
+        engine: AsyncEngine,
+        settings: Settings,
+        clock: Callable[[], datetime] = utcnow,
+        send_stop: StopSender | None = None,
     ) -> None:
+        """send_stop: how an expired task's runner is told to stop (None: not told; its
+        next report is stale and answered with a stop by the intake)."""
         self._engine = engine
         self._settings = settings
         self._clock = clock
+        self._send_stop = send_stop
 
     async def run_once(self) -> RecoveryCounts:
         counts = RecoveryCounts()
@@ -96,6 +111,7 @@ class Recovery:
                 bound_reason=lambda n: f"no runner took its start order {n} times: is its pool consumed?",
                 since_running=True,
             )
+        counts.expired = await self._expire(now)
         return counts
 
     async def measure_runners(self) -> dict[str, int]:
@@ -106,6 +122,42 @@ class Recovery:
             counts = await store.live_runners_by_pool(conn, since)
         metrics.set_runners_live(counts)
         return counts
+
+    async def _expire(self, now: datetime) -> int:
+        """Active tasks past their type's max_runtime_s since their first start end FAILED,
+        reason `expired`, for good (no retry), whether or not their runner says so; their
+        runner (or, while none is known, their pool's runners) is told to stop."""
+        async with self._engine.begin() as conn:
+            found = await upkeep.expired(conn, now, RECOVERY_BATCH)
+            if not found:
+                return 0
+            current = await store.lock_states(conn, [e.task_id for e in found])
+            ended = []
+            for e in found:
+                c = current.get(e.task_id)
+                if c is None or c.state not in ACTIVE or c.attempt != e.attempt:
+                    continue  # changed since the scan: the next run looks again
+                detail = {
+                    "reason": EXPIRED,
+                    "max_runtime_s": e.max_runtime_s,
+                    "started_at": e.started_at.isoformat(),
+                    "final": True,
+                }
+                ended.append((e, Transition(e.task_id, State.FAILED, e.attempt, "manager", None, detail)))
+            await store.apply_transitions(conn, [t for _, t in ended], now, current=current)
+        metrics.RECOVERY_GAVE_UP.labels(EXPIRED).inc(len(ended))
+        for e, _ in ended:
+            log.warning(
+                "task %s expired: running for more than %s s since %s",
+                e.task_id,
+                e.max_runtime_s,
+                e.started_at.isoformat(),
+                extra={"task_id": str(e.task_id), "attempt": e.attempt},
+            )
+            if self._send_stop is not None:
+                stop = Stop(task_id=e.task_id, attempt=e.attempt, reason=EXPIRED)
+                await self._send_stop(stop, e.runner_id, None if e.runner_id else e.pool)
+        return len(ended)
 
     def quick_death_window_s(self, poll_interval_s: float, request_timeout_s: float) -> float:
         """How soon after a task became RUNNING on a runner that runner's death counts

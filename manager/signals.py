@@ -8,6 +8,7 @@ from typing import Any
 
 from manager.dispatch import DispatchCounts
 from manager.intake import IntakeCounts
+from taskmgr.messages import TypeChange
 from taskmgr.signals import Signal, Signals
 
 
@@ -18,6 +19,8 @@ class ManagerSignals(Signals):
         # handled, with their counts; and the totals of those since these signals began.
         self.dispatch_polled: Signal[DispatchCounts] = Signal(self, then=self._dispatched)
         self.intake_handled: Signal[IntakeCounts] = Signal(self, then=self._taken)
+        # A task type's new values broadcast to the runners (its TypeChange).
+        self.type_broadcast: Signal[TypeChange] = Signal(self)
         self.dispatched = DispatchCounts()
         self.intake = IntakeCounts()
 

@@ -22,7 +22,8 @@ from taskmgr.backoff import backoff_s
 from taskmgr.broker import BrokerError, Publisher
 from taskmgr.handlers import ChildSync, EmittedEvent, FollowOn, Handler, HandlerError, Outcome, PollContext
 from taskmgr.logs import task_fields
-from taskmgr.messages import Event, FollowOnOrder, ReportStatus, StartOrder, SyncOrder, encode
+from taskmgr.messages import Event, FollowOnOrder, ReportStatus, StartOrder, SyncOrder, TypeChange, encode
+from taskmgr.models import EXPIRED, runtime_deadline
 from taskmgr.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Poller:
         self.task: asyncio.Task[None] | None = None
         self.running_report: asyncio.Future[None] | None = None  # the "running" report's confirm
         self._interval = order.interval_s
+        self._wake: asyncio.Future[str] | None = None  # resolved to wake the poller early
         self._sent: set[str] = set()  # follow-on dedup keys already sent to the manager
         self._last_sync: ChildSync | None = None
         self._log = task_fields(order.task_id, order.root_task_id, order.attempt, deps.runner_id)
@@ -140,18 +142,30 @@ class Poller:
         # Orders arrive in batches; a small random phase keeps their ticks from all
         # landing on the same instant every interval.
         deadline = loop.time() + random.uniform(0, min(self.order.interval_s, START_SPREAD_S))
+        slot: float | None = None  # when the last tick was due (on the grid)
+        backing_off = False
         try:
             while True:
-                wait = deadline - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                woke = await self._sleep_until(deadline)
+                if woke == "retuned":
+                    # The type's values changed: the next tick keeps to the new interval
+                    # from the last one, or comes now if that has passed (a backoff runs
+                    # its course).
+                    if slot is not None and not backing_off:
+                        deadline = max(slot + self._interval, loop.time())
+                    continue
+                if woke == "expired":
+                    self._report_expired()
+                    return
                 self.deps.drift.record(max(0.0, loop.time() - deadline))
+                slot = deadline
                 nxt = await self._tick()
                 self.ticks += 1
                 self.deps.on_tick(self)
                 if nxt.end:
                     return
                 now = loop.time()
+                backing_off = nxt.backoff_s is not None
                 if nxt.backoff_s is not None:
                     deadline = now + nxt.backoff_s
                 else:
@@ -168,6 +182,67 @@ class Poller:
                 "task %s attempt %s: poller crashed", self.order.task_id, self.attempt, extra=self._log
             )
             self.deps.report(self.order, "failed", {"reason": f"runner error: {exc!r}", "kind": "runner"})
+
+    async def _sleep_until(self, deadline: float) -> str:
+        """Wait for the tick due at `deadline` (loop clock): "tick"; or, sooner, the task's
+        expiry ("expired") or a change of its type's values (`retune`: "retuned")."""
+        loop = asyncio.get_running_loop()
+        expires_in = self._expires_in()
+        if expires_in is not None and expires_in <= 0:
+            return "expired"
+        until, woke = deadline, "tick"
+        if expires_in is not None and loop.time() + expires_in < deadline:
+            until, woke = loop.time() + expires_in, "expired"
+        if until <= loop.time():
+            return woke
+        fut: asyncio.Future[str] = loop.create_future()
+        self._wake = fut
+        handle = loop.call_at(until, _resolve, fut, woke)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            self._wake = None
+
+    def _expires_in(self) -> float | None:
+        """Seconds until the task has run its type's max_runtime_s since its first start
+        (None: no limit)."""
+        end = runtime_deadline(self.order.started_at, self.order.max_runtime_s)
+        return None if end is None else (end - datetime.now(UTC)).total_seconds()
+
+    def _report_expired(self) -> None:
+        order = self.order
+        log.warning(
+            "task %s attempt %s: expired (ran its type's max_runtime_s of %s s since %s)",
+            order.task_id,
+            order.attempt,
+            order.max_runtime_s,
+            order.started_at.isoformat() if order.started_at else None,
+            extra=self._log,
+        )
+        detail = {
+            "reason": EXPIRED,
+            "kind": EXPIRED,
+            "max_runtime_s": order.max_runtime_s,
+            "started_at": order.started_at.isoformat() if order.started_at else None,
+        }
+        self.deps.report(order, "failed", detail)
+
+    def retune(self, change: TypeChange) -> None:
+        """Take a task type's new values (a broadcast of the manager's): the interval, the
+        request timeout, the failed polls allowed and the max runtime, from the next
+        tick on; a poller waiting for its next tick re-times it at once."""
+        self.order = self.order.model_copy(
+            update={
+                "interval_s": change.poll_interval_s,
+                "request_timeout_s": change.request_timeout_s,
+                "max_consecutive_failures": change.max_consecutive_failures,
+                "max_runtime_s": change.max_runtime_s,
+            }
+        )
+        self._interval = change.poll_interval_s
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result("retuned")
 
     # -- one tick ----------------------------------------------------------------------
 
@@ -370,6 +445,11 @@ class Poller:
         if retry_after is not None:
             backoff = max(backoff or 0.0, min(retry_after, BACKOFF_CAP_S))
         return _Next(backoff_s=backoff)
+
+
+def _resolve(fut: asyncio.Future[str], value: str) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _follow_on_order(f: FollowOn) -> FollowOnOrder:

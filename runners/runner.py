@@ -46,8 +46,9 @@ from taskmgr.messages import (
     ReportStatus,
     StartOrder,
     SyncOrder,
+    TypeChange,
+    decode_control,
     decode_start,
-    decode_stop,
     encode,
 )
 from taskmgr.redact import redact_url
@@ -404,10 +405,14 @@ class TaskRunner:
     async def _on_control(self, message: broker.Message) -> None:
         try:
             try:
-                stop = decode_stop(message.body)
+                stop = decode_control(message.body)
             except BadMessage as exc:
                 log.warning("runner %s: dead-lettering a control message: %s", self.runner_id, exc)
                 await self._dead_letter(message, str(exc))
+                return
+            if isinstance(stop, TypeChange):
+                self._retune(stop)
+                await _settle(message.ack())
                 return
             poller = self._pollers.get(stop.task_id)
             if poller is not None and poller.attempt <= stop.attempt:
@@ -432,6 +437,18 @@ class TaskRunner:
         except Exception as exc:
             log.exception("runner %s: control message", self.runner_id)
             await self._dead_letter(message, f"runner error: {exc!r}")
+
+    def _retune(self, change: TypeChange) -> None:
+        """A task type changed: its running pollers take the new values at their next tick."""
+        pollers = [p for p in self._pollers.values() if p.order.type == change.name]
+        for p in pollers:
+            p.retune(change)
+        if pollers:
+            log.info(
+                "runner %s: %d pollers of %s take its new values", self.runner_id, len(pollers), change.name
+            )
+        if self._signals is not None:
+            self._signals.retuned.emit(change)
 
     async def _dead_letter(self, message: broker.Message, reason: str) -> None:
         assert self._publisher is not None

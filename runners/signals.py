@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 
 from runners.poller import Poller
-from taskmgr.messages import Heartbeat, Report, StartBatch, StartOrder, Stop
+from taskmgr.messages import Heartbeat, Report, StartBatch, StartOrder, Stop, TypeChange
 from taskmgr.signals import Signal, Signals
 
 
@@ -33,6 +33,8 @@ class RunnerSignals(Signals):
         # Stop messages handled (acked), and the pollers they stopped.
         self.stop_handled: Signal[Stop] = Signal(self)
         self.stopped: Signal[Poller] = Signal(self)
+        # A task type's new values taken (by the pollers of that type running here).
+        self.retuned: Signal[TypeChange] = Signal(self)
         # Sent and confirmed by the broker: a heartbeat; a message of reports.
         self.heartbeat_sent: Signal[Heartbeat] = Signal(self)
         self.reports_sent: Signal[list[Report]] = Signal(self)

@@ -68,7 +68,7 @@ from unnest(cast(:ids as uuid[]), cast(:states as text[]), cast(:attempts as int
     as e(task_id, state, attempt, runner_id, source, applied, detail);
 
 -- lock_states --
-select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.root_id
+select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.root_id, s.started_at
 from task_state s join tasks t on t.id = s.task_id
 where s.task_id = any(cast(:ids as uuid[]))
 order by s.task_id
@@ -76,12 +76,13 @@ for update of s;
 
 -- update_states --
 update task_state s set state = u.state, attempt = u.attempt, failures = u.failures,
-    run_at = u.run_at, runner_id = u.runner_id,
+    run_at = u.run_at, runner_id = u.runner_id, started_at = u.started_at,
     sent_at = case when u.state = 'STARTED' then null else s.sent_at end,
     changed_at = :now
 from unnest(cast(:ids as uuid[]), cast(:states as text[]), cast(:attempts as int[]),
-    cast(:failures as int[]), cast(:run_ats as timestamptz[]), cast(:runner_ids as text[]))
-    as u(task_id, state, attempt, failures, run_at, runner_id)
+    cast(:failures as int[]), cast(:run_ats as timestamptz[]), cast(:runner_ids as text[]),
+    cast(:started_ats as timestamptz[]))
+    as u(task_id, state, attempt, failures, run_at, runner_id, started_at)
 where s.task_id = u.task_id;
 
 -- claim_due --
@@ -89,11 +90,12 @@ where s.task_id = u.task_id;
 -- overlapping managers never claim one twice, with what a start order and a recurrence
 -- need (the dispatcher decides each one's change). Cost: the entries of
 -- task_state_due_idx (run_at, priority desc) up to :now, in its order: not the history.
-select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, t.type, t.payload,
+select s.task_id, s.state, s.attempt, s.failures, s.runner_id, s.run_at, s.started_at, t.type, t.payload,
     t.due_at, t.root_id, t.recurrence, t.occurrence, t.dedup_key, t.created_by, t.created_at,
     t.name, t.description, t.priority,
     tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
-    tt.max_consecutive_failures, tt.misfire_policy, tt.misfire_grace_s, tt.start_timeout_s
+    tt.max_consecutive_failures, tt.misfire_policy, tt.misfire_grace_s, tt.start_timeout_s,
+    tt.max_runtime_s
 from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
 where s.state in ('SCHEDULED', 'RETRYING') and s.run_at <= :now
 order by s.run_at, s.priority desc
@@ -115,16 +117,16 @@ with due as (
     for update of s skip locked
 ), started as (
     update task_state s set state = 'STARTED', attempt = due.attempt + 1, run_at = null,
-        runner_id = null, sent_at = null, changed_at = :now
+        runner_id = null, sent_at = null, changed_at = :now, started_at = coalesce(s.started_at, :now)
     from due where s.task_id = due.task_id
-    returning s.task_id, s.attempt, due.run_at
+    returning s.task_id, s.attempt, s.started_at, due.run_at
 ), claimed as (
     -- Lateness counts from when the task could first have started (see dispatch.py).
-    select st.task_id, st.attempt, t.type, t.payload, t.due_at, t.root_id,
+    select st.task_id, st.attempt, st.started_at, t.type, t.payload, t.due_at, t.root_id,
         round(extract(epoch from (cast(:now as timestamptz) - greatest(st.run_at, t.created_at))) * 1000)
             as lateness_ms,
         tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
-        tt.max_consecutive_failures, tt.start_timeout_s
+        tt.max_consecutive_failures, tt.start_timeout_s, tt.max_runtime_s
     from started st join tasks t on t.id = st.task_id join task_types tt on tt.name = t.type
 ), events as (
     insert into task_events (time, task_id, state, attempt, source, detail)
@@ -135,9 +137,9 @@ select * from claimed;
 
 -- start_orders --
 -- What a runner needs to start each (task, attempt) still waiting in the outbox.
-select s.task_id, s.attempt, s.changed_at, t.type, t.payload, t.root_id, t.due_at,
+select s.task_id, s.attempt, s.changed_at, s.started_at, t.type, t.payload, t.root_id, t.due_at,
     tt.pool, tt.handler, tt.url_template, tt.poll_interval_s, tt.request_timeout_s,
-    tt.max_consecutive_failures, tt.start_timeout_s
+    tt.max_consecutive_failures, tt.start_timeout_s, tt.max_runtime_s
 from task_state s join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
 where s.task_id = any(cast(:ids as uuid[])) and s.state = 'STARTED' and s.sent_at is null;
 
@@ -185,19 +187,6 @@ select e.time, e.task_id, e.state, e.attempt, e.runner_id, e.source, e.applied, 
 from task_events e
 where e.task_id in (select id from tasks where root_id = :root_id)
 order by e.seq;
-
--- counts_by_state --
-select s.state, count(*) as n
-from task_state s join tasks t on t.id = s.task_id
-where (cast(:type as text) is null or t.type = :type)
-group by s.state;
-
--- counts_per_bucket --
-select time_bucket(cast(:bucket as interval), time) as bucket, state, count(*) as n
-from task_events
-where applied and time >= :since and time < :until
-group by bucket, state
-order by bucket, state;
 
 -- upsert_runner --
 insert into runners (id, pool, host, pid, started_at, last_seen, tasks)
@@ -264,10 +253,14 @@ select s.task_id, s.state, s.attempt, s.runner_id from task_state s
 where s.task_id = any(cast(:ids as uuid[]));
 
 -- start_timeouts --
--- Sent start orders no runner took within their type's start timeout.
+-- Sent start orders no runner took within their type's start timeout. Cost: the entries
+-- of task_state_start_timeout_idx (sent orders not yet taken) older than the smallest
+-- start timeout of any type, not every task ever stored.
 select s.task_id from task_state s join tasks t on t.id = s.task_id
 join task_types tt on tt.name = t.type
 where s.state = 'STARTED' and s.sent_at is not null
+  and s.sent_at < cast(:now as timestamptz)
+      - (select make_interval(secs => min(start_timeout_s)) from task_types)
   and s.sent_at < cast(:now as timestamptz) - make_interval(secs => tt.start_timeout_s)
 limit :limit;
 
@@ -387,7 +380,13 @@ update task_state s set
              order by m.seq desc limit 1),
             (l.detail->>'retry_at')::timestamptz, l.time) end,
     sent_at = null,
-    changed_at = l.time
+    changed_at = l.time,
+    -- The first STARTED since the last manual retry (max_runtime_s counts from it).
+    started_at = (
+        select min(e.time) from task_events e
+        where e.task_id = s.task_id and e.applied and e.state = 'STARTED'
+          and e.seq > coalesce((select max(r.seq) from task_events r where r.task_id = s.task_id
+                                and r.applied and r.detail->>'reason' = 'manual retry'), 0))
 from last l join tasks t on t.id = l.task_id left join failures f on f.task_id = l.task_id
 where s.task_id = l.task_id;
 

@@ -123,6 +123,10 @@ class Topology:
         stop whose runner is not known yet)."""
         return f"pool.{pool}"
 
+    # The control exchange's routing key that reaches every runner (each runner's control
+    # queue is bound with it): a task type's new values for the pollers running it.
+    CONTROL_ALL_KEY = "all.runners"
+
     @property
     def dlx(self) -> str:
         return f"{self.prefix}.dlx"
@@ -400,6 +404,10 @@ class Publisher:
             if not channel.is_closed:
                 await channel.close()
 
+    async def publish_control_all(self, body: bytes) -> None:
+        """To every runner's control queue (a broadcast: a task type's new values)."""
+        await self._publish(self._ex["control"], Topology.CONTROL_ALL_KEY, body)
+
     async def dead_letter(self, body: bytes, reason: str, headers: Mapping[str, Any] | None = None) -> None:
         await self._publish(
             self._ex["dlx"], "", body, headers={**(headers or {}), REASON_HEADER: reason[:1000]}
@@ -462,7 +470,8 @@ class Consumer:
         self._consumers.append((queue, await queue.consume(handler)))
 
     async def consume_control(self, runner_id: str, handler: Handler, *, pool: str | None = None) -> None:
-        """Stops for this runner, and (with `pool`) those sent to every runner of its pool.
+        """Stops for this runner, (with `pool`) those sent to every runner of its pool, and
+        the broadcasts to every runner (task type changes).
         On a channel of its own, with its own QoS: Stop messages never wait behind start
         orders that fill the work channel's prefetch."""
         if self._control_channel is None:
@@ -474,6 +483,7 @@ class Consumer:
             self.topology.control_queue(runner_id), exclusive=True, auto_delete=True
         )
         await queue.bind(self.topology.control, routing_key=runner_id)
+        await queue.bind(self.topology.control, routing_key=Topology.CONTROL_ALL_KEY)
         if pool is not None:
             await queue.bind(self.topology.control, routing_key=self.topology.control_pool_key(pool))
         self._consumers.append((queue, await queue.consume(handler)))

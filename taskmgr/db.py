@@ -13,7 +13,7 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from taskmgr.store import CANCEL_CHANNEL, WAKEUP_CHANNEL
+from taskmgr.store import CANCEL_CHANNEL, TYPE_CHANNEL, WAKEUP_CHANNEL
 
 # Migrations from several processes at once take turns on this session-level advisory
 # lock (store.lock_scope's transaction-level locks use hashtext() of their scope).
@@ -60,14 +60,20 @@ async def listen(
     name: str,
     on_wakeup: Callable[[], None],
     on_cancel: Callable[[str], None],
+    on_type_change: Callable[[str], None] | None = None,
 ) -> asyncpg.Connection:
     """A connection of its own that LISTENs for what TaskService NOTIFYs at commit: a
-    task due now (`on_wakeup`) and a cancel (`on_cancel`, given the payload, a
-    messages.CancelNotice). Its application name (`name`) shows in pg_stat_activity."""
+    task due now (`on_wakeup`), a cancel (`on_cancel`, given the payload, a
+    messages.CancelNotice) and a task type's change (`on_type_change`, given a
+    messages.TypeChange). Its application name (`name`) shows in pg_stat_activity."""
     conn = await connect(database_url, name=name)
     try:
         await conn.add_listener(WAKEUP_CHANNEL, lambda *_: on_wakeup())
         await conn.add_listener(CANCEL_CHANNEL, lambda _conn, _pid, _channel, payload: on_cancel(payload))
+        if on_type_change is not None:
+            await conn.add_listener(
+                TYPE_CHANNEL, lambda _conn, _pid, _channel, payload: on_type_change(payload)
+            )
     except BaseException:
         await conn.close()
         raise

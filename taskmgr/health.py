@@ -9,7 +9,7 @@ from typing import Any
 import aio_pika
 from yarl import URL
 
-from taskmgr import store
+from taskmgr import store, upkeep
 from taskmgr.db import make_engine
 from taskmgr.migrate import current_version
 from taskmgr.redact import redact_text
@@ -85,7 +85,7 @@ async def system_status(settings: Settings) -> dict[str, Any]:
             return {"schema_version": None, "hint": "run `taskmgr migrate`"}
         async with engine.connect() as conn:
             types = await store.list_types(conn)
-            counts = await store.counts_by_state(conn)
+            counts = await upkeep.state_counts(conn)
             runners = await store.active_runners(
                 conn, utcnow() - timedelta(seconds=settings.runner_dead_after)
             )

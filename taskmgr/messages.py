@@ -104,6 +104,11 @@ class StartOrder(_Message):
     # An order older than claimed_at + this is stale: recovery has dispatched the task
     # again by then, so a runner drops it (the message's AMQP expiration is the same).
     start_timeout_s: float | None = Field(None, gt=0)
+    # The task's type's longest run, counted from `started_at`, the task's first start
+    # (not this attempt's): past it the runner stops polling and reports it failed, kind
+    # "expired" (None: no limit).
+    max_runtime_s: float | None = Field(None, gt=0)
+    started_at: datetime | None = None
 
 
 class StartBatch(_Message):
@@ -194,6 +199,28 @@ class Stop(_Message):
     reason: str
 
 
+class TypeChange(_Message):
+    """A task type's values that running pollers take at their next tick, broadcast by the
+    leading manager to every runner's control queue when `TaskService.update_type`
+    changes the type (it NOTIFYs the leader at its commit with this as the payload)."""
+
+    kind: Literal["type"] = "type"
+    name: Annotated[Name, Field(min_length=1)]
+    poll_interval_s: float = Field(gt=0)
+    request_timeout_s: float = Field(gt=0)
+    max_consecutive_failures: int = Field(ge=1, le=INT32_MAX)
+    max_runtime_s: float | None = Field(None, gt=0)
+
+    @classmethod
+    def of(cls, t: Any) -> TypeChange:
+        """The live values of a task type (a taskmgr.models.TaskType)."""
+        return cls(**{name: getattr(t, name) for name in cls.model_fields if name != "kind"})
+
+
+Control = Annotated[Stop | TypeChange, Field(discriminator="kind")]
+_control = TypeAdapter(Control)
+
+
 class CancelNotice(_Message):
     """TaskService.cancel -> the leading manager, not over RabbitMQ but as the payload
     of a PostgreSQL NOTIFY sent at the cancel's commit: stop this attempt on its runner,
@@ -270,11 +297,19 @@ def decode_start(body: bytes) -> StartBatch:
         raise BadMessage(f"start message: {_first_error(exc)}") from None
 
 
-def decode_stop(body: bytes) -> Stop:
+def decode_control(body: bytes) -> Stop | TypeChange:
+    """A message of a runner's control queue: a stop, or a task type's new values."""
     try:
-        return Stop.model_validate_json(body)
+        return _control.validate_json(body)
     except ValidationError as exc:
         raise BadMessage(f"control message: {_first_error(exc)}") from None
+
+
+def decode_type_change(payload: str | bytes) -> TypeChange:
+    try:
+        return TypeChange.model_validate_json(payload)
+    except ValidationError as exc:
+        raise BadMessage(f"type change: {_first_error(exc)}") from None
 
 
 def decode_cancel(payload: str | bytes) -> CancelNotice:
@@ -303,6 +338,7 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "Heartbeat": Heartbeat,
     "ServiceReport": ServiceReport,
     "Stop": Stop,
+    "TypeChange": TypeChange,
     "Event": Event,
 }
 
@@ -452,8 +488,14 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
         },
         "control": {
             "address": f"{prefix}.control",
-            "description": "Direct exchange, routing key = runner id: the manager stops a task on a runner.",
-            "messages": {"Stop": {"$ref": "#/components/messages/Stop"}},
+            "description": "Direct exchange, routing key = runner id: the manager stops a task on a "
+            "runner (`pool.<pool>`: on every runner of a pool, for a task whose runner is not known yet). "
+            "Routing key `all.runners` reaches every runner: a task type's new values (TypeChange), which "
+            "running pollers of that type take at their next tick.",
+            "messages": {
+                "Stop": {"$ref": "#/components/messages/Stop"},
+                "TypeChange": {"$ref": "#/components/messages/TypeChange"},
+            },
         },
         "dead": {
             "address": f"{prefix}.dlx",
@@ -469,7 +511,9 @@ def asyncapi_document(prefix: str = "taskmgr") -> dict[str, Any]:
         "finished, failed, handback, rejected.",
         "Heartbeat": "A runner is alive and holds these (task_id, attempt) pairs.",
         "ServiceReport": "An outside service's own state for a task.",
-        "Stop": "Stop polling this task (cancelled, stale attempt).",
+        "Stop": "Stop polling this task (cancelled, stale attempt, expired).",
+        "TypeChange": "A task type changed: running pollers of that type take these values at their "
+        "next tick.",
         **{name: f"An event of kind {k['title']}." for name, k in kinds.items()},
     }
     return {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -44,6 +44,18 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.FAILED: frozenset({State.RETRYING}),
     State.CANCELLED: frozenset(),
 }
+
+
+# The reason (and the runner's report kind) of a task that ran past its type's
+# max_runtime_s, counted from its first start: it ends FAILED for good, never retried.
+EXPIRED = "expired"
+
+
+def runtime_deadline(started_at: datetime | None, max_runtime_s: float | None) -> datetime | None:
+    """When a task started at `started_at` expires under `max_runtime_s` (None: never)."""
+    if started_at is None or max_runtime_s is None:
+        return None
+    return started_at + timedelta(seconds=max_runtime_s)
 
 
 def can_transition(current: State, new: State) -> bool:
@@ -148,6 +160,14 @@ class TaskTypeFields(BaseModel):
     misfire_grace_s: float = _declared(
         60.0, description="Lateness the skip policy allows", unit="seconds", ge=0
     )
+    max_runtime_s: float | None = _declared(
+        None,
+        description="Longest run of a task, from its first start; then it fails, reason expired "
+        "(none: no limit)",
+        unit="seconds",
+        gt=0,
+        listed=True,
+    )
 
     @field_validator("payload_schema")
     @classmethod
@@ -232,6 +252,9 @@ class CurrentState:
     run_at: datetime | None
     type: str
     root_id: uuid.UUID
+    # The task's first STARTED (since its creation or an operator's retry): max_runtime_s
+    # counts from here, across attempts.
+    started_at: datetime | None = None
 
     def after(self, t: Transition, now: datetime) -> CurrentState:
         """This row once `t` (an applied, legal transition) is folded in: the projection
@@ -244,6 +267,7 @@ class CurrentState:
             failures=self.failures + (1 if t.count_failure else 0),
             run_at=(t.run_at or now) if waiting else None,
             runner_id=None if t.state in (State.STARTED, State.RETRYING) else (t.runner_id or self.runner_id),
+            started_at=(self.started_at or now) if t.state is State.STARTED else self.started_at,
         )
 
 

@@ -19,14 +19,14 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from taskmgr import recurrence as recur
-from taskmgr import store, waiting
+from taskmgr import store, upkeep, waiting
 from taskmgr.errors import (
     AlreadyExists,
     InvalidInput,
     TaskNotFound,
     TaskTypeNotFound,
 )
-from taskmgr.messages import MAX_PAYLOAD_BYTES
+from taskmgr.messages import MAX_PAYLOAD_BYTES, TypeChange
 from taskmgr.models import (
     PRIORITY_RANGE,
     TYPE_FIELDS,
@@ -183,6 +183,9 @@ class TaskService(TaskChanges):
             self._check_handler(t)
             updated = await store.update_type(conn, t)
             assert updated is not None
+            # At commit, the leader broadcasts the values running pollers take at their
+            # next tick (the rest, such as the URL or the pool, apply from the next dispatch).
+            await store.notify_leader(conn, TypeChange.of(updated))
             return updated
 
     async def get_type(self, name: str, *, include_deleted: bool = False) -> TaskType:
@@ -510,8 +513,12 @@ class TaskService(TaskChanges):
             return tasks, await store.tree_events(conn, root_id)
 
     async def counts_by_state(self, *, type: str | None = None) -> dict[State, int]:
+        """Tasks by state: of all types from the counts kept by triggers (a few rows);
+        of one type, counted."""
         async with self._engine.connect() as conn:
-            return await store.counts_by_state(conn, type=type)
+            if type is None:
+                return await upkeep.state_counts(conn)
+            return await upkeep.counts_by_state(conn, type=type)
 
     async def counts_per_bucket(
         self, bucket: str, since: datetime, until: datetime
@@ -521,7 +528,7 @@ class TaskService(TaskChanges):
             raise InvalidInput("bucket", f"{bucket!r} is not like '1 minute' or '5 minutes'")
         width = timedelta(**{m.group(2) + "s": int(m.group(1))})
         async with self._engine.connect() as conn:
-            return await store.counts_per_bucket(conn, width, since, until)
+            return await upkeep.counts_per_bucket(conn, width, since, until)
 
 
 def _ids_of(parent: Task | Mapping[str, Any]) -> tuple[uuid.UUID, uuid.UUID]:

@@ -172,7 +172,7 @@ class TaskChanges:
                 runner_id=cur.runner_id,
                 pool=tt.pool if tt is not None else None,
             )
-            await store.notify_cancel(session, notice)
+            await store.notify_leader(session, notice)
 
     async def _cancel_successors(self, session: Any, task_id: uuid.UUID, source: str, now: datetime) -> None:
         """Follow the `<id>:next` chain and cancel every occurrence not yet ended."""
@@ -230,7 +230,8 @@ class TaskChanges:
                     )
                 ],
                 self._clock(),
-                current={task_id: replace(cur, failures=0)},
+                # A new run: failures and max_runtime_s count again from here.
+                current={task_id: replace(cur, failures=0, started_at=None)},
             )
             await store.notify_wakeup(session)
         return await self.get_task(task_id)

@@ -26,7 +26,10 @@ class Settings(BaseSettings):
     # Manager: recovery.
     recovery_interval: float = Field(2.0, gt=0, description="seconds between recovery runs")
     runner_dead_after: float = Field(15.0, gt=0, description="seconds without heartbeat")
-    retention_days: int = Field(30, ge=1)
+    retention_days: int = Field(
+        30, ge=1, description="days of task history kept; whole trees of tasks ended before are pruned"
+    )
+    runner_retention_days: int = Field(7, ge=1, description="days a stopped or dead runner's row is kept")
     leader_retry: float = Field(1.0, gt=0, description="seconds between leadership attempts")
     leader_lease: float = Field(
         10.0, gt=0, description="seconds a leadership lease lasts unless renewed (the hand-over bound)"

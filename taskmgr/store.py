@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from functools import cache
 from typing import Any, get_origin
@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from taskmgr.errors import TaskmgrError
-from taskmgr.messages import CancelNotice, encode
+from taskmgr.messages import CancelNotice, TypeChange, encode
 from taskmgr.models import (
     TYPE_FIELDS,
     CurrentState,
@@ -42,6 +42,7 @@ Conn = AsyncConnection | AsyncSession
 # The NOTIFY channels (the leading manager LISTENs on them: taskmgr/db.py's listen).
 WAKEUP_CHANNEL = "taskmgr_wakeup"  # a task is due now: dispatch at once, not at the next poll
 CANCEL_CHANNEL = "taskmgr_cancel"  # a started or running task was cancelled: its payload, a CancelNotice
+TYPE_CHANNEL = "taskmgr_type_changed"  # a task type changed: its payload, a TypeChange for the runners
 
 
 class StoreError(TaskmgrError):
@@ -257,6 +258,7 @@ def _current_from_row(row: Any) -> CurrentState:
         run_at=m["run_at"],
         type=m["type"],
         root_id=m["root_id"],
+        started_at=m["started_at"],
     )
 
 
@@ -324,6 +326,7 @@ async def _write_changes(conn: Conn, changes: StateChanges) -> None:
                 "failures": [r.failures for r in rows],
                 "run_ats": [r.run_at for r in rows],
                 "runner_ids": [r.runner_id for r in rows],
+                "started_ats": [r.started_at for r in rows],
             },
         )
 
@@ -398,18 +401,6 @@ async def history(conn: Conn, task_id: uuid.UUID) -> list[TaskEvent]:
 
 async def tree_events(conn: Conn, root_id: uuid.UUID) -> list[TaskEvent]:
     return [_event_from_row(r) for r in await _run(conn, "tree_events", {"root_id": root_id})]
-
-
-async def counts_by_state(conn: Conn, *, type: str | None = None) -> dict[State, int]:
-    rows = await _run(conn, "counts_by_state", {"type": type})
-    return {State(r.state): r.n for r in rows}
-
-
-async def counts_per_bucket(
-    conn: Conn, bucket: timedelta, since: datetime, until: datetime
-) -> list[tuple[datetime, State, int]]:
-    rows = await _run(conn, "counts_per_bucket", {"bucket": bucket, "since": since, "until": until})
-    return [(r.bucket, State(r.state), r.n) for r in rows]
 
 
 # -- runners -------------------------------------------------------------------------
@@ -527,9 +518,10 @@ async def notify_wakeup(conn: Conn) -> None:
     await _run(conn, "notify", {"channel": WAKEUP_CHANNEL, "payload": ""})
 
 
-async def notify_cancel(conn: Conn, notice: CancelNotice) -> None:
-    """At commit, tell the leader to stop a cancelled task on its runner(s)."""
-    await _run(conn, "notify", {"channel": CANCEL_CHANNEL, "payload": encode(notice).decode()})
+async def notify_leader(conn: Conn, message: CancelNotice | TypeChange) -> None:
+    """At commit, tell the leader of a task to stop (CancelNotice), a type change to broadcast."""
+    channel = CANCEL_CHANNEL if isinstance(message, CancelNotice) else TYPE_CHANNEL
+    await _run(conn, "notify", {"channel": channel, "payload": encode(message).decode()})
 
 
 async def drop_chunks(conn: Conn, older_than: datetime) -> int:

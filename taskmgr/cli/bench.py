@@ -12,6 +12,7 @@ import click
 from bench import chaos, dependencies, discovery, dispatch, footprint
 from bench import events as events_bench
 from bench import runner as runner_bench
+from bench import upkeep as upkeep_bench
 from taskmgr.cli.common import EXIT_FAILURE, BadInput, run, settings_of
 
 
@@ -57,6 +58,18 @@ _bench(
     [
         click.Option(["--stored"], type=click.IntRange(2, 100_000_000), default=1_000_000, show_default=True),
         click.Option(["--rounds"], type=click.IntRange(1, 1000), default=9, show_default=True),
+    ],
+)
+_bench(
+    "upkeep",
+    upkeep_bench.main,
+    "Each periodic job of the manager with N finished tasks stored against none.",
+    [
+        click.Option(
+            ["--finished"], type=click.IntRange(1, 100_000_000), default=1_000_000, show_default=True
+        ),
+        click.Option(["--active"], type=click.IntRange(1, 1_000_000), default=1000, show_default=True),
+        click.Option(["--runs"], type=click.IntRange(1, 1000), default=15, show_default=True),
     ],
 )
 _bench(

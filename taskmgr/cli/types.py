@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
-from typing import Any, get_origin
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import click
 from pydantic.fields import FieldInfo
@@ -25,10 +26,37 @@ def _flag(name: str, multiple: bool) -> str:
     return "--" + (base.removesuffix("s") if multiple else base).replace("_", "-")
 
 
+class _NoLimit:
+    """`none` given for a field that may be empty (max_runtime_s): set it to null."""
+
+
+NO_LIMIT = _NoLimit()
+
+
+class _OrNone(click.ParamType):
+    """A number, or `none` for a field that may be empty."""
+
+    def __init__(self, base: type) -> None:
+        self.base = base
+        self.name = f"{base.__name__}|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+            return NO_LIMIT
+        try:
+            return self.base(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number or 'none'", param, ctx)
+
+
 def _option(name: str, info: FieldInfo) -> Any:
     """The click option of one declared field, from its type, description and unit."""
     annotation: Any = info.annotation
     origin = get_origin(annotation)
+    optional = origin in (Union, UnionType) and type(None) in get_args(annotation)
+    if optional:
+        [annotation] = [a for a in get_args(annotation) if a is not type(None)]
+        origin = get_origin(annotation)
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     help_ = info.description or ""
     if extra.get("unit"):
@@ -42,7 +70,9 @@ def _option(name: str, info: FieldInfo) -> Any:
     elif isinstance(annotation, type) and issubclass(annotation, Enum):
         kwargs["type"] = click.Choice([m.value for m in annotation])
     elif annotation in (int, float):
-        kwargs["type"] = annotation
+        kwargs["type"] = _OrNone(annotation) if optional else annotation
+        if optional:
+            help_ += "; none: no limit"
     return click.option(_flag(name, origin is tuple), name, help=help_ + ".", **kwargs)
 
 
@@ -73,6 +103,9 @@ def _type_values(file: str | None, flags: dict[str, Any]) -> dict[str, Any]:
         values.update(doc)
     for k, v in flags.items():
         if v is None or v == ():
+            continue
+        if v is NO_LIMIT:
+            values[k] = None
             continue
         values[k] = parse_json_arg(v, _JSON_FLAGS[k]) if k in _JSON_FLAGS else v
     return values

@@ -131,7 +131,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
         assert delta(before, during, "taskmgr_dispatch_lateness_seconds_count") == n
         assert delta(before, during, "taskmgr_dispatch_lateness_seconds_bucket", le="+Inf") == n
         await wait_for(lambda: _all_in(service, ids, State.RUNNING))
-        await manager._refresh_gauges()  # the leader's 15 s job, at once
+        await manager.upkeep.refresh_gauges()  # the leader's 15 s job, at once
         running = await scrape(metrics_url)
         assert val(running, "taskmgr_tasks", state="RUNNING") == n
         assert val(running, "taskmgr_tasks", state="FINISHED") == 0
@@ -144,7 +144,7 @@ async def test_a_dispatch_and_its_polls_move_each_metric_by_the_right_amount(
         )
         await manager.publisher.publish_progress(b"{not json")
         await m_sig.wait_for(lambda: m_sig.intake.service_reports == 1 and m_sig.intake.dead_lettered == 1)
-        await manager._refresh_gauges()  # the leader's 15 s job, at once
+        await manager.upkeep.refresh_gauges()  # the leader's 15 s job, at once
         by_state = await scrape(metrics_url)
         assert val(by_state, "taskmgr_tasks", state="FINISHED") == n
         assert val(by_state, "taskmgr_tasks", state="SCHEDULED") == n  # the follow-ons, due in an hour

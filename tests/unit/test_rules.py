@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import click
+import pytest
 
 from taskmgr import store
-from taskmgr.cli.types import TYPE_COLUMNS, types
+from taskmgr.cli.types import NO_LIMIT, TYPE_COLUMNS, types
 from taskmgr.models import TYPE_FIELDS, TaskType, TaskTypeFields
 
 
@@ -28,6 +29,7 @@ def test_the_types_options_and_columns_derive_from_the_declared_fields() -> None
         "required_services": "--required-service",
         "misfire_policy": "--misfire-policy",
         "misfire_grace_s": "--misfire-grace",
+        "max_runtime_s": "--max-runtime",
         "output": "--output",
     }
     assert {p.name for p in types.commands["update"].params} == {p.name for p in add.params} | {"name"}
@@ -36,6 +38,12 @@ def test_the_types_options_and_columns_derive_from_the_declared_fields() -> None
     assert isinstance(by_name["misfire_policy"].type, click.Choice)
     assert list(by_name["misfire_policy"].type.choices) == ["coalesce", "catch_up", "skip"]
     assert "seconds" in (by_name["poll_interval_s"].help or "")
+    # A field that may be empty takes a number or "none" (no limit).
+    runtime = by_name["max_runtime_s"].type
+    assert runtime.convert("90", None, None) == 90.0
+    assert runtime.convert("none", None, None) is NO_LIMIT
+    with pytest.raises(click.BadParameter):
+        runtime.convert("soon", None, None)
 
     assert TYPE_FIELDS == tuple(TaskTypeFields.model_fields)
     assert set(TaskType.model_fields) == {*TYPE_FIELDS, "created_at", "updated_at", "deleted_at"}
