@@ -1,0 +1,82 @@
+"""The HTTP API's pure parts: the checked-in OpenAPI document is the app's, scopes are
+ordered, cursors and stream ids go and come back, error paths read as JSON paths."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from manager.api.errors import BadRequest, json_path
+from manager.api.schemas import decode_cursor, encode_cursor
+from manager.api.stream import parse_stream_id
+from taskmgr.errors import InvalidInput
+from taskmgr.settings import Settings
+from taskmgr.tokens import Scope, hash_secret, new_secret, parse_scope
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
+
+
+def test_the_checked_in_openapi_document_is_the_apps() -> None:
+    from taskmgr.cli.api import openapi_document
+
+    app_doc = json.loads(json.dumps(openapi_document(Settings()), sort_keys=True))
+    assert app_doc == json.loads(DOC.read_text()), "run: taskmgr api --openapi > docs/openapi.json"
+
+
+def test_every_route_but_health_declares_the_bearer_token() -> None:
+    doc = json.loads(DOC.read_text())
+    open_ = {p for p, ops in doc["paths"].items() for op in ops.values() if "security" not in op}
+    assert open_ == {"/healthz", "/readyz"}
+
+
+@pytest.mark.parametrize(
+    ("have", "need", "ok"),
+    [
+        ("read", "read", True),
+        ("read", "write", False),
+        ("write", "read", True),
+        ("write", "admin", False),
+        ("admin", "write", True),
+        ("admin", "admin", True),
+    ],
+)
+def test_scopes_are_ordered(have: str, need: str, ok: bool) -> None:
+    assert Scope(have).allows(Scope(need)) is ok
+
+
+def test_a_bad_scope_is_named() -> None:
+    with pytest.raises(InvalidInput, match="scope"):
+        parse_scope("root")
+
+
+def test_secrets_are_random_and_only_their_hash_is_kept() -> None:
+    a, b = new_secret(), new_secret()
+    assert a != b and a.startswith("tmk_") and len(a) > 40
+    assert len(hash_secret(a)) == 32 and hash_secret(a) != hash_secret(b)
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    at, tid = datetime(2026, 12, 6, 19, 30, tzinfo=UTC), uuid.uuid4()
+    assert decode_cursor(encode_cursor(at, tid)) == (at, tid)
+    for bad in ("", "!!!", "bm90IGEgY3Vyc29y"):
+        with pytest.raises(BadRequest):
+            decode_cursor(bad)
+
+
+def test_stream_ids() -> None:
+    eid = uuid.uuid4()
+    assert parse_stream_id(f"2026-12-06T19:30:00+00:00~{eid}") == (
+        datetime(2026, 12, 6, 19, 30, tzinfo=UTC),
+        eid,
+    )
+    assert parse_stream_id("2026-12-06T19:30:00~x") is None
+    assert parse_stream_id("yesterday") is None
+
+
+def test_json_paths() -> None:
+    assert json_path(("body", "tasks", 0, "payload", "n")) == "body.tasks[0].payload.n"
+    assert json_path(("query", "limit")) == "query.limit"
