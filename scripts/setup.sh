@@ -9,6 +9,8 @@
 #   4. The database (TASKMGR_DB_NAME, default taskmgr) is created when missing.
 #   5. A virtualenv at .venv with the project installed (re-installed only when
 #      pyproject.toml changed).
+#   6. Chromium and its driver from Debian's packages, for the console's browser tests
+#      (tests/acceptance/test_console.py): installed when missing.
 #
 # Needs root (apt-get, the PostgreSQL cluster). Set TASKMGR_SETUP_SKIP_SYSTEM=1 to do
 # only step 5 (for example inside a container where the services are elsewhere).
@@ -144,6 +146,15 @@ rabbit_users() {
   done <"$here/scripts/rabbitmq-users"
 }
 
+install_chromium() {
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    say "installing chromium and chromium-driver (the console's browser tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  fi
+}
+
 make_venv() {
   cd "$here"
   local stamp=.venv/.taskmgr-installed want
@@ -168,6 +179,7 @@ if [ "${TASKMGR_SETUP_SKIP_SYSTEM:-0}" != 1 ]; then
   start_rabbitmq
   rabbit_users
   create_database
+  install_chromium
 fi
 make_venv
 say "ready: PostgreSQL+TimescaleDB on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672, .venv"
