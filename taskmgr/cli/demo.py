@@ -27,7 +27,7 @@ from rich.table import Table
 from task_types.daily import DailySchedule
 from task_types.feed import feed_day
 from task_types.settings import SportsSettings
-from taskmgr import store
+from taskmgr import store, tokens
 from taskmgr.broker import Consumer, Topology
 from taskmgr.db import make_engine, with_database
 from taskmgr.messages import decode_event
@@ -39,6 +39,9 @@ from taskmgr.settings import Settings
 DEMO_DB = "taskmgr_demo"
 DEMO_PREFIX = "taskmgr_demo"
 FEED_PORT = int(os.environ.get("TASKMGR_DEMO_FEED_PORT", "8765"))
+# The console's port (another free one when this one is taken).
+API_PORT = int(os.environ.get("TASKMGR_DEMO_API_PORT", "8080"))
+DEMO_TOKEN = "demo"
 STATUS_EVERY_S = 5.0
 GAME_TYPES = ("live_game", "period_score")
 
@@ -79,6 +82,7 @@ class Demo:
         self.events: Counter[str] = Counter()
         self.finals: dict[str, dict[str, Any]] = {}
         self.seen_ids: set[str] = set()
+        self.api_port = _port_or_free(API_PORT)
 
     def env(self) -> dict[str, str]:
         s = self.settings
@@ -93,6 +97,7 @@ class Demo:
             "TASKMGR_HEARTBEAT_INTERVAL": "2",
             "TASKMGR_RUNNER_DEAD_AFTER": "8",
             "TASKMGR_POLL_INTERVAL": "0.5",
+            "TASKMGR_API_PORT": str(self.api_port),
         }
 
     async def start(self, name: str, *args: str) -> None:
@@ -159,6 +164,16 @@ class Demo:
         await self.start("manager", "manager")
         await self.start("runner-1", "runner", "--pool", "default")
         await self.start("runner-2", "runner", "--pool", "default")
+        # The recorder stores the events (the console's board reads them), the API serves
+        # the console; a token of write scope for the demo's viewer.
+        await self.start("recorder", "recorder")
+        await self.start("api", "api")
+        async with engine.begin() as conn:
+            _, secret = await tokens.create_token(conn, DEMO_TOKEN, "write", created_by="demo")
+        console.print(
+            f"[bold]console:[/] http://127.0.0.1:{self.api_port}/  "
+            f"(log in with the demo's API token: [bold]{secret}[/])"
+        )
         if not self.sports.provider_urls:
             # The games start 15 s after the feed does, spread over --spread-s.
             await self.start(
@@ -217,8 +232,11 @@ class Demo:
                         console.print(
                             f"[dim]-- {int(last - started):>3}s  tasks: {line}  finals: {len(self.finals)}[/]"
                         )
-                    if await self.all_games_done(engine):
+                    if result != 0 and await self.all_games_done(engine):
                         result = 0
+                        if deadline is None:
+                            console.print("every game ended; the console stays up until Ctrl-C")
+                            continue
                         break
         except KeyboardInterrupt:
             pass
@@ -275,6 +293,21 @@ class Demo:
         # One line of JSON for scripts: never wrapped.
         totals = {"games_final": len(self.finals), "events": dict(self.events)}
         console.print(json.dumps(totals), soft_wrap=True)
+
+
+def _port_or_free(port: int) -> int:
+    """`port` if nothing listens there, else a free one."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_demo(

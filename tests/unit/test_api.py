@@ -80,3 +80,15 @@ def test_stream_ids() -> None:
 def test_json_paths() -> None:
     assert json_path(("body", "tasks", 0, "payload", "n")) == "body.tasks[0].payload.n"
     assert json_path(("query", "limit")) == "query.limit"
+
+
+def test_compose_runs_the_api_as_its_own_role() -> None:
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "compose.yaml").read_text())
+    api = compose["services"]["api"]
+    assert api["command"][0] == "api"
+    url = api["environment"]["TASKMGR_DATABASE_URL"]
+    assert url.startswith("postgresql+asyncpg://taskmgr_api:${TASKMGR_DB_PASSWORD_API:?")
+    assert "TASKMGR_AMQP_URL" not in api["environment"], "the API needs no broker"
+    assert api["ports"] == ["${TASKMGR_BIND:-127.0.0.1}:8080:8080"]
