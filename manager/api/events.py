@@ -4,8 +4,8 @@ them over Server-Sent Events that resumes from `Last-Event-ID`."""
 import asyncio
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -31,8 +31,19 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=str, separators=(",", ":"))
 
 
+# The encoded frames of the latest events: a thousand clients of one event encode it once.
+_FRAMES: OrderedDict[uuid.UUID, bytes] = OrderedDict()
+FRAMES_KEPT = 20_000
+
+
 def sse(e: StoredEvent) -> bytes:
-    return f"id: {stream_id(e)}\nevent: {e.routing_key}\ndata: {_json(asdict(e))}\n\n".encode()
+    frame = _FRAMES.get(e.event_id)
+    if frame is None:
+        frame = f"id: {stream_id(e)}\nevent: {e.routing_key}\ndata: {_json(vars(e))}\n\n".encode()
+        _FRAMES[e.event_id] = frame
+        if len(_FRAMES) > FRAMES_KEPT:
+            _FRAMES.popitem(last=False)
+    return frame
 
 
 class Filter:

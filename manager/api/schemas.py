@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -64,7 +63,7 @@ class TaskOut(BaseModel):
 
     @classmethod
     def of(cls, t: Task) -> TaskOut:
-        return cls.model_construct(**asdict(t))
+        return cls.model_construct(**vars(t))  # not asdict: it deep-copies every value
 
 
 class Created(BaseModel):
@@ -93,7 +92,7 @@ class TaskEventOut(BaseModel):
 
     @classmethod
     def of(cls, e: TaskEvent) -> TaskEventOut:
-        return cls.model_construct(**asdict(e))
+        return cls.model_construct(**vars(e))
 
 
 class AuditNode(BaseModel):

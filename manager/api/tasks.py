@@ -6,7 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Response
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, BaseModel
 
 from manager.api.auth import Auth, Caller
 from manager.api.errors import BadRequest
@@ -39,6 +39,12 @@ IdempotencyKey = Annotated[
         "(for a batch, the key of task i is `<key>/<i>`)",
     ),
 ]
+
+
+def as_json(model: BaseModel) -> Response:
+    """A response model built from the core's values, serialized as it is: FastAPI would
+    validate it again first (most of a page's cost: 5 ms of CPU for 50 tasks)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def _new(t: TaskIn, dedup_key: str | None, caller: Caller, where: str) -> NewTask:
@@ -107,7 +113,7 @@ def router(service: TaskService, auth: Auth) -> APIRouter:
             str | None, Query(max_length=400, description="The `next` of the page before")
         ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    ) -> TaskPage:
+    ) -> Response:
         rows = await service.list_tasks(
             type=type,
             state=state,
@@ -118,11 +124,11 @@ def router(service: TaskService, auth: Auth) -> APIRouter:
             limit=limit,
         )
         nxt = encode_cursor(rows[-1].due_at, rows[-1].id) if len(rows) == limit else None
-        return TaskPage(items=[TaskOut.of(t) for t in rows], next=nxt)
+        return as_json(TaskPage.model_construct(items=[TaskOut.of(t) for t in rows], next=nxt))
 
     @r.get("/{task_id}", response_model=TaskOut, summary="A task and its current state")
-    async def get_task(task_id: uuid.UUID, _: Annotated[Caller, Depends(read)]) -> TaskOut:
-        return TaskOut.of(await service.get_task(task_id))
+    async def get_task(task_id: uuid.UUID, _: Annotated[Caller, Depends(read)]) -> Response:
+        return as_json(TaskOut.of(await service.get_task(task_id)))
 
     @r.get("/{task_id}/history", response_model=list[TaskEventOut], summary="Every state change of a task")
     async def history(task_id: uuid.UUID, _: Annotated[Caller, Depends(read)]) -> list[TaskEventOut]:
