@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 import uuid
@@ -35,10 +36,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import httpx
 from sqlalchemy import text
 
-from bench._common import Procs, child_env, fresh_database, log, machine, percentile, rss_mb
+from bench._common import Procs, child_env, cpu_seconds, fresh_database, log, machine, percentile, rss_mb
 from taskmgr import event_store, tokens
 from taskmgr.db import asyncpg_dsn, make_engine, with_database
 from taskmgr.messages import Event
@@ -115,22 +117,24 @@ async def _explain(engine: Any, params: dict[str, Any]) -> str:
 
 
 async def _open_loop(
-    rate: float, seconds: float, call: Callable[[int], Awaitable[httpx.Response]]
+    rate: float, seconds: float, call: Callable[[int], Awaitable[int]], api_pid: int
 ) -> dict[str, Any]:
-    """Requests at a fixed rate; each one's latency (from its scheduled start)."""
+    """Requests at a fixed rate; each one's latency (from its scheduled start), and the
+    API process's CPU per request."""
     latencies: list[float] = []
     errors = 0
     total = int(rate * seconds)
+    cpu0 = cpu_seconds(api_pid)
     start = time.perf_counter()
 
     async def one(i: int, due: float) -> None:
         nonlocal errors
         try:
-            r = await call(i)
-            if r.status_code != 200:
+            status = await call(i)
+            if status != 200:
                 errors += 1
                 return
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, TimeoutError):
             errors += 1
             return
         latencies.append((time.perf_counter() - due) * 1000)
@@ -152,7 +156,17 @@ async def _open_loop(
         "p99_ms": round(percentile(latencies, 99), 2),
         "max_ms": round(max(latencies, default=float("nan")), 2),
         "errors": errors,
+        "api_cpu_ms_per_request": round((cpu_seconds(api_pid) - cpu0) / max(1, total) * 1000, 2),
     }
+
+
+def _get(session: aiohttp.ClientSession, path: str, params: dict[str, Any] | None = None) -> Awaitable[int]:
+    async def go() -> int:
+        async with session.get(path, params=params) as r:
+            await r.read()
+            return r.status
+
+    return go()
 
 
 def _list_params(i: int, ids: list[uuid.UUID], day0: datetime, cursors: list[str]) -> dict[str, Any]:
@@ -226,22 +240,21 @@ async def _fanout(
     counts = [0] * clients
     connected = 0
     all_connected = asyncio.Event()
-    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
-    timeout = httpx.Timeout(30.0, read=None)
-    async with httpx.AsyncClient(
-        base_url=base, limits=limits, timeout=timeout, headers={"Authorization": f"Bearer {secret}"}
-    ) as c:
+    connector = aiohttp.TCPConnector(limit=clients + 10)
+    timeout = aiohttp.ClientTimeout(total=None, connect=30)
+    auth = {"Authorization": f"Bearer {secret}"}
+    async with aiohttp.ClientSession(base_url=base, headers=auth, connector=connector, timeout=timeout) as c:
 
         async def client(n: int) -> None:
             nonlocal connected
-            async with c.stream("GET", "/api/v1/events/stream", params={"keys": EVENT_KEY}) as r:
+            async with c.get("/api/v1/events/stream", params={"keys": EVENT_KEY}) as r:
                 connected += 1
                 if connected == clients:
                     all_connected.set()
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
+                async for raw in r.content:
+                    if raw.startswith(b"data: "):
                         now = time.perf_counter()
-                        eid = json.loads(line[6:])["event_id"]
+                        eid = json.loads(raw[6:])["event_id"]
                         if eid in committed:
                             received.append((now - committed[eid]) * 1000)
                             counts[n] += 1
@@ -318,7 +331,12 @@ async def main(
     url = await fresh_database(settings, DB)
     engine = make_engine(url, pool_size=4, name="taskmgr-bench")
     procs = Procs("api")
-    result: dict[str, Any] = {"bench": "api", "tasks": tasks, "machine": machine()}
+    result: dict[str, Any] = {
+        "bench": "api",
+        "tasks": tasks,
+        "machine": machine(),
+        "load_average_at_start": os.getloadavg(),
+    }
     try:
         async with engine.begin() as conn:
             for t in TYPES:
@@ -352,9 +370,14 @@ async def main(
         api = procs.start(["-m", "taskmgr.cli", "api"], env)
         base = f"http://127.0.0.1:{port}"
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-        async with httpx.AsyncClient(
-            base_url=base, limits=limits, timeout=30, headers={"Authorization": f"Bearer {secret}"}
-        ) as c:
+        auth = {"Authorization": f"Bearer {secret}"}
+        connector = aiohttp.TCPConnector(limit=100)
+        async with (
+            httpx.AsyncClient(base_url=base, limits=limits, timeout=30, headers=auth) as c,
+            aiohttp.ClientSession(
+                base_url=base, headers=auth, connector=connector, timeout=aiohttp.ClientTimeout(total=120)
+            ) as session,
+        ):
             await wait_for(lambda: _ready(c), timeout=60, what="the API answers /readyz")
             # Warm-up: a few of each, then the cursors the paging test follows.
             for i in range(50):
@@ -372,12 +395,15 @@ async def main(
                 ).json()
             _log(f"get at {rate}/s for {seconds} s")
             result["get"] = await _open_loop(
-                rate, seconds, lambda i: c.get(f"/api/v1/tasks/{random.choice(ids)}")
+                rate, seconds, lambda i: _get(session, f"/api/v1/tasks/{random.choice(ids)}"), api.pid
             )
             _log(f"get: {result['get']}")
             _log(f"list at {rate}/s for {seconds} s")
             result["list"] = await _open_loop(
-                rate, seconds, lambda i: c.get("/api/v1/tasks", params=_list_params(i, ids, day0, cursors))
+                rate,
+                seconds,
+                lambda i: _get(session, "/api/v1/tasks", _list_params(i, ids, day0, cursors)),
+                api.pid,
             )
             _log(f"list: {result['list']}")
             result["create"] = await _creates(c, creates, writers)
