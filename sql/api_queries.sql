@@ -45,3 +45,10 @@ order by bucket;
 
 -- schema_version --
 select max(version) as version from schema_migrations;
+
+-- runner_poll_errors --
+-- Failed polls per runner since :since: the runners report each (kept in the history,
+-- not applied).
+select runner_id, count(*) as n from task_events
+where time >= :since and not applied and runner_id is not null and detail->>'report' = 'poll_error'
+group by runner_id;

@@ -176,6 +176,11 @@ async def list_runners(conn: Conn, since: datetime) -> list[RunnerRow]:
     return [RunnerRow(**dict(r._mapping)) for r in rows]
 
 
+async def poll_errors(conn: Conn, since: datetime) -> dict[str, int]:
+    """Failed polls per runner since `since`."""
+    return {r.runner_id: int(r.n) for r in await _run(conn, "runner_poll_errors", {"since": since})}
+
+
 async def lateness_histogram(conn: Conn, since: datetime, width_ms: float, buckets: int) -> list[int]:
     """Counts of starts per lateness bucket of `width_ms` (the last one open-ended)."""
     counts = [0] * buckets

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import uvicorn
@@ -18,6 +19,11 @@ from taskmgr import tokens
 from taskmgr.migrate import asyncpg_dsn
 from taskmgr.settings import Settings
 from taskmgr.testing import free_port
+
+# anyio imports its file helpers lazily, and StaticFiles first needs them in a worker
+# thread, where pytest's assertion rewriting of that import trips a CPython 3.11 bug
+# ("AST constructor recursion depth mismatch"): import them here, on the main thread.
+_ = anyio.open_file
 
 
 @dataclass

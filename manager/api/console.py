@@ -22,7 +22,7 @@ from fastapi.templating import Jinja2Templates
 
 from manager.api.auth import COOKIE, Caller
 from manager.api.schemas import decode_cursor, encode_cursor
-from manager.api.system import RUNNERS_WINDOW, runner_rows
+from manager.api.system import ERRORS_WINDOW, RUNNERS_WINDOW, runner_rows
 from taskmgr import event_store, tokens
 from taskmgr.errors import TaskmgrError
 from taskmgr.messages import LIFECYCLE_TASK_TYPE
@@ -188,8 +188,12 @@ def install(app: FastAPI, api: Any) -> None:
         now = utcnow()
         async with api.engine.connect() as conn:
             rows = await tokens.list_runners(conn, now - RUNNERS_WINDOW)
+            errors = await tokens.poll_errors(conn, now - ERRORS_WINDOW)
         return render(
-            request, "runners.html", caller, runners=runner_rows(rows, now, api.settings.runner_dead_after)
+            request,
+            "runners.html",
+            caller,
+            runners=runner_rows(rows, now, api.settings.runner_dead_after, errors),
         )
 
     @app.get("/stats", include_in_schema=False)

@@ -21,6 +21,8 @@ from taskmgr.tokens import Scope
 
 # How far back the runners page looks (runners gone longer ago are not listed).
 RUNNERS_WINDOW = timedelta(hours=1)
+# The window of the runners' poll errors.
+ERRORS_WINDOW = timedelta(minutes=5)
 
 
 class RunnerOut(BaseModel):
@@ -33,6 +35,7 @@ class RunnerOut(BaseModel):
     heartbeat_age_s: float
     tasks: int
     status: str  # alive, late, dead, stopped
+    poll_errors_5m: int = 0  # failed polls it reported in the last 5 minutes
 
 
 class Status(BaseModel):
@@ -43,7 +46,9 @@ class Status(BaseModel):
     stream_clients: int
 
 
-def runner_rows(rows: list[tokens.RunnerRow], now: datetime, dead_after_s: float) -> list[RunnerOut]:
+def runner_rows(
+    rows: list[tokens.RunnerRow], now: datetime, dead_after_s: float, errors: dict[str, int] | None = None
+) -> list[RunnerOut]:
     out = []
     for r in rows:
         age = (now - r.last_seen).total_seconds()
@@ -56,7 +61,12 @@ def runner_rows(rows: list[tokens.RunnerRow], now: datetime, dead_after_s: float
             if age > dead_after_s / 3
             else "alive"
         )
-        out.append(RunnerOut(**{**r.__dict__, "heartbeat_age_s": round(age, 1), "status": status}))
+        extra = {
+            "heartbeat_age_s": round(age, 1),
+            "status": status,
+            "poll_errors_5m": (errors or {}).get(r.id, 0),
+        }
+        out.append(RunnerOut(**{**r.__dict__, **extra}))
     return out
 
 
@@ -70,7 +80,8 @@ def router(
         now = utcnow()
         async with engine.connect() as conn:
             rows = await tokens.list_runners(conn, now - RUNNERS_WINDOW)
-        return runner_rows(rows, now, settings.runner_dead_after)
+            errors = await tokens.poll_errors(conn, now - ERRORS_WINDOW)
+        return runner_rows(rows, now, settings.runner_dead_after, errors)
 
     @r.get("/api/v1/runners", response_model=list[RunnerOut], summary="Runners as their heartbeats show them")
     async def list_runners(_: Annotated[Caller, Depends(read)]) -> list[RunnerOut]:

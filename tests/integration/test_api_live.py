@@ -216,3 +216,38 @@ async def test_the_api_role_does_its_job_and_nothing_more(
             await conn.close()
     finally:
         await api_engine.dispose()
+
+
+async def test_runners_with_heartbeat_age_and_poll_errors(
+    engine: AsyncEngine, database_url: str, settings: Settings, service: TaskService
+) -> None:
+    """A runner as its heartbeats show it, with the failed polls it reported (kept in the
+    history, not applied) in the last five minutes."""
+    tokens = await make_tokens(engine, database_url)
+    await service.create_type({"name": "box", "handler": "noop"})
+    [tid] = await schedule(service, "box", 1)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            "insert into runners (id, pool, host, pid, last_seen, tasks)"
+            " values ('r-1', 'default', 'h', 1, now() - interval '2 seconds', 3),"
+            " ('r-2', 'sports', 'h', 2, now() - interval '40 minutes', 0)"
+        )
+        for age in (timedelta(minutes=1), timedelta(minutes=2), timedelta(minutes=20)):
+            await conn.execute(
+                "insert into task_events (time, task_id, state, attempt, runner_id, source, applied, detail)"
+                " values (now() - cast($2 as interval), $1, 'RUNNING', 1, 'r-1', 'runner', false,"
+                ' \'{"report": "poll_error", "error": "timeout"}\')',
+                tid,
+                age,
+            )
+    finally:
+        await conn.close()
+    async with client(build(settings.model_copy(update={"runner_dead_after": 15.0}), engine)) as c:
+        rows = {r["id"]: r for r in (await c.get("/api/v1/runners", headers=tokens.header("read"))).json()}
+        c.cookies.set("taskmgr_token", tokens.read)
+        page = await c.get("/runners")
+    assert (rows["r-1"]["status"], rows["r-1"]["tasks"], rows["r-1"]["poll_errors_5m"]) == ("alive", 3, 2)
+    assert 1.5 <= rows["r-1"]["heartbeat_age_s"] < 30
+    assert (rows["r-2"]["status"], rows["r-2"]["poll_errors_5m"]) == ("dead", 0)
+    assert page.status_code == 200 and "r-1" in page.text and "sports" in page.text
