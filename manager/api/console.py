@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from manager.api.auth import COOKIE, Caller
+from manager.api.errors import BadRequest
 from manager.api.schemas import decode_cursor, encode_cursor
 from manager.api.system import ERRORS_WINDOW, RUNNERS_WINDOW, runner_rows
 from taskmgr import event_store, tokens
@@ -119,7 +120,7 @@ def install(app: FastAPI, api: Any) -> None:
             rows = await api.service.list_tasks(**filters, limit=PAGE)
             if len(rows) == PAGE:
                 nxt = urlencode({**form, "after": encode_cursor(rows[-1].due_at, rows[-1].id)})
-        except (ValueError, TaskmgrError, Exception) as exc:  # shown on the page, not a 500
+        except (ValueError, TaskmgrError, BadRequest) as exc:  # shown on the page, not a 500
             error = _message(exc)
         types = [t.name for t in await api.service.list_types(include_deleted=True)]
         return render(request, "tasks.html", caller, form=form, rows=rows, next=nxt, error=error, types=types)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -92,3 +92,55 @@ def test_compose_runs_the_api_as_its_own_role() -> None:
     assert url.startswith("postgresql+asyncpg://taskmgr_api:${TASKMGR_DB_PASSWORD_API:?")
     assert "TASKMGR_AMQP_URL" not in api["environment"], "the API needs no broker"
     assert api["ports"] == ["${TASKMGR_BIND:-127.0.0.1}:8080:8080"]
+
+
+def _stored(n: int, key: str = "score.changed", task: uuid.UUID | None = None) -> object:
+    from taskmgr.event_store import StoredEvent
+
+    tid = task or uuid.uuid4()
+    return StoredEvent(
+        time=datetime(2026, 12, 6, 19, 30, tzinfo=UTC) + timedelta(seconds=n),
+        event_id=uuid.uuid5(tid, str(n)),
+        kind=key,
+        task_type="live_game",
+        task_id=tid,
+        root_task_id=tid,
+        runner_id="r",
+        attempt=1,
+        version=1,
+        data={"n": n},
+    )
+
+
+async def test_a_client_too_far_behind_is_dropped_and_told() -> None:
+    """The live stream never blocks on a slow client: one whose queue is full is dropped
+    (its browser reconnects with Last-Event-ID and is replayed from the history)."""
+    from manager.api import stream
+
+    hub = stream.EventHub(engine=None, poll_s=1.0, lookback_s=1.0)  # type: ignore[arg-type]
+    slow, fast = stream.Subscription(), stream.Subscription()
+    hub._subs.update({slow, fast})
+    for n in range(stream.CLIENT_BUFFER):
+        hub._publish(_stored(n))  # type: ignore[arg-type]
+        fast.queue.get_nowait()
+    hub._publish(_stored(stream.CLIENT_BUFFER))  # type: ignore[arg-type]
+    assert slow.dropped and slow not in hub._subs
+    assert fast in hub._subs and not fast.dropped
+    last = [slow.queue.get_nowait() for _ in range(slow.queue.qsize())][-1]
+    assert last is None  # the client's loop ends on it
+
+
+def test_the_stream_filter() -> None:
+    from manager.api.events import Filter, sse
+
+    task = uuid.uuid4()
+    e = _stored(1, task=task)
+    assert Filter(None, None, None)(e)  # type: ignore[arg-type]
+    assert Filter("live_game.score.changed,x.y", task, task)(e)  # type: ignore[arg-type]
+    assert not Filter("live_game.game.final", None, None)(e)  # type: ignore[arg-type]
+    assert not Filter(None, uuid.uuid4(), None)(e)  # type: ignore[arg-type]
+    frame = sse(e)  # type: ignore[arg-type]
+    assert (
+        frame.startswith(b"id: 2026-12-06T19:30:01+00:00~") and b"event: live_game.score.changed\n" in frame
+    )
+    assert sse(e) is frame  # encoded once for every client  # type: ignore[arg-type]
