@@ -43,11 +43,12 @@ class Auth:
     def __init__(self, *, engine: AsyncEngine, cache_s: float) -> None:
         self._engine = engine
         self._cache_s = cache_s
-        self._cache: dict[str, tuple[float, Token | None]] = {}
+        self._cache: dict[bytes, tuple[float, Token | None]] = {}
 
     async def token(self, secret: str) -> Token | None:
         now = time.monotonic()
-        hit = self._cache.get(secret)
+        key = tokens.hash_secret(secret)  # the cache keeps no secret either
+        hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self._cache_s:
             return hit[1]
         async with self._engine.begin() as conn:
@@ -57,7 +58,7 @@ class Auth:
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
         if self._cache_s > 0:
-            self._cache[secret] = (now, token)
+            self._cache[key] = (now, token)
         return token
 
     async def caller(
