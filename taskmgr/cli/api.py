@@ -37,15 +37,59 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
 @click.command("api")
 @opt("--host", env="TASKMGR_API_HOST", default=None, help="Address to listen on [default: 127.0.0.1].")
 @opt("--port", env="TASKMGR_API_PORT", type=int, default=None, help="Port to listen on [default: 8080].")
+@opt(
+    "--workers",
+    env="TASKMGR_API_WORKERS",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Processes serving the port (uvicorn's workers): one per free core.",
+)
 @click.option("--openapi", is_flag=True, help="Print the OpenAPI document (JSON) and exit.")
 @click.pass_context
-def api_cmd(ctx: click.Context, host: str | None, port: int | None, openapi: bool) -> None:
+def api_cmd(ctx: click.Context, host: str | None, port: int | None, workers: int, openapi: bool) -> None:
     """The HTTP API and the web console (http://HOST:PORT/). Log in with an API token."""
     settings = with_(settings_of(ctx), api_host=host, api_port=port)
     if openapi:
         click.echo(json.dumps(openapi_document(settings), indent=2, sort_keys=True))
         return
+    if workers > 1:
+        serve_workers(settings, workers)
+        return
     serve(main, settings)
+
+
+def app_from_environment() -> Any:
+    """The app of one worker process (`--workers`): its settings from the environment
+    its parent set, its own engine."""
+    from taskmgr.db import make_engine
+
+    settings = Settings()  # type: ignore[call-arg]  # from the environment
+    return build_app(settings, make_engine(settings.database_url, pool_size=10, name="taskmgr-api"))
+
+
+def serve_workers(settings: Settings, workers: int) -> None:
+    """uvicorn's process manager: `workers` processes accept on one socket; it handles
+    SIGTERM and SIGINT itself (each worker's lifespan ends its stream reader)."""
+    import os
+
+    import uvicorn
+
+    # The workers read their settings as any taskmgr process does; the command line's
+    # options reach them through the environment.
+    os.environ.update(
+        {"TASKMGR_DATABASE_URL": settings.database_url, "TASKMGR_LOG_LEVEL": settings.log_level}
+    )
+    uvicorn.run(
+        "taskmgr.cli.api:app_from_environment",
+        factory=True,
+        host=settings.api_host,
+        port=settings.api_port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
 
 
 async def main(settings: Settings, stop: Any) -> None:

@@ -122,6 +122,13 @@ _bench(
             help="Clients of the event stream.",
         ),
         click.Option(
+            ["--api-workers"],
+            type=click.IntRange(1, 64),
+            default=1,
+            show_default=True,
+            help="Processes of the API under test (taskmgr api --workers).",
+        ),
+        click.Option(
             ["--event-rate"],
             type=click.FloatRange(0.1, 1000),
             default=2.0,
