@@ -105,7 +105,9 @@ class EventHub:
                     if e.event_id in self._seen:
                         continue
                     self._seen[e.event_id] = e.time
-                    self._cursor = max(self._cursor, e.time)
+                    # Not past this clock: an event stamped ahead by a runner's skewed
+                    # clock must not move the window past the others.
+                    self._cursor = min(max(self._cursor, e.time), utcnow())
                     self._publish(e)
                     new += 1
                 if len(page) < PAGE:
