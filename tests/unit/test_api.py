@@ -144,3 +144,49 @@ def test_the_stream_filter() -> None:
         frame.startswith(b"id: 2026-12-06T19:30:01+00:00~") and b"event: live_game.score.changed\n" in frame
     )
     assert sse(e) is frame  # encoded once for every client  # type: ignore[arg-type]
+
+
+def test_the_task_pages_attempts_tree_and_charts() -> None:
+    from manager.api.console import _attempts, _histogram, _safe, _series, _tree
+    from taskmgr.models import State, TaskEvent
+
+    t0 = datetime(2026, 12, 6, 19, 0, tzinfo=UTC)
+    tid = uuid.uuid4()
+
+    def ev(s: int, state: State, attempt: int, **detail: object) -> TaskEvent:
+        runner = "r-1" if attempt else None
+        return TaskEvent(t0 + timedelta(seconds=s), tid, state, attempt, runner, "x", True, dict(detail))
+
+    history = [
+        ev(0, State.SCHEDULED, 0),
+        ev(1, State.STARTED, 1, lateness_ms=12.5),
+        ev(2, State.RUNNING, 1),
+        ev(9, State.RETRYING, 1, reason="runner died"),
+        ev(10, State.STARTED, 2, lateness_ms=3.0),
+        ev(11, State.RUNNING, 2),
+    ]
+    attempts = _attempts(history)
+    assert [(a["attempt"], a["lateness_ms"], a["state"], a["reason"]) for a in attempts] == [
+        (1, 12.5, "RETRYING", "runner died"),
+        (2, 3.0, "RUNNING", None),
+    ]
+
+    class T:
+        def __init__(self, id: uuid.UUID, parent: uuid.UUID | None, s: int) -> None:
+            self.id, self.parent_id, self.due_at = id, parent, t0 + timedelta(seconds=s)
+
+    root, a, b, c = (uuid.uuid4() for _ in range(4))
+    tree = _tree([T(c, a, 3), T(root, None, 0), T(b, root, 2), T(a, root, 1)], root)  # type: ignore[list-item]
+    assert [(d, t.id) for d, t in tree] == [(0, root), (1, a), (2, c), (1, b)]
+
+    hist = _histogram([4, 0, 2, 1])
+    assert [h["pct"] for h in hist] == [100.0, 0.0, 50.0, 25.0]
+    assert hist[-1]["label"].startswith("≥") and hist[0]["tick"] == "0 s"
+
+    series = _series(
+        [(t0, State.STARTED, 3), (t0, State.FINISHED, 1), (t0 + timedelta(minutes=1), State.FAILED, 2)]
+    )
+    assert series["top"] == 4 and [b["total"] for b in series["bars"]] == [4, 2]
+
+    assert _safe("/tasks?x=1") == "/tasks?x=1"
+    assert _safe("//evil.example/") == "/" and _safe("https://evil.example/") == "/"
