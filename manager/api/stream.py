@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # Events a slow client may have waiting before it is dropped (it reconnects and resumes).
 CLIENT_BUFFER = 10_000
+# Seconds before the next read after a failed one (the database away: one warning a
+# few seconds, not four a second).
+RETRY_S = 2.0
 # Rows per read of the history.
 PAGE = 5000
 _NIL = uuid.UUID(int=0)
@@ -87,11 +90,13 @@ class EventHub:
 
     async def _run(self) -> None:
         while self._subs:
+            pause = self._poll_s
             try:
                 await self.read_once()
-            except Exception:  # a database blip: the clients wait, the next read tries again
+            except Exception:  # a database blip: the clients wait, a later read tries again
                 log.warning("the event stream could not read the history", exc_info=True)
-            await asyncio.sleep(self._poll_s)
+                pause = max(pause, RETRY_S)
+            await asyncio.sleep(pause)
 
     async def read_once(self) -> int:
         """Hand every event new since the last read to each client; returns how many."""
