@@ -10,11 +10,13 @@
 #   5. Prometheus (Debian's `prometheus` package: the server and promtool) for the tests
 #      of the alerting rules; the service the package enables is kept stopped (the tests
 #      start their own Prometheus on a free port).
-#   6. A virtualenv at .venv with the project installed (re-installed only when
+#   6. Chromium and its driver from Debian's packages, for the console's browser tests
+#      (tests/acceptance/test_console.py): installed when missing.
+#   7. A virtualenv at .venv with the project installed (re-installed only when
 #      pyproject.toml changed).
 #
 # Needs root (apt-get, the PostgreSQL cluster). Set TASKMGR_SETUP_SKIP_SYSTEM=1 to do
-# only step 6 (for example inside a container where the services are elsewhere).
+# only step 7 (for example inside a container where the services are elsewhere).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -167,6 +169,15 @@ install_prometheus() {
   fi
 }
 
+install_chromium() {
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    say "installing chromium and chromium-driver (the console's browser tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  fi
+}
+
 make_venv() {
   cd "$here"
   local stamp=.venv/.taskmgr-installed want
@@ -192,6 +203,7 @@ if [ "${TASKMGR_SETUP_SKIP_SYSTEM:-0}" != 1 ]; then
   rabbit_users
   create_database
   install_prometheus
+  install_chromium
 fi
 make_venv
 say "ready: PostgreSQL+TimescaleDB on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672, .venv"

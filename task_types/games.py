@@ -133,3 +133,23 @@ def summarize(game_key: str, events: Sequence[StoredEvent]) -> GameSummary:
             s.status = e.kind.partition(".")[2]
     s.periods = dict(sorted(s.periods.items()))
     return s
+
+
+async def events_of_games(
+    conn: Conn, task_ids: Sequence[Any], *, since: datetime | None = None
+) -> list[StoredEvent]:
+    """The events of these game tasks (a day's board) in time order."""
+    params = {"task_ids": list(task_ids), "since": since or _EPOCH}
+    return [event_from_row(r) for r in await _run(conn, "games_events", params)]
+
+
+def current_period(events: Sequence[StoredEvent]) -> int | None:
+    """The period a game is in (or ended in), from its latest events."""
+    period = None
+    for e in events:
+        p = e.data.get("period")
+        if isinstance(p, int) and e.kind in ("score.changed", "period.ended"):
+            period = p + 1 if e.kind == "period.ended" else max(p, period or 0)
+        elif e.kind == "game.final" and e.data.get("periods"):
+            period = max(int(x["period"]) for x in e.data["periods"])
+    return period

@@ -140,14 +140,21 @@ async def events_of_root(
     return [event_from_row(r) for r in await _run(conn, "events_of_root", params)]
 
 
+async def events_after(
+    conn: Conn, time: datetime, event_id: uuid.UUID = _NIL, *, limit: int = REPLAY_PAGE
+) -> list[StoredEvent]:
+    """One page of the history after (time, event id), in that order (a keyset)."""
+    rows = await _run(conn, "events_after", {"time": time, "event_id": event_id, "limit": limit})
+    return [event_from_row(r) for r in rows]
+
+
 async def replay(
     conn: Conn, *, since: datetime | None = None, page: int = REPLAY_PAGE
 ) -> AsyncIterator[list[StoredEvent]]:
     """The whole history from `since`, in (time, event id) order, a page at a time."""
     time, event_id = since or _EPOCH, _NIL
     while True:
-        rows = await _run(conn, "events_after", {"time": time, "event_id": event_id, "limit": page})
-        events = [event_from_row(r) for r in rows]
+        events = await events_after(conn, time, event_id, limit=page)
         if not events:
             return
         yield events

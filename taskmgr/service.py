@@ -169,7 +169,7 @@ class TaskService(TaskChanges):
             raise AlreadyExists(f"task type {t.name!r} exists; use update to change it")
         return created
 
-    async def update_type(self, name: str, **changes: Any) -> TaskType:
+    async def update_type(self, name: str, /, **changes: Any) -> TaskType:
         async with self._engine.begin() as conn:
             current = await store.get_type(conn, name, for_update=True)
             if current is None:

@@ -67,6 +67,20 @@ class Settings(BaseSettings):
     )
     recorder_batch: int = Field(5000, ge=1, description="events stored per transaction by the recorder")
 
+    # The HTTP API and console (`taskmgr api`).
+    api_host: str = Field("127.0.0.1", description="address the API listens on")
+    api_port: int = Field(8080, ge=0, le=65535, description="port the API listens on")
+    api_token_cache_s: float = Field(
+        5.0, ge=0, description="seconds a checked token is trusted before it is looked up again"
+    )
+    api_stream_poll_s: float = Field(
+        0.25, gt=0, description="seconds between the live stream's reads of the event history"
+    )
+    api_stream_lookback_s: float = Field(
+        3.0, ge=0, description="seconds behind its newest event the live stream reads again (late commits)"
+    )
+    api_secure_cookie: bool = Field(False, description="mark the console's cookie Secure (behind HTTPS)")
+
     # Observability.
     log_level: str = "INFO"
     log_format: str = "text"  # or json

@@ -117,10 +117,10 @@ class Day:
 
 @contextlib.asynccontextmanager
 async def simulated_day(
-    engine: AsyncEngine, settings: Settings, config: Any, *, runners: int = 2
+    engine: AsyncEngine, settings: Settings, config: Any, *, runners: int = 2, runner_signals: Any = None
 ) -> AsyncIterator[Day]:
     """The feed playing `config`, a manager (which declares the events stream), runners
-    and a recorder; the day's schedule seeded."""
+    and a recorder; the day's schedule seeded. runner_signals: one RunnerSignals per runner."""
     from manager.app import TaskManager
     from runners import TaskRunner
     from task_types.daily import DailySchedule
@@ -142,8 +142,11 @@ async def simulated_day(
             manager = await stack.enter_async_context(TaskManager(settings=settings, engine=engine))
             tasks.append(asyncio.create_task(manager.run(stop)))
             await asyncio.wait_for(manager.is_leader.wait(), 15)
-            for _ in range(runners):
-                r = await stack.enter_async_context(TaskRunner(settings=settings, registry=registry))
+            for i in range(runners):
+                sig = runner_signals[i] if runner_signals else None
+                r = await stack.enter_async_context(
+                    TaskRunner(settings=settings, registry=registry, signals=sig)
+                )
                 tasks.append(asyncio.create_task(r.run(stop)))
             recorder = Recorder(settings=settings, engine=engine)
             tasks.append(asyncio.create_task(recorder.run(stop)))

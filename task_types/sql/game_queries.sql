@@ -22,3 +22,10 @@ from emitted_events
 where game_key = :key
 group by minute
 order by minute;
+
+-- games_events --
+-- The game events of several game tasks (a day's board), in time order.
+select time, event_id, kind, task_type, task_id, root_task_id, runner_id, attempt, version, data
+from emitted_events
+where task_id = any(cast(:task_ids as uuid[])) and time >= :since
+order by time, event_id;

@@ -39,10 +39,12 @@ COMMANDS = {
     "demo": "ops:demo",
     "end2end": "ops:end2end",
     "bench": "bench:bench",
+    "api": "api:api_cmd",
+    "tokens": "api:tokens",
 }
 # The long-lived processes log at TASKMGR_LOG_LEVEL's default (INFO); the other commands
 # print their result and log only errors unless --log-level (or the variable) says more.
-PROCESSES = frozenset({"manager", "runner", "feed", "demo"})
+PROCESSES = frozenset({"manager", "runner", "feed", "demo", "api"})
 COMMAND_LOG_LEVEL = "ERROR"
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from bench import api as api_bench
 from bench import chaos, dependencies, discovery, dispatch, footprint
 from bench import events as events_bench
 from bench import runner as runner_bench
@@ -114,6 +115,49 @@ _bench(
         ),
         click.Option(["--recorders"], type=click.IntRange(1, 16), default=1, show_default=True),
         click.Option(["--batch"], type=click.IntRange(1, 50_000), default=5000, show_default=True),
+    ],
+)
+
+_bench(
+    "api",
+    api_bench.main,
+    "The HTTP API with N tasks stored: get and list p50/p99 at a fixed rate, create throughput, "
+    "SSE fan-out to many clients.",
+    [
+        click.Option(
+            ["--tasks"], type=click.IntRange(1000, 100_000_000), default=1_000_000, show_default=True
+        ),
+        click.Option(
+            ["--rate"],
+            type=click.FloatRange(1, 10_000),
+            default=200.0,
+            show_default=True,
+            help="Requests/s of the get and list runs.",
+        ),
+        click.Option(["--seconds"], type=click.FloatRange(1, 3600), default=20.0, show_default=True),
+        click.Option(["--creates"], type=click.IntRange(100, 10_000_000), default=20_000, show_default=True),
+        click.Option(["--writers"], type=click.IntRange(1, 64), default=4, show_default=True),
+        click.Option(
+            ["--clients"],
+            type=click.IntRange(1, 10_000),
+            default=1000,
+            show_default=True,
+            help="Clients of the event stream.",
+        ),
+        click.Option(
+            ["--api-workers"],
+            type=click.IntRange(1, 64),
+            default=1,
+            show_default=True,
+            help="Processes of the API under test (taskmgr api --workers).",
+        ),
+        click.Option(
+            ["--event-rate"],
+            type=click.FloatRange(0.1, 1000),
+            default=2.0,
+            show_default=True,
+            help="Score events stored per second during the fan-out.",
+        ),
     ],
 )
 

@@ -29,7 +29,7 @@ from rich.table import Table
 from task_types.daily import DailySchedule
 from task_types.feed import feed_day
 from task_types.settings import SportsSettings
-from taskmgr import event_store, store
+from taskmgr import event_store, store, tokens
 from taskmgr.broker import Consumer, Topology
 from taskmgr.db import make_engine, with_database
 from taskmgr.messages import decode_event
@@ -41,6 +41,9 @@ from taskmgr.settings import Settings
 DEMO_DB = "taskmgr_demo"
 DEMO_PREFIX = "taskmgr_demo"
 FEED_PORT = int(os.environ.get("TASKMGR_DEMO_FEED_PORT", "8765"))
+# The console's port (another free one when this one is taken).
+API_PORT = int(os.environ.get("TASKMGR_DEMO_API_PORT", "8080"))
+DEMO_TOKEN = "demo"
 STATUS_EVERY_S = 5.0
 GAME_TYPES = ("live_game", "period_score")
 
@@ -84,6 +87,7 @@ class Demo:
         self.emitted: set[str] = set()  # every distinct event id on the exchange, lifecycle too
         self.stored = 0  # rows in the history
         self.doubled = 0  # rows beyond the first of an id (0 unless dedup failed)
+        self.api_port = _port_or_free(API_PORT)
 
     def env(self) -> dict[str, str]:
         s = self.settings
@@ -98,6 +102,7 @@ class Demo:
             "TASKMGR_HEARTBEAT_INTERVAL": "2",
             "TASKMGR_RUNNER_DEAD_AFTER": "8",
             "TASKMGR_POLL_INTERVAL": "0.5",
+            "TASKMGR_API_PORT": str(self.api_port),
         }
 
     async def start(self, name: str, *args: str) -> None:
@@ -163,9 +168,18 @@ class Demo:
         await service.update_type("live_game", poll_interval_s=1.0)
         await service.update_type("period_score", poll_interval_s=1.0)
         await self.start("manager", "manager")
-        await self.start("recorder", "recorder")
         await self.start("runner-1", "runner", "--pool", "default")
         await self.start("runner-2", "runner", "--pool", "default")
+        # The recorder stores the events (the console's board reads them), the API serves
+        # the console; a token of write scope for the demo's viewer.
+        await self.start("recorder", "recorder")
+        await self.start("api", "api")
+        async with engine.begin() as conn:
+            _, secret = await tokens.create_token(conn, DEMO_TOKEN, "write", created_by="demo")
+        console.print(
+            f"[bold]console:[/] http://127.0.0.1:{self.api_port}/  "
+            f"(log in with the demo's API token: [bold]{secret}[/])"
+        )
         if not self.sports.provider_urls:
             # The games start 15 s after the feed does, spread over --spread-s.
             await self.start(
@@ -224,8 +238,11 @@ class Demo:
                         console.print(
                             f"[dim]-- {int(last - started):>3}s  tasks: {line}  finals: {len(self.finals)}[/]"
                         )
-                    if await self.all_games_done(engine):
+                    if result != 0 and await self.all_games_done(engine):
                         result = 0
+                        if deadline is None:
+                            console.print("every game ended; the console stays up until Ctrl-C")
+                            continue
                         break
                 await self.settle(engine)
         except KeyboardInterrupt:
@@ -309,6 +326,21 @@ class Demo:
             "events_stored_twice": self.doubled,
         }
         console.print(json.dumps(totals), soft_wrap=True)
+
+
+def _port_or_free(port: int) -> int:
+    """`port` if nothing listens there, else a free one."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_demo(

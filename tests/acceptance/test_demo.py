@@ -24,6 +24,7 @@ def test_demo_runs_to_its_summary(settings: Settings) -> None:
             "TASKMGR_DATABASE_URL": settings.database_url,
             "TASKMGR_AMQP_URL": settings.amqp_url,
             "TASKMGR_DEMO_FEED_PORT": str(free_port()),
+            "TASKMGR_DEMO_API_PORT": str(free_port()),
         }
     )
     result = subprocess.run(
@@ -52,6 +53,7 @@ def test_demo_runs_to_its_summary(settings: Settings) -> None:
     for provider in ("nba", "espn", "mlb", "nhl"):
         assert f"{provider}:" in out and "live_game.game.final" in out
     assert "summary" in out and "dispatch lateness" in out
+    assert "console: http://127.0.0.1:" in out and "tmk_" in out
     totals = json.loads(out.strip().splitlines()[-1])
     assert totals["games_final"] == 4
     assert totals["events"]["game.final"] == 4 and totals["events"]["game.started"] == 4
