@@ -126,28 +126,32 @@ class LifecycleRelay:
         """Publish what the outbox holds; returns the events confirmed."""
         total = 0
         while True:
-            n = await self._one_batch()
-            total += n
-            if n < self._batch:
+            taken, published = await self._one_batch()
+            total += published
+            if taken < self._batch:
                 return total
 
-    async def _one_batch(self) -> int:
+    async def _one_batch(self) -> tuple[int, int]:
+        """One batch: (outbox rows taken, events published)."""
         publisher = await self._ready()
         async with self._engine.begin() as conn:
-            changes = await event_store.take_lifecycle(conn, self._batch)
-        if not changes:
-            return 0
+            changes, gone = await event_store.take_lifecycle(conn, self._batch)
+        if not changes and not gone:
+            return 0, 0
+        if gone:
+            log.warning("%d lifecycle changes of tasks that no longer exist dropped unpublished", len(gone))
         # No transaction is open while the broker confirms; the rows are deleted only
         # once every event is confirmed, so a failure leaves them for the next run.
         try:
-            await publisher.publish_many(_items(changes))
+            if changes:
+                await publisher.publish_many(_items(changes))
         except BrokerError:
             await self._reset()
             raise
         async with self._engine.begin() as conn:
-            await event_store.delete_lifecycle(conn, [c.id for c in changes])
+            await event_store.delete_lifecycle(conn, [c.id for c in changes] + gone)
         PUBLISHED.inc(len(changes))
-        return len(changes)
+        return len(changes) + len(gone), len(changes)
 
 
 def _items(changes: Sequence[LifecycleChange]) -> list[tuple[str, str, bytes, Mapping[str, Any] | None, str]]:

@@ -60,10 +60,12 @@ select taskmgr_drop_old_emitted_events(cast(:older_than as timestamptz));
 -- then deletes them (delete_lifecycle) once the broker confirmed every one. No
 -- transaction stays open while it waits for the confirms; a crash or a failed publish
 -- in between leaves the rows to be published again (repeats carry the same event id).
+-- A row whose task is gone (pruned, or truncated by hand) has no type or root to publish
+-- with: its type comes back null and the relay deletes it unpublished.
 select o.id, o.seq, o.time, o.task_id, o.state, o.attempt, o.runner_id, o.source, o.detail,
        t.type, t.root_id
 from (select * from lifecycle_outbox order by id limit :limit) o
-join tasks t on t.id = o.task_id
+left join tasks t on t.id = o.task_id
 order by o.id;
 
 -- delete_lifecycle --

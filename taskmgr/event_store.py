@@ -193,26 +193,34 @@ class LifecycleChange:
     detail: dict[str, Any]
 
 
-async def take_lifecycle(conn: Conn, limit: int) -> list[LifecycleChange]:
-    """Up to `limit` unpublished state changes, oldest first. Nothing is locked or
-    deleted: the relay deletes them (delete_lifecycle) once their events are confirmed."""
+async def take_lifecycle(conn: Conn, limit: int) -> tuple[list[LifecycleChange], list[int]]:
+    """Up to `limit` unpublished state changes, oldest first, and the outbox ids among
+    them whose task no longer exists (nothing to publish them with: delete them too).
+    Nothing is locked or deleted: the relay deletes them (delete_lifecycle) once their
+    events are confirmed."""
     rows = await _run(conn, "take_lifecycle", {"limit": limit})
-    return [
-        LifecycleChange(
-            id=r.id,
-            seq=r.seq,
-            time=r.time,
-            task_id=r.task_id,
-            root_id=r.root_id,
-            type=r.type,
-            state=r.state,
-            attempt=r.attempt,
-            runner_id=r.runner_id,
-            source=r.source,
-            detail=r.detail,
+    changes: list[LifecycleChange] = []
+    gone: list[int] = []
+    for r in rows:
+        if r.type is None:
+            gone.append(r.id)
+            continue
+        changes.append(
+            LifecycleChange(
+                id=r.id,
+                seq=r.seq,
+                time=r.time,
+                task_id=r.task_id,
+                root_id=r.root_id,
+                type=r.type,
+                state=r.state,
+                attempt=r.attempt,
+                runner_id=r.runner_id,
+                source=r.source,
+                detail=r.detail,
+            )
         )
-        for r in rows
-    ]
+    return changes, gone
 
 
 async def delete_lifecycle(conn: Conn, ids: Sequence[int]) -> None:

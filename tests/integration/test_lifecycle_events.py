@@ -170,6 +170,21 @@ async def test_a_confirm_slower_than_the_idle_transaction_limit_is_published_onc
     assert [r.event.task_id for r in await lifecycle(settings, 1)] == [a]
 
 
+async def test_a_change_whose_task_is_gone_is_dropped_not_left_forever(
+    database_url: str, engine: AsyncEngine, service: TaskService, events_publisher: Publisher
+) -> None:
+    """An outbox row whose task was deleted (pruned, truncated by hand) cannot be
+    published (no type, no root): the relay deletes it rather than leave it in the
+    outbox for ever (the outbox-age alert would hold, and it would be read at every run)."""
+    [a, _b] = await schedule(service, "box", 2)
+    async with engine.begin() as conn:
+        await conn.execute(text("delete from task_state where task_id = :id"), {"id": a})
+        await conn.execute(text("delete from tasks where id = :id"), {"id": a})
+    relay = LifecycleRelay(engine=engine, publisher=events_publisher, batch=1)
+    assert await relay.run_once() == 1  # b's; a's dropped, and the batch loop went on past it
+    assert await outbox(engine) == 0
+
+
 async def test_the_leader_publishes_them_and_the_recorder_stores_them(
     settings: Settings, engine: AsyncEngine, service: TaskService
 ) -> None:
