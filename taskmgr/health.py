@@ -6,10 +6,10 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-import aio_pika
 from yarl import URL
 
 from taskmgr import store
+from taskmgr.connections import connect_once
 from taskmgr.db import make_engine
 from taskmgr.migrate import current_version
 from taskmgr.redact import redact_text
@@ -21,7 +21,7 @@ CHECK_TIMEOUT_S = 5.0
 
 async def _broker_ok(settings: Settings) -> tuple[bool, str]:
     try:
-        conn = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), CHECK_TIMEOUT_S)
+        conn = await asyncio.wait_for(connect_once(settings.amqp_url), CHECK_TIMEOUT_S)
     except Exception as exc:
         return False, redact_text(f"RabbitMQ unreachable: {exc!r}")[:300]
     await conn.close()
