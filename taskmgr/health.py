@@ -9,8 +9,8 @@ from typing import Any
 from yarl import URL
 
 from taskmgr import store
-from taskmgr.connections import connect_once
-from taskmgr.db import make_engine
+from taskmgr.connections import amqp_urls, connect_once
+from taskmgr.db import each_host, make_engine
 from taskmgr.migrate import current_version
 from taskmgr.redact import redact_text
 from taskmgr.service import utcnow
@@ -36,7 +36,9 @@ def development_passwords(settings: Settings) -> list[str]:
     guest/guest) against a host other than this one: fine on a developer's machine,
     not in production."""
     found = []
-    for what, url in (("database", settings.database_url), ("broker", settings.amqp_url)):
+    urls = [("database", u) for u in {*each_host(settings.database_url), *each_host(settings.reads_url)}]
+    urls += [("broker", u) for u in amqp_urls(settings.amqp_url)]
+    for what, url in sorted(urls):
         u = URL(url)
         user = u.user or ("guest" if what == "broker" else "")
         password = u.password or ""

@@ -1,22 +1,33 @@
 """On the cluster harness (scripts/cluster: 3 RabbitMQ nodes, a PostgreSQL primary and a
 streaming replica on this machine), marked `cluster`: run by scripts/test --slow. What
 it checks: the harness itself, quorum queues and the replicated stream, publishing and
-consuming through the loss of the start queue's leader node."""
+consuming through the loss of the start queue's leader node, and a PostgreSQL failover
+that every connection follows, with the leadership lease intact."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
+import asyncpg
 import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 
 from bench.cluster import NODES, PG_PORTS, Cluster
-from taskmgr import broker
+from manager.leadership import Elector
+from taskmgr import broker, store
 from taskmgr.broker import BrokerError, Consumer, Publisher, StreamRetention, Topology, delete_names
+from taskmgr.db import make_engine
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A robust connection reconnects 5 s after its node goes; a quorum queue elects a new
 # leader within a few seconds of losing one.
@@ -128,3 +139,74 @@ async def test_orders_go_on_through_the_loss_of_the_start_queues_leader(
         finally:
             for c in consumers:
                 await c.__aexit__(None, None, None)
+
+
+async def retry(what: str, fn: Callable[[], Awaitable[T]], bound: float = FAILOVER_BOUND_S) -> T:
+    """`fn()` until it succeeds (a connection to the dead primary fails, then the pool
+    reconnects, to the new one), within `bound` seconds."""
+    async with asyncio.timeout(bound):
+        while True:
+            try:
+                return await fn()
+            except (OSError, sa_exc.DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.info("%s: %r, again", what, exc)
+                await asyncio.sleep(0.3)
+
+
+async def test_after_a_promotion_connections_find_the_new_primary_and_the_lease_holds(
+    cluster: Cluster,
+) -> None:
+    """Synchronous replication on; the primary is stopped at once (as a crash) and the
+    replica promoted: the same engine writes again, on the new primary, with every row
+    committed before; the leader renews its lease there and no other manager takes it;
+    the old primary rejoins as a replica and read-only connections prefer it."""
+    table = f"cl_probe_{uuid.uuid4().hex[:8]}"
+    primary = await asyncio.to_thread(cluster.pg_primary)
+    await asyncio.to_thread(cluster.pg_sync, True)
+    engine = make_engine(cluster.database_url(), name="taskmgr-cluster-test")
+    reads = make_engine(cluster.database_url(attrs="prefer-standby"), name="taskmgr-cluster-test-reads")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"create table {table} (n int primary key)"))
+            await conn.execute(text("truncate taskmgr_leader"))
+        for n in range(100):
+            async with engine.begin() as conn:
+                await conn.execute(text(f"insert into {table} values ({n})"))
+        leader = Elector(engine=engine, lease_s=30.0, name="taskmgr-leader-cluster-1")
+        other = Elector(engine=engine, lease_s=30.0, name="taskmgr-leader-cluster-2")
+        assert await leader.campaign()
+
+        await asyncio.to_thread(cluster.pg_kill, primary)
+        await asyncio.to_thread(cluster.pg_promote, cluster.other(primary))
+        assert await asyncio.to_thread(cluster.pg_primary) == cluster.other(primary)
+
+        async def write() -> None:
+            async with engine.begin() as conn:
+                await leader.fence(conn)
+                await conn.execute(text(f"insert into {table} values (100)"))
+
+        await retry("write after the promotion", write)
+        await retry("renew", leader.renew)
+        assert not await retry("campaign", other.campaign)
+        async with engine.connect() as conn:
+            assert (await conn.execute(text(f"select count(*) from {table}"))).scalar_one() == 101
+            port = (await conn.execute(text("select inet_server_port()"))).scalar_one()
+            assert port == PG_PORTS[cluster.other(primary)]
+            assert await store.leader_name(conn) == leader.name
+
+        await asyncio.to_thread(cluster.pg_rejoin, primary)
+
+        async def read_port() -> int:
+            async with reads.connect() as conn:
+                return int((await conn.execute(text("select inet_server_port()"))).scalar_one())
+
+        await reads.dispose()  # connections made while it was down went to the primary
+        assert await retry("read", read_port) == PG_PORTS[primary]  # the replica, now
+    finally:
+        await asyncio.to_thread(cluster.pg_sync, False)
+        with contextlib.suppress(Exception):
+            async with engine.begin() as conn:
+                await conn.execute(text(f"drop table if exists {table}"))
+                await conn.execute(text("truncate taskmgr_leader"))
+        await engine.dispose()
+        await reads.dispose()
