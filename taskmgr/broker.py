@@ -427,6 +427,7 @@ class Consumer:
         self._channel: AbstractRobustChannel | None = None
         self._control_channel: AbstractRobustChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._starts: list[tuple[AbstractQueue, Handler, str]] = []  # (queue, handler, consumer tag)
 
     async def __aenter__(self) -> Consumer:
         self._conn = await robust_connect(self._url, f"{self._name}-consume")
@@ -450,7 +451,21 @@ class Consumer:
 
     async def set_prefetch(self, prefetch: int, *, channel_wide: bool = False) -> None:
         """`channel_wide`: one limit for all of this channel's consumers, effective at
-        once (RabbitMQ applies a per-consumer limit only to consumers started later)."""
+        once (RabbitMQ applies a per-consumer limit only to consumers started later).
+
+        Quorum queues have no channel-wide limit (RabbitMQ closes the connection that
+        asks): the per-consumer limit is set and this channel's start consumers start
+        again under it. Their deliveries so far stay theirs to ack: a cancel returns
+        nothing, and deliveries before its cancel-ok still reach the handler."""
+        if channel_wide and self.topology.quorum:
+            await self.channel.set_qos(prefetch_count=max(1, prefetch))
+            for k, (queue, handler, tag) in enumerate(self._starts):
+                await queue.cancel(tag)
+                self._consumers.remove((queue, tag))
+                new_tag = await queue.consume(handler)
+                self._consumers.append((queue, new_tag))
+                self._starts[k] = (queue, handler, new_tag)
+            return
         await self.channel.set_qos(prefetch_count=max(1, prefetch), global_=channel_wide)
 
     async def consume_start(self, pool: str, handler: Handler) -> None:
@@ -458,7 +473,9 @@ class Consumer:
         queue = await declare_durable(
             self._conn, self.channel, self.topology.start_queue(pool), self.topology.queue_args()
         )
-        self._consumers.append((queue, await queue.consume(handler)))
+        tag = await queue.consume(handler)
+        self._consumers.append((queue, tag))
+        self._starts.append((queue, handler, tag))
 
     async def consume_progress(self, handler: Handler) -> None:
         assert self._conn is not None
@@ -502,6 +519,7 @@ class Consumer:
             except Exception as exc:  # a closing connection: nothing left to cancel
                 log.debug("cancel %s: %r", queue.name, exc)
         self._consumers.clear()
+        self._starts.clear()
 
 
 async def ack_all(messages: Sequence[Message]) -> None:

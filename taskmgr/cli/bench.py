@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from bench import chaos, discovery, dispatch, footprint
+from bench import chaos, chaos_cluster, discovery, dispatch, footprint
 from bench import events as events_bench
 from bench import runner as runner_bench
 from taskmgr.cli.common import EXIT_FAILURE, BadInput, run, settings_of
@@ -105,12 +105,19 @@ _bench(
     help="Fault kinds to inject, comma-separated, or all: runner, manager, broker, postgres, api, freeze, "
     "poison, alarm, bomb, reversal.",
 )
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="On the cluster harness (scripts/cluster up, as root): adds the kinds node (a RabbitMQ node "
+    "killed and restarted) and failover (the PostgreSQL primary killed, the replica promoted).",
+)
 @click.pass_context
-def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str) -> None:
+def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str, cluster: bool) -> None:
     """A game day under faults; checks the invariants against the feed's ground truth.
     Exit 1 if one failed. Restarts PostgreSQL (needs root): not for a shared server."""
+    main = chaos_cluster.main if cluster else chaos.main
     try:
-        result = run(chaos.main(settings_of(ctx), minutes=minutes, seed=seed, kinds=kinds))
+        result = run(main(settings_of(ctx), minutes=minutes, seed=seed, kinds=kinds))
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     click.echo(json.dumps(result))

@@ -110,3 +110,28 @@ async def test_no_node_that_answers_is_an_error() -> None:
             pass
     with pytest.raises(BrokerError, match="no AMQP URL"):
         amqp_urls(" , ")
+
+
+async def test_a_channel_wide_prefetch_on_quorum_queues_limits_the_start_consumers(quorum: Topology) -> None:
+    """RabbitMQ refuses a channel-wide limit on quorum queues (and closes the connection):
+    the runner's prefetch adjustment applies per consumer instead, at once."""
+    held: list[broker.Message] = []
+    async with Publisher(url=AMQP_URL, topology=quorum) as pub:
+        async with Consumer(url=AMQP_URL, topology=quorum, prefetch=8, name="prefetch-q") as c:
+
+            async def hold(m: broker.Message) -> None:  # a runner that is full: no ack yet
+                held.append(m)
+
+            await c.consume_start("default", hold)
+            await c.set_prefetch(2, channel_wide=True)
+            for _ in range(6):
+                await pub.publish_start("default", b"{}", message_id=str(uuid.uuid4()))
+            await wait_for(lambda: asyncio.sleep(0, len(held) >= 2), timeout=10, what="two deliveries")
+            await asyncio.sleep(0.5)  # a third would arrive now
+            assert len(held) == 2
+            for m in held:
+                await m.ack()
+            await wait_for(lambda: asyncio.sleep(0, len(held) >= 4), timeout=10, what="two more")
+            await c.cancel_all()
+    # Six sent, two acked: the other two held go back to the queue when the consumer closes.
+    assert await queue_depth(AMQP_URL, quorum.start_queue("default")) == 4
