@@ -75,10 +75,24 @@ def with_database(url: str, name: str) -> str:
     return f"{head}/{name}" + (f"?{query}" if query else "")
 
 
+# A database just created on the primary may not exist yet on a replica listed before
+# it: asyncpg gives up at that host's error instead of trying the next. Tried again for
+# this long (a replica replays a CREATE DATABASE in milliseconds).
+NEW_DATABASE_WAIT_S = 10.0
+
+
 async def connect(database_url: str, *, name: str | None = None) -> asyncpg.Connection:
     """A plain asyncpg connection (migrations, LISTEN), outside the engine's pool."""
     settings = {"application_name": name} if name else None
-    return await asyncpg.connect(asyncpg_dsn(database_url), server_settings=settings)
+    several = _MULTI_HOST.match(database_url) is not None
+    deadline = asyncio.get_running_loop().time() + NEW_DATABASE_WAIT_S
+    while True:
+        try:
+            return await asyncpg.connect(asyncpg_dsn(database_url), server_settings=settings)
+        except asyncpg.InvalidCatalogNameError:
+            if not several or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def listen(
