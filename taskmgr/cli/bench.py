@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from bench import chaos, chaos_cluster, discovery, dispatch, footprint
+from bench import chaos, chaos_cluster, discovery, dispatch, fleet, footprint
 from bench import events as events_bench
 from bench import runner as runner_bench
 from taskmgr.cli.common import EXIT_FAILURE, BadInput, run, settings_of
@@ -39,6 +39,17 @@ _bench(
         click.Option(
             ["--profile"], default=None, help="Write a py-spy profile (collapsed stacks) of the manager here."
         ),
+    ],
+)
+_bench(
+    "fleet",
+    fleet.main,
+    "A fleet of runner processes, one SIGKILLed: hand-over time, pollers run twice, rebalancing.",
+    [
+        click.Option(["--runners"], type=click.IntRange(2, 16), default=3, show_default=True),
+        click.Option(["--pollers"], type=click.IntRange(1), default=10000, show_default=True, help="Each."),
+        click.Option(["--interval"], type=float, default=30.0, show_default=True),
+        click.Option(["--rebalance-tasks"], type=click.IntRange(1), default=1000, show_default=True),
     ],
 )
 _bench(
