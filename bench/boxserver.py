@@ -5,7 +5,10 @@
 Serves a recorded NBA live box score (tests/fixtures/nba, made live: 1st quarter, so a
 poll of a game in progress and no follow-on tasks) at the NBA CDN path for any game id,
 compact JSON (~32 KB). With --etag the response has an ETag and a matching If-None-Match
-gets 304. GET /_stats: {"requests": n, "not_modified": m}. Prints "ready" when listening.
+gets 304. GET /_stats: {"requests": n, "not_modified": m, "close_repeats": r}, where
+`close_repeats` counts polls of a game less than --min-gap seconds after its previous
+poll (two pollers of one game: the fleet benchmark); GET /_polled?since=EPOCH: how many
+games were polled at or after that time. Prints "ready" when listening.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 from aiohttp import web
 
@@ -36,13 +40,19 @@ def live_body() -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def app(etag: bool) -> web.Application:
+def app(etag: bool, min_gap: float = 0.0) -> web.Application:
     body = live_body()
     tag = '"bench-v1"'
-    stats = {"requests": 0, "not_modified": 0, "bytes": len(body)}
+    stats = {"requests": 0, "not_modified": 0, "bytes": len(body), "close_repeats": 0}
+    last: dict[str, float] = {}  # game (the path's name) -> time of its last poll
 
     async def box(request: web.Request) -> web.Response:
         stats["requests"] += 1
+        if min_gap:
+            now, name = time.time(), request.match_info["name"]
+            if now - last.get(name, 0.0) < min_gap:
+                stats["close_repeats"] += 1
+            last[name] = now
         if etag:
             if request.headers.get("If-None-Match") == tag:
                 stats["not_modified"] += 1
@@ -53,8 +63,13 @@ def app(etag: bool) -> web.Application:
     async def get_stats(request: web.Request) -> web.Response:
         return web.json_response(stats)
 
+    async def polled(request: web.Request) -> web.Response:
+        since = float(request.query.get("since", "0"))
+        return web.json_response({"games": sum(t >= since for t in last.values())})
+
     a = web.Application()
     a.router.add_get("/_stats", get_stats)
+    a.router.add_get("/_polled", polled)
     a.router.add_get("/nba/static/json/liveData/boxscore/{name}", box)
     return a
 
@@ -63,6 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--etag", action="store_true")
+    ap.add_argument("--min-gap", type=float, default=0.0)
     args = ap.parse_args()
     try:
         import uvloop
@@ -71,7 +87,7 @@ def main() -> None:
     except ImportError:
         pass
     web.run_app(
-        app(args.etag),
+        app(args.etag, args.min_gap),
         host="127.0.0.1",
         port=args.port,
         print=lambda *_: print("ready", flush=True),

@@ -53,6 +53,7 @@ from task_types.feed import feed_day
 from task_types.settings import SportsSettings
 from taskmgr import store
 from taskmgr.broker import Consumer, Topology, delete_names
+from taskmgr.connections import connect_once
 from taskmgr.db import make_engine, with_database
 from taskmgr.messages import Event, decode_event
 from taskmgr.migrate import recreate_database
@@ -127,6 +128,7 @@ class Harness:
             schedule_cron="",
             leagues="nba:nba,espn:basketball/nba,mlb:mlb,nhl:nhl",
         )
+        self.topology = Topology.from_settings(self.settings, stream=False)  # quorum on a cluster
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.counter = 0
         self.events: list[tuple[str, Event]] = []
@@ -320,7 +322,7 @@ class Harness:
             ("taskmgr_runner", topo.reports, "", progress),
             ("taskmgr_manager", topo.start, "default", starts),
         ):
-            conn = await aio_pika.connect(amqp_as(self.settings.amqp_url, user))
+            conn = await connect_once(amqp_as(self.settings.amqp_url, user))
             try:
                 ch = await conn.channel(publisher_confirms=True)
                 ex = await ch.get_exchange(exchange, ensure=False)
@@ -423,7 +425,7 @@ class Harness:
         started = time.monotonic()
         try:
             async with Consumer(
-                url=self.settings.amqp_url, topology=Topology(self.prefix), prefetch=1000, name="chaos"
+                url=self.settings.amqp_url, topology=self.topology, prefetch=1000, name="chaos"
             ) as consumer:
 
                 async def on_event(m: Any) -> None:
@@ -510,11 +512,9 @@ class Harness:
         """Everything in the dead-letter queue (read as the development user), but the
         start orders that expired unread (their start timeout passed: recovery has
         dispatched those tasks again), which are counted."""
-        import aio_pika
-
         bodies: list[bytes] = []
         expired = 0
-        conn = await aio_pika.connect(self.settings.amqp_url)
+        conn = await connect_once(self.settings.amqp_url)
         try:
             ch = await conn.channel()
             queue = await ch.get_queue(Topology(self.prefix).dead, ensure=False)

@@ -84,7 +84,7 @@ class Elector:
             raise LeadershipLost(f"term {self.term}: no renewal for {time.monotonic() - self._renewed:.1f} s")
         started = time.monotonic()
         async with asyncio.timeout(self.lease_s / RENEWALS_PER_LEASE), self._engine.begin() as conn:
-            if not await store.renew(conn, self.term, self.lease_s):
+            if not await store.renew(conn, self.term, self.name, self.lease_s):
                 raise LeadershipLost(f"term {self.term}: the lease expired or was taken over")
         self._renewed = started
 
@@ -107,12 +107,12 @@ class Elector:
             return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2), self._engine.begin() as conn:
-                await store.resign(conn, self.term)
+                await store.resign(conn, self.term, self.name)
 
     async def fence(self, conn: AsyncConnection) -> None:
         if self.term is None or not self.valid:
             raise LeadershipLost(f"{self.name} does not hold a live lease")
-        if not await store.fence(conn, self.term):
+        if not await store.fence(conn, self.term, self.name):
             raise LeadershipLost(f"term {self.term} no longer holds the lease")
 
 

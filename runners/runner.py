@@ -125,7 +125,7 @@ class TaskRunner:
     ) -> None:
         self.settings = settings
         self.runner_id = runner_id or default_runner_id()
-        self.topology = Topology(settings.amqp_prefix)
+        self.topology = Topology.from_settings(settings, stream=False)
         self._registry = registry
         self._transport = transport
         # The hosts the handlers' URLs point at, and those named in TASKMGR_ALLOWED_HOSTS.

@@ -310,17 +310,20 @@ returning term;
 
 -- renew --
 -- Extend this term's lease while it is still live; nothing returned: the lease is lost.
+-- The holder is checked with the term: after a failover to a replica that had not
+-- received a campaign's commit, the new primary hands out the same term number again,
+-- to another manager (docs/design.md, "PostgreSQL failover").
 update taskmgr_leader set expires_at = now() + make_interval(secs => :lease_s), renewed_at = now()
-where term = :term and expires_at > now()
+where term = :term and holder = :holder and expires_at > now()
 returning term;
 
 -- resign --
-update taskmgr_leader set expires_at = now() where term = :term;
+update taskmgr_leader set expires_at = now() where term = :term and holder = :holder;
 
 -- fence --
 -- In each of the leader's write transactions: its term still holds a live lease. The
 -- share lock makes a takeover (an update of this row) wait for the transaction to end.
-select term from taskmgr_leader where term = :term and expires_at > now() for share;
+select term from taskmgr_leader where term = :term and holder = :holder and expires_at > now() for share;
 
 -- states_of --
 select task_id, state from task_state where task_id = any(cast(:ids as uuid[]));

@@ -1,15 +1,15 @@
-"""The only module that imports aio-pika: the topology, a Publisher and a Consumer.
+"""The topology, a Publisher and a Consumer (with taskmgr/connections.py, how to reach
+the nodes, and taskmgr/reader.py, the fast queue reader, the modules that import aio-pika).
 
 Publishing and consuming use separate connections (a blocked publisher must not stall
-consumers' acks). Connections are robust: they reconnect and restore consumers; a
-publish that fails while the connection is down raises BrokerError, and the caller
+consumers' acks). Connections are robust: they reconnect (to another node of a cluster)
+and restore consumers; a publish that fails while the connection is down raises BrokerError, and the caller
 (the manager's outbox, the runner's event buffer) tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,9 +25,8 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from yarl import URL
 
-from taskmgr.errors import TaskmgrError
+from taskmgr.connections import BrokerError, amqp_user, connect_once, robust_connect
 from taskmgr.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,10 +37,6 @@ REASON_HEADER = "x-taskmgr-reason"
 PUBLISH_TIMEOUT_S = 15.0
 # Unacked control messages (stops) a runner may hold; they are handled at once.
 CONTROL_PREFETCH = 100
-
-
-class BrokerError(TaskmgrError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -71,13 +66,23 @@ class Topology:
     # Set (the manager's, the recorder's): declaring the topology also declares the events
     # stream and the recorder's queue, both bound to the events exchange.
     stream: StreamRetention | None = None
+    # Quorum queues (a RabbitMQ cluster): the start, progress, control, dead and recorder
+    # queues are replicated Raft queues; a message delivered `delivery_limit` times
+    # without an ack goes to the dead-letter exchange (poison that kills its consumer).
+    quorum: bool = False
+    delivery_limit: int = 10
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Topology:
-        """The topology the manager declares: with the events stream of the settings."""
+    def from_settings(cls, settings: Settings, *, stream: bool = True) -> Topology:
+        """The topology of the settings: with their events stream (the manager's, the
+        recorder's; `stream=False`: a runner's) and their queue type."""
         return cls(
             settings.amqp_prefix,
-            stream=StreamRetention(settings.events_stream_max_age, settings.events_stream_max_bytes),
+            stream=StreamRetention(settings.events_stream_max_age, settings.events_stream_max_bytes)
+            if stream
+            else None,
+            quorum=settings.use_quorum_queues,
+            delivery_limit=settings.delivery_limit,
         )
 
     @property
@@ -136,7 +141,34 @@ class Topology:
         return f"{self.prefix}.dead"
 
     def queue_args(self) -> dict[str, Any]:
+        """The start and progress queues': dead letters to the DLX (and, quorum, the
+        delivery limit that sends poison there)."""
+        if self.quorum:
+            limit = {"x-delivery-limit": self.delivery_limit}
+            return {**QUORUM_ARGS, **limit, "x-dead-letter-exchange": self.dlx}
         return {"x-dead-letter-exchange": self.dlx}
+
+    def dead_args(self) -> dict[str, Any]:
+        return dict(QUORUM_ARGS) if self.quorum else {}
+
+    def recorder_args(self) -> dict[str, Any]:
+        # The recorder's queue keeps messages on disk rather than in memory: it may hold
+        # hours of events while no recorder runs (a quorum queue always does; RabbitMQ
+        # 3.12+ ignores the mode, its classic queues do so too).
+        return self.queue_args() if self.quorum else {**self.queue_args(), "x-queue-mode": "lazy"}
+
+    def control_args(self) -> dict[str, Any]:
+        """A runner's control queue: exclusive (it goes with the runner's connection), or,
+        quorum, durable and replicated, so a stop sent while the runner's node is down
+        waits for it; RabbitMQ deletes it CONTROL_EXPIRES_MS after its runner is gone."""
+        if self.quorum:
+            return {"durable": True, "arguments": {**QUORUM_ARGS, "x-expires": CONTROL_EXPIRES_MS}}
+        return {"exclusive": True, "auto_delete": True}
+
+
+QUORUM_ARGS: dict[str, Any] = {"x-queue-type": "quorum"}
+# A quorum control queue left by a runner that is gone: deleted after this long unused.
+CONTROL_EXPIRES_MS = 10 * 60 * 1000
 
 
 Message = AbstractIncomingMessage
@@ -149,22 +181,45 @@ TOPOLOGY_WAIT_S = 120.0
 TOPOLOGY_RETRY_S = 0.5
 
 
-async def _declare_common(channel: AbstractRobustChannel, topo: Topology) -> dict[str, AbstractExchange]:
+async def declare_durable(
+    conn: AbstractRobustConnection, channel: AbstractChannel, name: str, arguments: Mapping[str, Any]
+) -> AbstractQueue:
+    """Declare a durable queue with these arguments, or, when it exists with others (a
+    classic queue, now that the settings ask for quorum queues, or the other way round:
+    RabbitMQ refuses to change a queue's type), use it as it is, with a warning that says
+    how to switch it (docs/design.md, "Quorum queues"). The check runs on a throwaway
+    channel, since a refused declare closes its channel."""
+    probe = await conn.channel()
+    try:
+        await probe.declare_queue(name, durable=True, arguments=dict(arguments))
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        log.warning(
+            "queue %s exists with other arguments than %s (%s); it is used as it is. To change its "
+            "type, let it drain and delete it while no manager or runner runs (docs/design.md)",
+            name,
+            dict(arguments),
+            exc,
+        )
+        return await channel.declare_queue(name, passive=True)
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return await channel.declare_queue(name, durable=True, arguments=dict(arguments))
+
+
+async def _declare_common(
+    conn: AbstractRobustConnection, channel: AbstractRobustChannel, topo: Topology
+) -> dict[str, AbstractExchange]:
     dlx = await channel.declare_exchange(topo.dlx, aio_pika.ExchangeType.FANOUT, durable=True)
-    dead = await channel.declare_queue(topo.dead, durable=True)
+    dead = await declare_durable(conn, channel, topo.dead, topo.dead_args())
     await dead.bind(dlx)
     events = await channel.declare_exchange(topo.events, aio_pika.ExchangeType.TOPIC, durable=True)
     control = await channel.declare_exchange(topo.control, aio_pika.ExchangeType.DIRECT, durable=True)
     start = await channel.declare_exchange(topo.start, aio_pika.ExchangeType.DIRECT, durable=True)
     reports = await channel.declare_exchange(topo.reports, aio_pika.ExchangeType.FANOUT, durable=True)
-    progress = await channel.declare_queue(topo.progress, durable=True, arguments=topo.queue_args())
+    progress = await declare_durable(conn, channel, topo.progress, topo.queue_args())
     await progress.bind(reports)
     return {"dlx": dlx, "events": events, "control": control, "start": start, "reports": reports}
-
-
-# The recorder's queue keeps messages on disk rather than in memory: it may hold hours of
-# events while no recorder runs (ignored by RabbitMQ 3.12+, whose classic queues do so).
-RECORDER_QUEUE_ARGS = {"x-queue-mode": "lazy"}
 
 
 async def _declare_events_log(conn: AbstractRobustConnection, topo: Topology) -> None:
@@ -176,9 +231,7 @@ async def _declare_events_log(conn: AbstractRobustConnection, topo: Topology) ->
     assert topo.stream is not None
     channel: AbstractChannel = await conn.channel()
     try:
-        recorder = await channel.declare_queue(
-            topo.events_recorder, durable=True, arguments={**topo.queue_args(), **RECORDER_QUEUE_ARGS}
-        )
+        recorder = await declare_durable(conn, channel, topo.events_recorder, topo.recorder_args())
         await recorder.bind(topo.events, routing_key="#")
         stream: AbstractQueue
         try:
@@ -228,48 +281,6 @@ async def _existing(
     return {k: await channel.get_exchange(v, ensure=False) for k, v in names.items()}
 
 
-class _RobustConnection(aio_pika.RobustConnection):
-    """aio-pika's robust connection, but a connection that closed is no longer counted
-    as blocked.
-
-    During a memory alarm RabbitMQ blocks each connection that publishes, and aiormq
-    then holds `Connection.ready()` until connection.unblocked arrives. A connection
-    closed while blocked (a broker closing connections, a cut network) never gets one.
-    On that close each of its robust channels reopens itself, in aio-pika, through
-    `ready()` of that dead connection: it waits there for good, holding the channel's
-    restore lock, so the reconnect that follows waits for that lock for good too and
-    never restores any channel. Every publish then fails with "channel closed" for the
-    rest of the process: the chaos day's runners stopped heartbeating and reporting
-    (tests/test_alarm.py). Unblocking the dead connection lets the stale reopen fail at
-    once and the reconnect restore the channels."""
-
-    async def _on_connected(self) -> None:
-        transport = self.transport
-        if transport is not None:
-            conn = transport.connection
-            conn.closing.add_done_callback(functools.partial(_unblock, conn))
-        await super()._on_connected()
-
-
-def _unblock(conn: Any, _closing: object = None) -> None:
-    event = getattr(conn, "_Connection__connection_unblocked", None)  # aiormq's, private
-    if isinstance(event, asyncio.Event):
-        event.set()
-    else:
-        log.error("aiormq has no connection-unblocked event: a connection closed while blocked may stall")
-
-
-async def _connect(url: str, name: str) -> AbstractRobustConnection:
-    return await aio_pika.connect_robust(
-        url, client_properties={"connection_name": name}, connection_class=_RobustConnection
-    )
-
-
-def amqp_user(url: str) -> str:
-    """The user a connection to `url` authenticates as (RabbitMQ's default: guest)."""
-    return URL(url).user or "guest"
-
-
 class Publisher:
     """Persistent messages with publisher confirms: `publish_*` returns once the broker
     has taken responsibility for the message (or raises BrokerError)."""
@@ -290,7 +301,7 @@ class Publisher:
         self._pools: set[str] = set()
 
     async def __aenter__(self) -> Publisher:
-        self._conn = await _connect(self._url, f"{self._name}-publish")
+        self._conn = await robust_connect(self._url, f"{self._name}-publish")
         # on_return_raises: a mandatory message nobody could route (a start order for a
         # pool whose queue is gone) fails its publish instead of counting as confirmed.
         self._channel = await self._conn.channel(  # type: ignore[assignment]
@@ -298,7 +309,7 @@ class Publisher:
         )
         assert self._channel is not None
         if self._declare:
-            self._ex = await _declare_common(self._channel, self.topology)
+            self._ex = await _declare_common(self._conn, self._channel, self.topology)
             if self.topology.stream is not None:
                 await _declare_events_log(self._conn, self.topology)
         else:
@@ -349,10 +360,16 @@ class Publisher:
 
     async def ensure_pool(self, pool: str) -> None:
         if pool not in self._pools:
-            queue = await self.channel.declare_queue(
-                self.topology.start_queue(pool), durable=True, arguments=self.topology.queue_args()
-            )
-            await queue.bind(self._ex["start"], routing_key=pool)
+            assert self._conn is not None
+            try:
+                queue = await declare_durable(
+                    self._conn, self.channel, self.topology.start_queue(pool), self.topology.queue_args()
+                )
+                await queue.bind(self._ex["start"], routing_key=pool)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection is down (a node went): tried again
+                raise BrokerError(f"declare the start queue of pool {pool}: {exc!r}") from exc
             self._pools.add(pool)
 
     async def publish_start(
@@ -431,14 +448,15 @@ class Consumer:
         self._channel: AbstractRobustChannel | None = None
         self._control_channel: AbstractRobustChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._starts: list[tuple[AbstractQueue, Handler, str]] = []  # (queue, handler, consumer tag)
 
     async def __aenter__(self) -> Consumer:
-        self._conn = await _connect(self._url, f"{self._name}-consume")
+        self._conn = await robust_connect(self._url, f"{self._name}-consume")
         self._channel = await self._conn.channel()  # type: ignore[assignment]
         assert self._channel is not None
         await self._channel.set_qos(prefetch_count=self._prefetch)
         if self._declare:
-            await _declare_common(self._channel, self.topology)
+            await _declare_common(self._conn, self._channel, self.topology)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -454,19 +472,36 @@ class Consumer:
 
     async def set_prefetch(self, prefetch: int, *, channel_wide: bool = False) -> None:
         """`channel_wide`: one limit for all of this channel's consumers, effective at
-        once (RabbitMQ applies a per-consumer limit only to consumers started later)."""
+        once (RabbitMQ applies a per-consumer limit only to consumers started later).
+
+        Quorum queues have no channel-wide limit (RabbitMQ closes the connection that
+        asks): the per-consumer limit is set and this channel's start consumers start
+        again under it. Their deliveries so far stay theirs to ack: a cancel returns
+        nothing, and deliveries before its cancel-ok still reach the handler."""
+        if channel_wide and self.topology.quorum:
+            await self.channel.set_qos(prefetch_count=max(1, prefetch))
+            for k, (queue, handler, tag) in enumerate(self._starts):
+                await queue.cancel(tag)
+                self._consumers.remove((queue, tag))
+                new_tag = await queue.consume(handler)
+                self._consumers.append((queue, new_tag))
+                self._starts[k] = (queue, handler, new_tag)
+            return
         await self.channel.set_qos(prefetch_count=max(1, prefetch), global_=channel_wide)
 
     async def consume_start(self, pool: str, handler: Handler) -> None:
-        queue = await self.channel.declare_queue(
-            self.topology.start_queue(pool), durable=True, arguments=self.topology.queue_args()
+        assert self._conn is not None
+        queue = await declare_durable(
+            self._conn, self.channel, self.topology.start_queue(pool), self.topology.queue_args()
         )
-        self._consumers.append((queue, await queue.consume(handler)))
+        tag = await queue.consume(handler)
+        self._consumers.append((queue, tag))
+        self._starts.append((queue, handler, tag))
 
     async def consume_progress(self, handler: Handler) -> None:
-        queue = await self.channel.declare_queue(
-            self.topology.progress, durable=True, arguments=self.topology.queue_args()
-        )
+        assert self._conn is not None
+        topo = self.topology
+        queue = await declare_durable(self._conn, self.channel, topo.progress, topo.queue_args())
         self._consumers.append((queue, await queue.consume(handler)))
 
     async def consume_control(self, runner_id: str, handler: Handler, *, pool: str | None = None) -> None:
@@ -480,7 +515,7 @@ class Consumer:
             assert self._control_channel is not None
             await self._control_channel.set_qos(prefetch_count=CONTROL_PREFETCH)
         queue = await self._control_channel.declare_queue(
-            self.topology.control_queue(runner_id), exclusive=True, auto_delete=True
+            self.topology.control_queue(runner_id), **self.topology.control_args()
         )
         await queue.bind(self.topology.control, routing_key=runner_id)
         await queue.bind(self.topology.control, routing_key=Topology.CONTROL_ALL_KEY)
@@ -507,6 +542,7 @@ class Consumer:
             except Exception as exc:  # a closing connection: nothing left to cancel
                 log.debug("cancel %s: %r", queue.name, exc)
         self._consumers.clear()
+        self._starts.clear()
 
 
 async def ack_all(messages: Sequence[Message]) -> None:
@@ -534,9 +570,11 @@ async def _settle(messages: Sequence[Message], *, ack: bool) -> None:
     for r in results:
         if isinstance(r, BaseException):  # a replaced channel: the broker redelivers
             log.warning("could not %s messages: %r", "ack" if ack else "requeue", r)
+
+
 async def queue_depth(url: str, queue: str) -> int:
     """Messages ready in a queue (not for a stream, which reports none)."""
-    conn = await aio_pika.connect(url)
+    conn = await connect_once(url)
     try:
         channel = await conn.channel()
         declared = await channel.declare_queue(queue, passive=True)
@@ -547,7 +585,7 @@ async def queue_depth(url: str, queue: str) -> int:
 
 async def delete_names(url: str, topology: Topology, pools: Sequence[str] = ()) -> None:
     """Delete a topology's exchanges and queues (tests)."""
-    conn = await aio_pika.connect(url)
+    conn = await connect_once(url)
     try:
         ch = await conn.channel()
         queues = [topology.progress, topology.dead, topology.events_stream, topology.events_recorder]

@@ -28,12 +28,39 @@ def make_engine(
     server_settings: dict[str, str] | None = None,
 ) -> AsyncEngine:
     return create_async_engine(
-        database_url,
+        sqlalchemy_url(database_url),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,  # a PostgreSQL restart leaves dead connections in the pool
         connect_args={"server_settings": {"application_name": name, **(server_settings or {})}},
     )
+
+
+_MULTI_HOST = re.compile(r"^(?P<scheme>[a-z0-9+]+://)(?P<user>[^@/]*@)?(?P<hosts>[^/?]*,[^/?]*)(?P<rest>.*)$")
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """SQLAlchemy's spelling of a URL with several hosts (a primary and its replicas).
+
+    TASKMGR_DATABASE_URL takes libpq's: postgresql+asyncpg://u@h1:5432,h2:5432/db?...,
+    which asyncpg reads as it is; SQLAlchemy wants the hosts in the query instead:
+    postgresql+asyncpg://u@/db?host=h1:5432&host=h2:5432&... (its asyncpg dialect passes
+    them, and target_session_attrs, to asyncpg.connect). A URL with one host is kept."""
+    m = _MULTI_HOST.match(database_url)
+    if m is None:
+        return database_url
+    path, _, query = m["rest"].partition("?")
+    hosts = [h if ":" in h else f"{h}:5432" for h in m["hosts"].split(",") if h]
+    params = "&".join([*(f"host={h}" for h in hosts), *([query] if query else [])])
+    return f"{m['scheme']}{m['user'] or ''}{path or '/'}?{params}"
+
+
+def each_host(database_url: str) -> list[str]:
+    """One URL per host of a URL that may name several."""
+    m = _MULTI_HOST.match(database_url)
+    if m is None:
+        return [database_url]
+    return [f"{m['scheme']}{m['user'] or ''}{h}{m['rest']}" for h in m["hosts"].split(",") if h]
 
 
 def asyncpg_dsn(database_url: str) -> str:
@@ -48,10 +75,24 @@ def with_database(url: str, name: str) -> str:
     return f"{head}/{name}" + (f"?{query}" if query else "")
 
 
+# A database just created on the primary may not exist yet on a replica listed before
+# it: asyncpg gives up at that host's error instead of trying the next. Tried again for
+# this long (a replica replays a CREATE DATABASE in milliseconds).
+NEW_DATABASE_WAIT_S = 10.0
+
+
 async def connect(database_url: str, *, name: str | None = None) -> asyncpg.Connection:
     """A plain asyncpg connection (migrations, LISTEN), outside the engine's pool."""
     settings = {"application_name": name} if name else None
-    return await asyncpg.connect(asyncpg_dsn(database_url), server_settings=settings)
+    several = _MULTI_HOST.match(database_url) is not None
+    deadline = asyncio.get_running_loop().time() + NEW_DATABASE_WAIT_S
+    while True:
+        try:
+            return await asyncpg.connect(asyncpg_dsn(database_url), server_settings=settings)
+        except asyncpg.InvalidCatalogNameError:
+            if not several or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def listen(

@@ -6,11 +6,11 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-import aio_pika
 from yarl import URL
 
 from taskmgr import store, upkeep
-from taskmgr.db import make_engine
+from taskmgr.connections import amqp_urls, connect_once
+from taskmgr.db import each_host, make_engine
 from taskmgr.migrate import current_version
 from taskmgr.redact import redact_text
 from taskmgr.service import utcnow
@@ -21,7 +21,7 @@ CHECK_TIMEOUT_S = 5.0
 
 async def _broker_ok(settings: Settings) -> tuple[bool, str]:
     try:
-        conn = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), CHECK_TIMEOUT_S)
+        conn = await asyncio.wait_for(connect_once(settings.amqp_url), CHECK_TIMEOUT_S)
     except Exception as exc:
         return False, redact_text(f"RabbitMQ unreachable: {exc!r}")[:300]
     await conn.close()
@@ -36,7 +36,9 @@ def development_passwords(settings: Settings) -> list[str]:
     guest/guest) against a host other than this one: fine on a developer's machine,
     not in production."""
     found = []
-    for what, url in (("database", settings.database_url), ("broker", settings.amqp_url)):
+    urls = [("database", u) for u in {*each_host(settings.database_url), *each_host(settings.reads_url)}]
+    urls += [("broker", u) for u in amqp_urls(settings.amqp_url)]
+    for what, url in sorted(urls):
         u = URL(url)
         user = u.user or ("guest" if what == "broker" else "")
         password = u.password or ""

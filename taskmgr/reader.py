@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
 from taskmgr.broker import BrokerError
+from taskmgr.connections import connect_once
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class QueueReader:
 
     async def __aenter__(self) -> QueueReader:
         try:
-            self._conn = await aio_pika.connect(
+            self._conn = await connect_once(
                 self._url, client_properties={"connection_name": f"{self._name}-read"}
             )
             channel = await self._conn.channel()

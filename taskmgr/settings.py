@@ -13,10 +13,24 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TASKMGR_", extra="ignore")
 
+    # One PostgreSQL server, or a primary and its replicas for failover: several hosts,
+    # comma-separated, with target_session_attrs=read-write (the primary, wherever it
+    # runs now): postgresql+asyncpg://u@h1:5432,h2:5432/db?target_session_attrs=read-write
     database_url: str = DEFAULT_DATABASE_URL
+    # Read-only commands (tasks list, show, stats, the API's reads) may use a replica:
+    # target_session_attrs=prefer-standby. Empty: database_url.
+    read_database_url: str = ""
+    # One RabbitMQ node, or the nodes of a cluster, comma-separated: each connection
+    # starts at one of them and moves to the next when its node goes away.
     amqp_url: str = DEFAULT_AMQP_URL
     # Prefix of every exchange and queue name; tests give each run its own.
     amqp_prefix: str = "taskmgr"
+    # Quorum queues (replicated) for the start, progress, control, dead and recorder
+    # queues. Unset: on when amqp_url lists several nodes (a cluster), off for one.
+    quorum_queues: bool | None = None
+    delivery_limit: int = Field(
+        10, ge=1, description="deliveries of a message without an ack before a quorum queue dead-letters it"
+    )
 
     # Manager: discovery and dispatch.
     poll_interval: float = Field(1.0, gt=0, description="seconds between discovery polls")
@@ -85,6 +99,17 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = "text"  # or json
     metrics_port: int = 0  # 0: no metrics endpoint
+
+    @property
+    def use_quorum_queues(self) -> bool:
+        if self.quorum_queues is not None:
+            return self.quorum_queues
+        return len([u for u in self.amqp_url.split(",") if u.strip()]) > 1
+
+    @property
+    def reads_url(self) -> str:
+        """The database URL of read-only commands."""
+        return self.read_database_url or self.database_url
 
     def senders(self) -> dict[str, frozenset[str]]:
         """The RabbitMQ users allowed to send each kind of progress message."""

@@ -539,19 +539,20 @@ async def campaign(conn: Conn, holder: str, lease_s: float) -> int | None:
     return (await _run(conn, "campaign", {"holder": holder, "lease_s": lease_s})).scalar()  # type: ignore[no-any-return]
 
 
-async def renew(conn: Conn, term: int, lease_s: float) -> bool:
-    """Extend this term's lease; False when it was lost (expired, or taken over)."""
-    return (await _run(conn, "renew", {"term": term, "lease_s": lease_s})).first() is not None
+async def renew(conn: Conn, term: int, holder: str, lease_s: float) -> bool:
+    """Extend this holder's term's lease; False when it was lost (expired, or taken over)."""
+    params = {"term": term, "holder": holder, "lease_s": lease_s}
+    return (await _run(conn, "renew", params)).first() is not None
 
 
-async def resign(conn: Conn, term: int) -> None:
-    await _run(conn, "resign", {"term": term})
+async def resign(conn: Conn, term: int, holder: str) -> None:
+    await _run(conn, "resign", {"term": term, "holder": holder})
 
 
-async def fence(conn: Conn, term: int) -> bool:
-    """In a write transaction: whether `term` still holds a live lease (share-locked
-    until the transaction ends)."""
-    return (await _run(conn, "fence", {"term": term})).first() is not None
+async def fence(conn: Conn, term: int, holder: str) -> bool:
+    """In a write transaction: whether this holder's `term` still holds a live lease
+    (share-locked until the transaction ends)."""
+    return (await _run(conn, "fence", {"term": term, "holder": holder})).first() is not None
 
 
 # -- reports -------------------------------------------------------------------------

@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bench.cluster import Cluster
+from bench.cluster import unavailable as cluster_unavailable
 from taskmgr import broker
 from taskmgr.db import make_engine
 from taskmgr.migrate import asyncpg_dsn, available, recreate_database
@@ -31,13 +33,41 @@ TESTS = Path(__file__).parent
 LAYERS = ("unit", "integration", "acceptance")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cluster",
+        action="store_true",
+        help="run the tests marked `cluster` (they start the cluster harness: scripts/test --slow)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its layer, so `pytest -m unit` (or `-m "not acceptance"`)
-    selects by layer."""
+    selects by layer. Tests marked `cluster` are skipped without --cluster."""
+    skip = pytest.mark.skip(reason="starts the cluster harness: run with --cluster (scripts/test --slow)")
     for item in items:
         layer = item.path.relative_to(TESTS).parts[0]
         if layer in LAYERS:
             item.add_marker(layer)
+        if "cluster" in item.keywords and not config.getoption("--cluster"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """The cluster harness (scripts/cluster): started for the session, stopped and removed
+    at its end unless it ran before the session (then left as it was)."""
+    why = cluster_unavailable()
+    if why:
+        pytest.skip(why)
+    c = Cluster()
+    was_up = c.is_up()
+    c.up()
+    try:
+        yield c
+    finally:
+        if not was_up:
+            c.down()
 
 
 def test_database_url() -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from bench import api as api_bench
-from bench import chaos, dependencies, discovery, dispatch, footprint
+from bench import chaos, chaos_cluster, dependencies, discovery, dispatch, fleet, footprint
 from bench import events as events_bench
 from bench import runner as runner_bench
 from bench import upkeep as upkeep_bench
@@ -41,6 +41,17 @@ _bench(
         click.Option(
             ["--profile"], default=None, help="Write a py-spy profile (collapsed stacks) of the manager here."
         ),
+    ],
+)
+_bench(
+    "fleet",
+    fleet.main,
+    "A fleet of runner processes, one SIGKILLed: hand-over time, pollers run twice, rebalancing.",
+    [
+        click.Option(["--runners"], type=click.IntRange(2, 16), default=3, show_default=True),
+        click.Option(["--pollers"], type=click.IntRange(1), default=10000, show_default=True, help="Each."),
+        click.Option(["--interval"], type=float, default=30.0, show_default=True),
+        click.Option(["--rebalance-tasks"], type=click.IntRange(1), default=1000, show_default=True),
     ],
 )
 _bench(
@@ -172,12 +183,19 @@ _bench(
     help="Fault kinds to inject, comma-separated, or all: runner, manager, broker, postgres, api, freeze, "
     "poison, alarm, bomb, reversal.",
 )
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="On the cluster harness (scripts/cluster up, as root): adds the kinds node (a RabbitMQ node "
+    "killed and restarted) and failover (the PostgreSQL primary killed, the replica promoted).",
+)
 @click.pass_context
-def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str) -> None:
+def bench_chaos(ctx: click.Context, minutes: float, seed: int | None, kinds: str, cluster: bool) -> None:
     """A game day under faults; checks the invariants against the feed's ground truth.
     Exit 1 if one failed. Restarts PostgreSQL (needs root): not for a shared server."""
+    main = chaos_cluster.main if cluster else chaos.main
     try:
-        result = run(chaos.main(settings_of(ctx), minutes=minutes, seed=seed, kinds=kinds))
+        result = run(main(settings_of(ctx), minutes=minutes, seed=seed, kinds=kinds))
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     click.echo(json.dumps(result))

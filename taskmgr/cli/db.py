@@ -16,20 +16,23 @@ from taskmgr.settings import Settings
 T = TypeVar("T")
 
 
-def call(ctx: click.Context, fn: Callable[[TaskService], Awaitable[T]]) -> T:
-    """Run one TaskService call (`fn(service)`) for a command, with the usual errors."""
+def call(ctx: click.Context, fn: Callable[[TaskService], Awaitable[T]], *, read: bool = False) -> T:
+    """Run one TaskService call (`fn(service)`) for a command, with the usual errors.
+    `read`: the call only reads, and may use a replica (TASKMGR_READ_DATABASE_URL)."""
 
     async def go() -> T:
-        async with task_service(settings_of(ctx)) as svc:
+        async with task_service(settings_of(ctx), read=read) as svc:
             return await fn(svc)
 
     return run(go())
 
 
 @contextlib.asynccontextmanager
-async def task_service(settings: Settings) -> AsyncIterator[TaskService]:
-    """A TaskService on a small engine of its own, disposed of at the end."""
-    engine = make_engine(settings.database_url, pool_size=2, name="taskmgr-cli")
+async def task_service(settings: Settings, *, read: bool = False) -> AsyncIterator[TaskService]:
+    """A TaskService on a small engine of its own, disposed of at the end (`read`: on
+    the read URL, for a command that only reads)."""
+    url = settings.reads_url if read else settings.database_url
+    engine = make_engine(url, pool_size=2, name="taskmgr-cli")
     try:
         yield TaskService(engine=engine)
     finally:

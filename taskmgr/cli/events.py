@@ -258,7 +258,7 @@ def events_list(
             raise BadInput(str(exc)) from None
 
     async def go() -> list[event_store.StoredEvent]:
-        engine = make_engine(settings_of(ctx).database_url, pool_size=1, name="taskmgr-cli")
+        engine = make_engine(settings_of(ctx).reads_url, pool_size=1, name="taskmgr-cli")
         try:
             async with engine.connect() as conn:
                 if task is not None:

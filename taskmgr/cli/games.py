@@ -36,7 +36,7 @@ def games_show(ctx: click.Context, game: str, output: str) -> None:
         raise BadInput(str(exc)) from None
 
     async def go() -> dict[str, Any]:
-        engine = make_engine(settings_of(ctx).database_url, pool_size=1, name="taskmgr-cli")
+        engine = make_engine(settings_of(ctx).reads_url, pool_size=1, name="taskmgr-cli")
         try:
             async with engine.connect() as conn:
                 key = await resolve_game(conn, game)

@@ -180,7 +180,7 @@ def tasks_create(
 def tasks_get(ctx: click.Context, task_id: str, output: str) -> None:
     tid = parse_uuid(task_id)
 
-    emit(call(ctx, lambda svc: svc.get_task(tid)), output, TASK_DETAIL)
+    emit(call(ctx, lambda svc: svc.get_task(tid), read=True), output, [*TASK_COLUMNS, "payload"])
 
 
 @tasks.command("reschedule")
@@ -270,7 +270,7 @@ def tasks_list(
         "after": cursor,
         "limit": limit,
     }
-    rows = call(ctx, lambda svc: svc.list_tasks(**filters))
+    rows = call(ctx, lambda svc: svc.list_tasks(**filters), read=True)
     emit(rows, output, TASK_COLUMNS)
     if len(rows) == limit:
         click.echo(f"next page: --after '{rows[-1].due_at.isoformat()}|{rows[-1].id}'", err=True)
@@ -284,7 +284,7 @@ def tasks_history(ctx: click.Context, task_id: str, output: str) -> None:
     """Every state change of a task (and the reports kept for the record)."""
     tid = parse_uuid(task_id)
 
-    emit(call(ctx, lambda svc: svc.history(tid)), output, EVENT_COLUMNS)
+    emit(call(ctx, lambda svc: svc.history(tid), read=True), output, EVENT_COLUMNS)
 
 
 @tasks.command("cancel")
@@ -322,7 +322,7 @@ def tasks_retry(ctx: click.Context, task_id: str, output: str) -> None:
 @click.pass_context
 def tasks_status(ctx: click.Context, type_: str | None, output: str) -> None:
     """Counts of tasks by state."""
-    counts = call(ctx, lambda svc: svc.counts_by_state(type=type_))
+    counts = call(ctx, lambda svc: svc.counts_by_state(type=type_), read=True)
     rows = [{"state": s.value, "tasks": counts.get(s, 0)} for s in State]
     emit(rows if output == "table" else {r["state"]: r["tasks"] for r in rows}, output, ["state", "tasks"])
 
@@ -335,7 +335,7 @@ def audit(ctx: click.Context, root_id: str, output: str) -> None:
     """The whole tree under a root task, with every state change."""
     rid = parse_uuid(root_id, "root task id")
 
-    tasks_, events = call(ctx, lambda svc: svc.audit(rid))
+    tasks_, events = call(ctx, lambda svc: svc.audit(rid), read=True)
     by_task: dict[uuid.UUID, list[Any]] = {}
     for e in events:
         by_task.setdefault(e.task_id, []).append(e)
@@ -371,6 +371,6 @@ def logs_cmd(ctx: click.Context, task_id: str, output: str) -> None:
             "error": e.detail.get("error") or e.detail.get("reason") or "",
             "detail": e.detail,
         }
-        for e in call(ctx, lambda svc: svc.history(tid))
+        for e in call(ctx, lambda svc: svc.history(tid), read=True)
     ]
     emit(rows, output, ["time", "attempt", "runner_id", "what", "error"])

@@ -152,7 +152,8 @@ def types_update(ctx: click.Context, name: str, file: str | None, output: str, *
 @output_option
 @click.pass_context
 def types_list(ctx: click.Context, include_deleted: bool, output: str) -> None:
-    emit(call(ctx, lambda svc: svc.list_types(include_deleted=include_deleted)), output, TYPE_COLUMNS)
+    types_ = call(ctx, lambda svc: svc.list_types(include_deleted=include_deleted), read=True)
+    emit(types_, output, TYPE_COLUMNS)
 
 
 @types.command("show")
@@ -160,7 +161,7 @@ def types_list(ctx: click.Context, include_deleted: bool, output: str) -> None:
 @output_option
 @click.pass_context
 def types_show(ctx: click.Context, name: str, output: str) -> None:
-    t = call(ctx, lambda svc: svc.get_type(name, include_deleted=True))
+    t = call(ctx, lambda svc: svc.get_type(name, include_deleted=True), read=True)
     emit(t, output, None if output != "table" else [*TYPE_COLUMNS, "url_template", "payload_schema"])
 
 

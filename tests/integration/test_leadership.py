@@ -59,3 +59,35 @@ async def test_a_leader_that_stopped_renewing_steps_down_by_its_own_clock(engine
             await elector.fence(conn)
     with pytest.raises(LeadershipLost):
         await elector.renew()
+
+
+async def test_a_term_handed_out_again_after_a_failover_fences_its_first_holder(engine) -> None:  # type: ignore[no-untyped-def]
+    """A failover to a replica that had not received a campaign's commit (asynchronous
+    replication): the manager that won term N on the old primary still believes in it,
+    and the new primary hands term N out again, to another manager. Only that one
+    writes; the first is fenced, cannot renew, and its resignation changes nothing."""
+    dead = Elector(engine=engine, lease_s=0.1, name="taskmgr-leader-dead-9")
+    assert await dead.campaign()  # term N-1: a leader that died before the failover
+    await asyncio.sleep(0.15)
+    first = Elector(engine=engine, lease_s=30.0, name="taskmgr-leader-first-1")
+    assert await first.campaign()
+    term = first.term
+    async with engine.begin() as conn:  # the new primary: the lease as before that commit
+        await conn.execute(
+            text(
+                "update taskmgr_leader set holder = 'taskmgr-leader-dead-9', term = term - 1,"
+                " expires_at = now()"
+            )
+        )
+    second = Elector(engine=engine, lease_s=30.0, name="taskmgr-leader-second-1")
+    assert await second.campaign() and second.term == term
+    async with engine.begin() as conn:
+        with pytest.raises(LeadershipLost, match="no longer holds the lease"):
+            await first.fence(conn)
+    with pytest.raises(LeadershipLost):
+        await first.renew()
+    await first.resign()
+    async with engine.begin() as conn:
+        await second.fence(conn)  # the second leads on, unharmed
+        assert await store.leader_name(conn) == "taskmgr-leader-second-1"
+    await second.renew()
