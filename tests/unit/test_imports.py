@@ -15,7 +15,7 @@ import pytest
 
 # The entry path: `taskmgr COMMAND ...` through the real command line, with `serve` (the
 # event loop that would run the process) replaced by a stub; then what the process loads
-# when it starts (the runner: its handler registry and its HTTP transport).
+# when it starts and polls (the runner: its handler registry and its HTTP client).
 ENTRY = textwrap.dedent(
     """
     import json, sys
@@ -27,7 +27,7 @@ ENTRY = textwrap.dedent(
     args = json.loads(sys.argv[1])
     cli.main(args, standalone_mode=False)
     if args[0] == "runner":
-        from httpx_aiohttp import AiohttpTransport  # what run_runner loads when it starts
+        import aiohttp  # what its first poll loads (runners/http.py)
         from taskmgr.handlers import Registry
 
         Registry.default()
