@@ -15,11 +15,15 @@ import pytest
 
 # The entry path: `taskmgr COMMAND ...` through the real command line, with `serve` (the
 # event loop that would run the process) replaced by a stub; then what the process loads
-# when it starts and polls (the runner: its handler registry and its HTTP client).
+# when it starts (the runner: its handler registry), listed; then what a runner's first
+# poll adds (its HTTP client), listed again.
 ENTRY = textwrap.dedent(
     """
     import json, sys
     import taskmgr.cli.common as common
+
+    def loaded():
+        return sorted(name for name, module in sys.modules.items() if module is not None)
 
     common.serve = lambda main, settings: None
     import taskmgr.cli as cli
@@ -27,11 +31,13 @@ ENTRY = textwrap.dedent(
     args = json.loads(sys.argv[1])
     cli.main(args, standalone_mode=False)
     if args[0] == "runner":
-        import aiohttp  # what its first poll loads (runners/http.py)
         from taskmgr.handlers import Registry
 
         Registry.default()
-    print(json.dumps(sorted(name for name, module in sys.modules.items() if module is not None)))
+    idle = loaded()
+    if args[0] == "runner":
+        import aiohttp  # what its first poll loads (runners/http.py)
+    print(json.dumps({"idle": idle, "polling": loaded()}))
     """
 )
 
@@ -44,7 +50,7 @@ RUNNER_NEVER = [*NEVER, "sqlalchemy", "asyncpg", "jsonschema", "apscheduler", "m
 MANAGER_NEVER = [*NEVER, "httpx", "aiohttp", "runners"]
 
 
-def modules_of(*args: str) -> set[str]:
+def modules_of(*args: str, polling: bool = True) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", ENTRY, json.dumps(list(args))],
         capture_output=True,
@@ -53,7 +59,7 @@ def modules_of(*args: str) -> set[str]:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return set(json.loads(out.stdout.strip().splitlines()[-1])["polling" if polling else "idle"])
 
 
 def loaded(modules: set[str], packages: list[str]) -> list[str]:
@@ -65,6 +71,13 @@ def test_the_runner_loads_only_what_it_uses() -> None:
     modules = modules_of("runner", "--pool", "imports-check")
     assert "runners.runner" in modules and "task_types.game" in modules  # the path ran
     assert loaded(modules, RUNNER_NEVER) == []
+
+
+def test_an_idle_runner_loads_no_http_client_pool() -> None:
+    """aiohttp (8 MB) is loaded by a runner's first poll, not at its start."""
+    modules = modules_of("runner", "--pool", "imports-check", polling=False)
+    assert "runners.runner" in modules and "task_types.game" in modules
+    assert loaded(modules, [*RUNNER_NEVER, "aiohttp"]) == []
 
 
 def test_the_manager_loads_only_what_it_uses() -> None:
