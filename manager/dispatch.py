@@ -75,15 +75,32 @@ class Dispatcher:
 
     async def poll_once(self) -> DispatchCounts:
         """Claim and send everything due now, batch after batch. (The outbox's relay is a
-        periodic job of its own: it only resends orders older than RELAY_AFTER_S.)"""
+        periodic job of its own: it only resends orders older than RELAY_AFTER_S.)
+
+        The first claim is small (TASKMGR_DISPATCH_FIRST_BATCH), so the first orders leave
+        soon after their due time; each next claim doubles, up to TASKMGR_DISPATCH_BATCH.
+        A batch's publish (confirms, then marked sent) overlaps the next batch's claim, and
+        at most one publish is in flight: the next waits for it before it starts."""
         counts = DispatchCounts()
         self._latest = None
-        while True:
-            orders, full = await self._claim_batch(counts)
-            if orders:
-                await self._send(orders, counts)
-            if not full:
-                break
+        size = min(self._settings.dispatch_first_batch, self._settings.dispatch_batch)
+        sending: asyncio.Task[None] | None = None
+        try:
+            while True:
+                orders, full = await self._claim_batch(counts, size)
+                if sending is not None:
+                    task, sending = sending, None
+                    await task
+                if orders:
+                    sending = asyncio.create_task(self._send(orders, counts))
+                if not full:
+                    break
+                size = min(2 * size, self._settings.dispatch_batch)
+        finally:
+            if sending is not None:
+                # A claim failed or the poll was cancelled: the batch in flight still
+                # finishes (its orders are committed; unsent, they would wait for the relay).
+                await asyncio.shield(sending)
         if self._latest is not None:
             # One line per poll, not one per task: a burst of ten thousand late tasks must
             # not flood the log (a blocked stderr would stall the whole event loop). Each
@@ -98,13 +115,14 @@ class Dispatcher:
             )
         return counts
 
-    async def _claim_batch(self, counts: DispatchCounts) -> tuple[list[tuple[str, StartOrder]], bool]:
-        """One transaction: the due one-off tasks in one statement (store.start_due); when
-        that leaves room in the batch, one probe for the next due time and for due
-        recurring tasks, which only then are claimed with what is left of the batch.
-        Returns the orders and whether the batch was full (more may be due)."""
+    async def _claim_batch(
+        self, counts: DispatchCounts, limit: int
+    ) -> tuple[list[tuple[str, StartOrder]], bool]:
+        """One transaction: up to `limit` due one-off tasks in one statement
+        (store.start_due); when that leaves room in the batch, one probe for the next due
+        time and for due recurring tasks, which only then are claimed with what is left of
+        the batch. Returns the orders and whether the batch was full (more may be due)."""
         now = self._clock()
-        limit = self._settings.dispatch_batch
         async with self._engine.begin() as conn:
             started = await store.start_due(conn, now, limit)
             orders = [(r["pool"], _order(r, r["attempt"], now)) for r in started]

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import httpx
 
 from runners import metrics
+from runners.http import Fetched, Fetcher, TooLarge
 from runners.limits import HostLimiter
 from taskmgr.backoff import backoff_s
 from taskmgr.broker import BrokerError, Publisher
@@ -41,10 +42,6 @@ DRIFT_SAMPLES = 100_000
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 MAX_ERROR_CHARS = 2000
 _BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
-
-
-class TooLarge(Exception):
-    """A response body over the cap."""
 
 
 class TickStats:
@@ -89,9 +86,12 @@ class ReportFn(Protocol):
 
 @dataclass(frozen=True)
 class PollerDeps:
-    """What every poller of a runner shares."""
+    """What every poller of a runner shares.
 
-    client: httpx.AsyncClient
+    `fetcher` does the GETs (runners/http.py: aiohttp's pool directly, or an httpx
+    transport in tests)."""
+
+    fetcher: Fetcher
     limiter: HostLimiter
     publisher: Publisher
     runner_id: str
@@ -125,6 +125,7 @@ class Poller:
         self.handled = 0  # responses given to the handler (a 304 is not)
         self.etag: str | None = None
         self.last_modified: str | None = None
+        self._request: httpx.Request | None = None  # what a handler's response says was sent
         self.task: asyncio.Task[None] | None = None
         self.running_report: asyncio.Future[None] | None = None  # the "running" report's confirm
         self._interval = order.interval_s
@@ -248,18 +249,13 @@ class Poller:
 
     async def _tick(self) -> _Next:
         order = self.order
-        headers: dict[str, str] = {}
-        if self.etag:
-            headers["If-None-Match"] = self.etag
-        if self.last_modified:
-            headers["If-Modified-Since"] = self.last_modified
         loop = asyncio.get_running_loop()
         try:
             async with self.deps.limiter.slot(self.host, self.port):
                 started = loop.time()
                 try:
                     async with asyncio.timeout(order.request_timeout_s):
-                        response = await self._get(headers)
+                        response = await self._get()
                 finally:
                     metrics.POLL_DURATION.observe(loop.time() - started)
         except asyncio.CancelledError:
@@ -269,43 +265,37 @@ class Poller:
         except Exception as exc:
             if _is_timeout(exc):
                 return self._failed("timeout", f"no response within {order.request_timeout_s} s", True)
-            cause = exc.__cause__ or exc  # httpx-aiohttp's names mislead; aiohttp's do not
+            cause = exc.__cause__ or exc  # a wrapping transport's names mislead; the cause's do not
             return self._failed("connect", f"{type(cause).__name__}: {cause}", True)
 
-        status = response.status_code
+        status = response.status
         if status == 304:
             return self._succeeded("not_modified", None, response)
         if 200 <= status < 300:
-            return await self._handle(response)
+            return await self._handle(self._response(response))
         if status == 429:
-            return self._failed("http_429", f"HTTP 429 from {self.host}", True, _retry_after(response))
+            wait = _retry_after(response.headers)
+            return self._failed("http_429", f"HTTP 429 from {self.host}", True, wait)
         if status >= 500:
             return self._failed("http_5xx", f"HTTP {status} from {self.host}", True)
         return self._failed(f"http_{status // 100}xx", f"HTTP {status} from {self.host}", False)
 
-    async def _get(self, headers: dict[str, str]) -> httpx.Response:
-        """GET the task's URL, reading at most max_response_bytes of body, counted
-        after decompression (a gzip bomb stops at the cap, not at the end) and on the
-        wire. Raises TooLarge past it; returns the response with its body read."""
-        cap = self.deps.max_response_bytes
-        timeout = self.order.request_timeout_s
-        async with self.deps.client.stream("GET", self._url, headers=headers, timeout=timeout) as response:
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise TooLarge(f"{self.host} declares {declared} bytes; at most {cap} are read")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > cap or response.num_bytes_downloaded > cap:
-                    raise TooLarge(f"{self.host} sent more than {cap} bytes (decompressed)")
-                chunks.append(chunk)
-        # The body is read and decoded: a plain response over it, without the encoding
-        # headers that would decode it twice.
-        kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _BODY_HEADERS]
-        return httpx.Response(
-            response.status_code, headers=kept, content=b"".join(chunks), request=response.request
-        )
+    async def _get(self) -> Fetched:
+        """GET the task's URL with this poller's validators, the body read (up to the cap)."""
+        headers: dict[str, str] = {}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        return await self.deps.fetcher.get(self._url, headers, self.deps.max_response_bytes)
+
+    def _response(self, fetched: Fetched) -> httpx.Response:
+        """The handlers' type over a read response: a plain body, without the encoding
+        headers that would decode it twice."""
+        if self._request is None:
+            self._request = httpx.Request("GET", self._url)
+        kept = [(k, v) for k, v in fetched.headers.items() if k.lower() not in _BODY_HEADERS]
+        return httpx.Response(fetched.status, headers=kept, content=fetched.body, request=self._request)
 
     async def _handle(self, response: httpx.Response) -> _Next:
         order = self.order
@@ -402,7 +392,7 @@ class Poller:
             counter = self._counters[outcome] = metrics.POLLS.labels(self.host, outcome)
         counter.inc()
 
-    def _succeeded(self, label: str, outcome: Outcome | None, response: httpx.Response) -> _Next:
+    def _succeeded(self, label: str, outcome: Outcome | None, response: Fetched | httpx.Response) -> _Next:
         self._count(label)
         self.failures = 0
         if outcome is not None:
@@ -462,16 +452,17 @@ def _is_timeout(exc: BaseException) -> bool:
     if isinstance(exc, TimeoutError):
         return True
     if isinstance(exc, httpx.TimeoutException):
-        # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout: look at
-        # the cause to tell a refused connection from a slow one.
+        # An httpx transport over aiohttp (httpx-aiohttp) maps every aiohttp connection
+        # error to ConnectTimeout: look at the cause to tell a refused connection from a
+        # slow one.
         cause = exc.__cause__
         return cause is None or isinstance(cause, TimeoutError)
     return False
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     """Retry-After as seconds (a number, fractions accepted, or an HTTP date)."""
-    value = response.headers.get("retry-after")
+    value = headers.get("retry-after")
     if not value:
         return None
     try:

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from runners import metrics
+from runners.http import AiohttpFetcher, Fetcher, TransportFetcher
 from runners.limits import HostLimit, HostLimiter, parse_host_limits
 from runners.poller import Poller, PollerDeps, TickStats
 from runners.reports import ReportBuffer
@@ -61,11 +62,6 @@ log = logging.getLogger(__name__)
 # (2000, 10, 10) 218 ms at 272 MB; (10000, 10, 10) 35 ms but 406 MB of waiting garbage.
 RUNNER_GC_THRESHOLDS = (2_000, 10, 10)
 
-# The default HTTP transport (aiohttp): connections across all hosts. Per-host limits
-# are ours (settings.host_concurrency), so this only has to be large.
-HTTP_MAX_CONNECTIONS = 20_000
-HTTP_KEEPALIVE_S = 30.0
-USER_AGENT = "taskmgr-runner/0.1"
 # A start message whose reports are not confirmed within this is requeued (the broker
 # redelivers it; the duplicate makes no second poller).
 START_CONFIRM_TIMEOUT_S = 30.0
@@ -91,20 +87,6 @@ def allowed_hosts(base_urls: Iterable[str], extra: str) -> list[tuple[str, int |
 
 def default_runner_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def fast_transport(max_connections: int = HTTP_MAX_CONNECTIONS) -> httpx.AsyncBaseTransport:
-    """httpx's API on aiohttp's connection pool: a fraction of httpx's own transport's
-    CPU per request, and it holds up with ten thousand pollers."""
-    from httpx_aiohttp import AiohttpTransport
-
-    return AiohttpTransport(
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=HTTP_KEEPALIVE_S,
-        )
-    )
 
 
 class TaskRunner:
@@ -165,14 +147,11 @@ class TaskRunner:
                     declare=False,
                 )
             )
-            client = httpx.AsyncClient(
-                transport=self._transport or fast_transport(),
-                # Redirects are not followed: one could lead to any host, past the
-                # allow-list and the per-host limits (a 3xx fails the poll).
-                follow_redirects=False,
-                headers={"User-Agent": USER_AGENT},
+            # No redirects followed, no cookies kept (runners/http.py).
+            fetcher: Fetcher = (
+                AiohttpFetcher() if self._transport is None else TransportFetcher(self._transport)
             )
-            stack.push_async_callback(client.aclose)
+            stack.push_async_callback(fetcher.aclose)
             self._reports = ReportBuffer(
                 publish=self._publisher.publish_progress,
                 runner_id=self.runner_id,
@@ -180,7 +159,7 @@ class TaskRunner:
                 signals=self._signals,
             )
             self._deps = PollerDeps(
-                client=client,
+                fetcher=fetcher,
                 limiter=self._limiter,
                 publisher=self._publisher,
                 runner_id=self.runner_id,

@@ -19,9 +19,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-import httpx
+if TYPE_CHECKING:  # only in annotations: a process that polls nothing loads no HTTP client
+    import httpx
 
 # One namespace for every event id: uuid5(EVENT_NAMESPACE, "<task id>|<event>|<key>").
 EVENT_NAMESPACE = uuid.UUID("6f1b8a4e-2f8c-4f43-9c3a-6d1c8f1d2a10")

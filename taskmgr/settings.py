@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # Manager: discovery and dispatch.
     poll_interval: float = Field(1.0, gt=0, description="seconds between discovery polls")
     dispatch_batch: int = Field(5000, ge=1, description="tasks claimed per statement")
+    dispatch_first_batch: int = Field(
+        500, ge=1, description="tasks claimed by a poll's first statement (each next one doubles)"
+    )
     orders_per_message: int = Field(200, ge=1, description="start orders packed per AMQP message")
     lateness_alert: float = Field(10.0, gt=0, description="seconds late before a warning")
     # Manager: recovery.

@@ -10,6 +10,7 @@ runner process loads neither SQLAlchemy nor the manager, so it stays small.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import click
@@ -17,6 +18,14 @@ import click
 from taskmgr import logs
 from taskmgr.cli.common import BadInput, opt
 from taskmgr.settings import Settings
+
+# httpx's package import also imports its own command-line client (httpx/_main.py, with
+# rich and pygments: about 4.5 MB) whenever those are installed, and rich is installed for
+# our tables. No taskmgr process runs httpx's command line, so the composition root keeps it
+# out: an entry of None in sys.modules makes `import httpx._main` raise ImportError (the
+# import system's documented module-cache rule), and httpx then falls back to the stub `main`
+# it uses when its [cli] extra is not installed. tests/unit/test_imports.py checks both.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 # Subcommand -> "module:attribute" in this package.
 COMMANDS = {

@@ -104,9 +104,11 @@ _bench(
 _bench(
     "footprint",
     footprint.main,
-    "Idle RSS of a manager and a runner, and of a runner holding N pollers.",
+    "Idle RSS of a manager and a runner (median of --runs), and of a runner holding N pollers "
+    "(--pollers 0: not measured).",
     [
-        click.Option(["--pollers"], type=int, default=10000, show_default=True),
+        click.Option(["--pollers"], type=click.IntRange(0, 1_000_000), default=10000, show_default=True),
+        click.Option(["--runs"], type=click.IntRange(1, 100), default=1, show_default=True),
     ],
 )
 

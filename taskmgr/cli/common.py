@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import yaml
-from prometheus_client import start_http_server
 
 from taskmgr.errors import InvalidInput, TaskmgrError
 from taskmgr.redact import redact_text
@@ -89,6 +87,8 @@ def parse_json_arg(value: str | None, what: str) -> Any:
 
 def load_file(path: str) -> Any:
     """A YAML or JSON document from a file."""
+    import yaml  # only the commands that read a file need it, not the long-lived processes
+
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -130,4 +130,6 @@ def with_(settings: Settings, **changes: Any) -> Settings:
 def start_metrics(port: int) -> None:
     """Serve Prometheus metrics on `port` (0: not at all)."""
     if port:
+        from prometheus_client import start_http_server
+
         start_http_server(port, addr="0.0.0.0")

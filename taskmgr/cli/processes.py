@@ -1,26 +1,24 @@
-"""The long-lived processes and the schema: migrate, rebuild-state, manager, feed."""
+"""The long-lived processes and the schema: migrate, rebuild-state, manager, feed.
+
+Each command imports what it runs inside its body, so that a process loads only its own
+part: the manager does not load the simulated feed's web server (aiohttp), and the feed
+loads neither the manager nor SQLAlchemy. tests/unit/test_imports.py checks it."""
 
 from __future__ import annotations
 
 import click
 
-from manager.app import run_manager
-from task_types.daily import daily_schedule_jobs
-from task_types.feed import Faults, FeedConfig
-from task_types.feed import main as feed_main
-from task_types.settings import SportsSettings
-from taskmgr import store
 from taskmgr.cli.common import BadInput, opt, parse_json_arg, run, serve, settings_of, start_metrics, with_
-from taskmgr.db import make_engine
 from taskmgr.errors import TaskmgrError
-from taskmgr.migrate import current_version
-from taskmgr.migrate import migrate as do_migrate
 
 
 @click.command()
 @click.pass_context
 def migrate(ctx: click.Context) -> None:
     """Apply the missing SQL migrations (sql/NNNN_*.sql); safe to run again."""
+    from taskmgr.migrate import current_version
+    from taskmgr.migrate import migrate as do_migrate
+
     settings = settings_of(ctx)
     applied = run(do_migrate(settings.database_url))
     version = run(current_version(settings.database_url))
@@ -41,6 +39,8 @@ class LeaderActive(TaskmgrError):
 def rebuild_state(ctx: click.Context, force: bool) -> None:
     """Recompute the current-state projection (task_state) from the task_events history.
     Run it with the managers stopped: it refuses while one leads, unless --force."""
+    from taskmgr import store
+    from taskmgr.db import make_engine
 
     async def go() -> int:
         engine = make_engine(settings_of(ctx).database_url, pool_size=1, name="taskmgr-cli")
@@ -65,6 +65,10 @@ def rebuild_state(ctx: click.Context, force: bool) -> None:
 @click.pass_context
 def manager_cmd(ctx: click.Context, poll_interval: float | None, metrics_port: int | None) -> None:
     """Run a Task Manager (several may run: one leads, the others stand by)."""
+    from manager.app import run_manager
+    from task_types.daily import daily_schedule_jobs
+    from task_types.settings import SportsSettings
+
     settings = with_(settings_of(ctx), poll_interval=poll_interval, metrics_port=metrics_port)
     start_metrics(settings.metrics_port)
     # The sports part's leader job: the daily schedule (none when TASKMGR_SCHEDULE_CRON
@@ -107,6 +111,9 @@ def feed(
     faults: str | None,
 ) -> None:
     """Serve the simulated sports feed (every provider's real JSON shape, accelerated)."""
+    from task_types.feed import Faults, FeedConfig
+    from task_types.feed import main as feed_main
+
     extra = parse_json_arg(faults, "--faults") or {}
     try:
         config = FeedConfig(

@@ -107,6 +107,68 @@ async def test_three_overlapping_dispatchers_claim_each_task_once(
     assert len(started) == n and all(c == 1 for _, c in started)
 
 
+async def test_claims_grow_from_a_small_first_batch_with_one_publish_in_flight(
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,  # type: ignore[no-untyped-def]
+) -> None:
+    """A burst is claimed 3, 6, 12, then 20 at a time (first batch, doubling, the batch
+    cap), each batch's publish overlapping the next claim but never another publish; every
+    task is claimed and sent once."""
+    n = 100
+    ids = await schedule(service, poll_type, n, due_at=datetime.now(UTC) - timedelta(seconds=1))
+    disp = dispatcher(
+        engine, publisher, settings.model_copy(update={"dispatch_first_batch": 3, "dispatch_batch": 20})
+    )
+    sending, most, claims_during_a_send = 0, 0, 0
+    send, claim = disp._send, disp._claim_batch
+
+    async def counted_send(*args, **kw):  # type: ignore[no-untyped-def]
+        nonlocal sending, most
+        sending += 1
+        most = max(most, sending)
+        try:
+            await asyncio.sleep(0.05)  # a slow broker: the next claim runs meanwhile
+            return await send(*args, **kw)
+        finally:
+            sending -= 1
+
+    async def counted_claim(*args, **kw):  # type: ignore[no-untyped-def]
+        nonlocal claims_during_a_send
+        result = await claim(*args, **kw)
+        claims_during_a_send += sending > 0  # the previous batch's publish still going
+        return result
+
+    disp._send, disp._claim_batch = counted_send, counted_claim  # type: ignore[method-assign]
+    counts = await disp.poll_once()
+    assert (counts.claimed, counts.published, counts.publish_failed) == (n, n, 0)
+    assert most == 1, "at most one publish in flight"
+    assert claims_during_a_send >= 5, "the claims should have overlapped the publishes"
+    orders = start_orders(await drain(settings.amqp_url, publisher.topology.start_queue("default"), expect=n))
+    assert sorted(orders) == sorted((t, 1) for t in ids)
+    async with engine.connect() as conn:
+        sizes = (
+            (
+                await conn.execute(
+                    text(
+                        "select count(*) from task_events where state = 'STARTED' group by time order by time"
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        unsent = (
+            await conn.execute(
+                text("select count(*) from task_state where state = 'STARTED' and sent_at is null")
+            )
+        ).scalar()
+    assert sizes == [3, 6, 12, 20, 20, 20, 19]
+    assert unsent == 0
+
+
 async def test_failed_publish_stays_in_outbox_and_is_relayed_once(
     engine,
     service,

@@ -89,3 +89,12 @@ def test_no_password_in_help_errors_or_logs(capsys) -> None:  # type: ignore[no-
     logging.getLogger("t").warning("cannot connect to %s", "amqp://mq:s3cret-pw@mq.example/?apiKey=k3y")
     assert "s3cret-pw" not in stream.getvalue() and "k3y" not in stream.getvalue()
     assert "amqp://mq:***@mq.example/?apiKey=***" in stream.getvalue()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_a_bad_first_dispatch_batch_is_a_clear_error(value: str) -> None:
+    """TASKMGR_DISPATCH_FIRST_BATCH must be a positive integer: anything else stops the
+    command with exit 2 and names the setting, before anything runs."""
+    result = CliRunner().invoke(main, ["manager", "--help"], env={"TASKMGR_DISPATCH_FIRST_BATCH": value})
+    assert result.exit_code == 2
+    assert "dispatch_first_batch" in result.output
