@@ -1,29 +1,27 @@
-"""How a poller GETs its URL: on aiohttp's connection pool directly (the default), or
-through any httpx transport (tests give httpx.MockTransport).
+"""How a poller GETs its URL: through httpx's transport API (the design's HTTP client),
+on aiohttp's connection pool by default (httpx-aiohttp's transport), or on any httpx
+transport a caller gives (tests give httpx.MockTransport).
 
 A poll is one GET with at most two conditional headers, read to the end under a size cap,
-and most polls of a live feed are 304s that nobody looks at. So the default path builds no
-httpx object at all; the poller makes an httpx.Response (the handlers' type) only for a
-response it hands to a handler. Compared with an httpx.AsyncClient on the same aiohttp
-pool, this skips the client's layers (header merging, a cookie jar shared by every task,
-auth, redirects, event hooks) and the transport's conversions: docs/benchmarks.md (runner)
-has what each cost.
+and most polls of a live feed are 304s that nobody looks at. So a poll skips the
+httpx.AsyncClient's layers (header merging, a cookie jar shared by every task, auth,
+redirects, event hooks) and sends an httpx.Request to the transport itself; the poller
+makes the handlers' httpx.Response only for a response it hands to a handler.
+docs/benchmarks.md (runner) has what each layer cost, and what sending on aiohttp's pool
+directly, without httpx, would save (not taken: httpx is the runners' client).
 
-Neither path follows redirects: one could lead to any host, past the allow-list and the
-per-host limits (a 3xx fails the poll). Neither keeps cookies. The caller bounds the whole
+No redirects are followed: one could lead to any host, past the allow-list and the
+per-host limits (a 3xx fails the poll). No cookies are kept. The caller bounds the whole
 request with its own timeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import httpx
-
-if TYPE_CHECKING:
-    import aiohttp
 
 # Connections across all hosts: per-host limits are ours (settings.host_concurrency), so
 # this only has to be large; idle ones are kept this long.
@@ -36,7 +34,6 @@ REQUEST_HEADERS: Mapping[str, str] = {
     "Accept-Encoding": "gzip, deflate",
     "User-Agent": USER_AGENT,
 }
-READ_CHUNK = 64 * 1024
 
 
 class TooLarge(Exception):
@@ -66,57 +63,39 @@ def _too_large(host: str | None, declared: str | None, cap: int) -> None:
         raise TooLarge(f"{host} declares {declared} bytes; at most {cap} are read")
 
 
-class AiohttpFetcher:
-    """The default: aiohttp's client session, no cookies, aiohttp's own timeouts off (the
-    poller's bounds the request)."""
+def fast_transport(max_connections: int = HTTP_MAX_CONNECTIONS) -> httpx.AsyncBaseTransport:
+    """httpx's transport API on aiohttp's connection pool (httpx-aiohttp): a fraction of
+    httpx's own transport's CPU per request, and it holds up with ten thousand pollers."""
+    from httpx_aiohttp import AiohttpTransport
 
-    def __init__(self, max_connections: int = HTTP_MAX_CONNECTIONS) -> None:
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
-            keepalive_timeout=HTTP_KEEPALIVE_S,
-            ssl=httpx.create_ssl_context(),  # the same certificates as httpx's (certifi)
+    return AiohttpTransport(
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=HTTP_KEEPALIVE_S,
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers=REQUEST_HEADERS,
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
-        return self._session
-
-    async def get(self, url: httpx.URL, headers: Mapping[str, str], cap: int) -> Fetched:
-        session = self._session or self._open()
-        async with session.get(str(url), headers=headers, allow_redirects=False) as response:
-            _too_large(url.host, response.headers.get("Content-Length"), cap)
-            chunks: list[bytes] = []
-            size = 0
-            content = response.content
-            while chunk := await content.read(READ_CHUNK):
-                size += len(chunk)
-                if size > cap:  # decompressed: never fewer bytes than came on the wire here
-                    raise TooLarge(f"{url.host} sent more than {cap} bytes (decompressed)")
-                chunks.append(chunk)
-            return Fetched(response.status, response.headers, b"".join(chunks))
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    )
 
 
 class TransportFetcher:
-    """Any httpx transport (httpx's documented transport API; tests use MockTransport)."""
+    """GETs on an httpx transport (httpx's documented transport API). `transport` is one,
+    or a function that makes one at the first GET (the default's aiohttp is loaded only
+    when a runner first polls: an idle runner stays small)."""
 
-    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
-        self._transport = transport
+    def __init__(
+        self, transport: httpx.AsyncBaseTransport | Callable[[], httpx.AsyncBaseTransport] = fast_transport
+    ) -> None:
+        self._transport: httpx.AsyncBaseTransport | None = None
+        self._make: Callable[[], httpx.AsyncBaseTransport] | None = None
+        if isinstance(transport, httpx.AsyncBaseTransport):
+            self._transport = transport
+        else:
+            self._make = transport
 
     async def get(self, url: httpx.URL, headers: Mapping[str, str], cap: int) -> Fetched:
+        if self._transport is None:
+            assert self._make is not None
+            self._transport = self._make()
         request = httpx.Request("GET", url, headers={**REQUEST_HEADERS, **headers})
         response = await self._transport.handle_async_request(request)
         try:
@@ -133,4 +112,5 @@ class TransportFetcher:
         return Fetched(response.status_code, response.headers, b"".join(chunks))
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()

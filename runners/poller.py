@@ -88,8 +88,8 @@ class ReportFn(Protocol):
 class PollerDeps:
     """What every poller of a runner shares.
 
-    `fetcher` does the GETs (runners/http.py: aiohttp's pool directly, or an httpx
-    transport in tests)."""
+    `fetcher` does the GETs (runners/http.py: httpx's transport API, on aiohttp's pool
+    by default, on httpx.MockTransport in tests)."""
 
     fetcher: Fetcher
     limiter: HostLimiter

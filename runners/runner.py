@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from runners import metrics
-from runners.http import AiohttpFetcher, Fetcher, TransportFetcher
+from runners.http import Fetcher, TransportFetcher, fast_transport
 from runners.limits import HostLimit, HostLimiter, parse_host_limits
 from runners.poller import Poller, PollerDeps, TickStats
 from runners.reports import ReportBuffer
@@ -147,10 +147,8 @@ class TaskRunner:
                     declare=False,
                 )
             )
-            # No redirects followed, no cookies kept (runners/http.py).
-            fetcher: Fetcher = (
-                AiohttpFetcher() if self._transport is None else TransportFetcher(self._transport)
-            )
+            # httpx's transport API, no client layers, no redirects followed (runners/http.py).
+            fetcher: Fetcher = TransportFetcher(self._transport or fast_transport)
             stack.push_async_callback(fetcher.aclose)
             self._reports = ReportBuffer(
                 publish=self._publisher.publish_progress,
