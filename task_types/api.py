@@ -15,9 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from task_types.games import (
     candidate_keys,
     current_period,
-    events_of_game,
     events_of_games,
-    minutes_of_game,
+    game_document,
     resolve_game,
     summarize,
 )
@@ -27,7 +26,6 @@ from taskmgr.service import TaskService, utcnow
 GAME_TYPE = "live_game"
 # Games on one board at most (a day of every league is a few hundred).
 MAX_GAMES = 1000
-MAX_EVENTS = 100_000
 
 
 class GameOut(BaseModel):
@@ -118,30 +116,6 @@ def router(*, engine: AsyncEngine, service: TaskService, read: Callable[..., Any
         except InvalidInput as exc:
             raise InvalidInput(f"path.{exc.field}", exc.problem) from None
         async with engine.connect() as conn:
-            events = await events_of_game(conn, key, limit=MAX_EVENTS)
-            minutes = await minutes_of_game(conn, key)
-        s = summarize(key, events)
-        return {
-            "game": key,
-            "home": s.teams.get("home"),
-            "away": s.teams.get("away"),
-            "status": s.status,
-            "score": s.score,
-            "corrected": s.corrected,
-            "periods": [{"period": n, **line} for n, line in s.periods.items()],
-            "events": [
-                {
-                    "time": e.time,
-                    "kind": e.kind,
-                    "task_id": e.task_id,
-                    "runner_id": e.runner_id,
-                    "data": e.data,
-                }
-                for e in events
-            ],
-            "per_minute": [
-                {"minute": m.minute, "events": m.events, "score_changes": m.score_changes} for m in minutes
-            ],
-        }
+            return await game_document(conn, key)
 
     return r

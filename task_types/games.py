@@ -153,3 +153,57 @@ def current_period(events: Sequence[StoredEvent]) -> int | None:
         elif e.kind == "game.final" and e.data.get("periods"):
             period = max(int(x["period"]) for x in e.data["periods"])
     return period
+
+
+# A game's events read for its document, at most (a game has a few hundred).
+MAX_GAME_EVENTS = 100_000
+
+
+async def game_document(conn: Conn, key: str) -> dict[str, Any]:
+    """A game from the history, as `taskmgr games show` and the API's game route give it:
+    its teams, status, score by period, its events in order (each with a one-line
+    summary) and its events per minute (a TimescaleDB time_bucket)."""
+    events = await events_of_game(conn, key, limit=MAX_GAME_EVENTS)
+    minutes = await minutes_of_game(conn, key)
+    s = summarize(key, events)
+    return {
+        "game": key,
+        "home": s.teams.get("home"),
+        "away": s.teams.get("away"),
+        "status": s.status,
+        "score": s.score,
+        "corrected": s.corrected,
+        "periods": [{"period": n, **line} for n, line in s.periods.items()],
+        "events": [
+            {
+                "time": e.time,
+                "kind": e.kind,
+                "task_type": e.task_type,
+                "task_id": e.task_id,
+                "event_id": e.event_id,
+                "runner_id": e.runner_id,
+                "summary": event_summary(e.kind, e.data),
+                "data": e.data,
+            }
+            for e in events
+        ],
+        "per_minute": [
+            {"minute": m.minute, "events": m.events, "score_changes": m.score_changes} for m in minutes
+        ],
+    }
+
+
+def event_summary(kind: str, d: dict[str, Any]) -> str:
+    """One line of a game event, for people."""
+    if kind == "score.changed":
+        return f"P{d.get('period')}: {d.get('away_score')}-{d.get('home_score')} (away-home)"
+    if kind in ("period.ended", "period.score"):
+        return f"P{d.get('period')}: {d.get('away')}-{d.get('home')}"
+    if kind == "game.final":
+        return f"final {d.get('away_score')}-{d.get('home_score')}"
+    if kind == "score.corrected":
+        b, a = d.get("before", {}), d.get("after", {})
+        return f"{b.get('away_score')}-{b.get('home_score')} -> {a.get('away_score')}-{a.get('home_score')}"
+    if kind == "game.started":
+        return f"{d.get('away_team')} at {d.get('home_team')}"
+    return str(d.get("detail", ""))[:80]

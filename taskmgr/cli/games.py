@@ -7,14 +7,13 @@ from typing import Any
 
 import click
 
-from task_types.games import candidate_keys, events_of_game, minutes_of_game, resolve_game, summarize
+from task_types.games import candidate_keys, game_document, resolve_game
 from taskmgr.cli.common import BadInput, run, settings_of
 from taskmgr.cli.output import emit, output_option
 from taskmgr.db import make_engine
 from taskmgr.errors import InvalidInput
 
 # A game's events are few (hundreds); more than this is not one game's.
-MAX_EVENTS = 100_000
 
 
 @click.group()
@@ -39,35 +38,9 @@ def games_show(ctx: click.Context, game: str, output: str) -> None:
         engine = make_engine(settings_of(ctx).reads_url, pool_size=1, name="taskmgr-cli")
         try:
             async with engine.connect() as conn:
-                key = await resolve_game(conn, game)
-                events = await events_of_game(conn, key, limit=MAX_EVENTS)
-                minutes = await minutes_of_game(conn, key)
+                return await game_document(conn, await resolve_game(conn, game))
         finally:
             await engine.dispose()
-        s = summarize(key, events)
-        return {
-            "game": key,
-            "home": s.teams.get("home"),
-            "away": s.teams.get("away"),
-            "status": s.status,
-            "score": s.score,
-            "corrected": s.corrected,
-            "periods": [{"period": n, **line} for n, line in s.periods.items()],
-            "events": [
-                {
-                    "time": e.time,
-                    "kind": e.kind,
-                    "task_type": e.task_type,
-                    "summary": _summary(e.kind, e.data),
-                    "event_id": e.event_id,
-                    "runner_id": e.runner_id,
-                }
-                for e in events
-            ],
-            "per_minute": [
-                {"minute": m.minute, "events": m.events, "score_changes": m.score_changes} for m in minutes
-            ],
-        }
 
     doc = run(go())
     if output != "table":
@@ -82,18 +55,3 @@ def games_show(ctx: click.Context, game: str, output: str) -> None:
     emit(doc["periods"], output, ["period", "away", "home"], title="score by period")
     emit(doc["events"], output, ["time", "kind", "summary", "runner_id"], title="events")
     emit(doc["per_minute"], output, ["minute", "events", "score_changes"], title="events per minute")
-
-
-def _summary(kind: str, d: dict[str, Any]) -> str:
-    if kind == "score.changed":
-        return f"P{d.get('period')}: {d.get('away_score')}-{d.get('home_score')} (away-home)"
-    if kind in ("period.ended", "period.score"):
-        return f"P{d.get('period')}: {d.get('away')}-{d.get('home')}"
-    if kind == "game.final":
-        return f"final {d.get('away_score')}-{d.get('home_score')}"
-    if kind == "score.corrected":
-        b, a = d.get("before", {}), d.get("after", {})
-        return f"{b.get('away_score')}-{b.get('home_score')} -> {a.get('away_score')}-{a.get('home_score')}"
-    if kind == "game.started":
-        return f"{d.get('away_team')} at {d.get('home_team')}"
-    return str(d.get("detail", ""))[:80]
