@@ -88,11 +88,16 @@ class Dispatcher:
         try:
             while True:
                 orders, full = await self._claim_batch(counts, size)
-                if sending is not None:
-                    task, sending = sending, None
-                    await task
-                if orders:
-                    sending = asyncio.create_task(self._send(orders, counts))
+                # Claimed and committed, these wait unsent for the publish before them:
+                # the relay leaves them alone from now on (they would go out twice).
+                self._in_flight |= {o.task_id for _, o in orders}
+                try:
+                    if sending is not None:
+                        task, sending = sending, None
+                        await task
+                finally:
+                    if orders:  # sent even if the publish before failed
+                        sending = asyncio.create_task(self._send(orders, counts))
                 if not full:
                     break
                 size = min(2 * size, self._settings.dispatch_batch)

@@ -895,6 +895,46 @@ async def test_the_relay_never_resends_an_order_its_publisher_still_waits_on(
     assert start_orders(bodies) == [(tid, 1)]
 
 
+async def test_the_relay_never_sends_a_claimed_batch_waiting_for_the_publish_before_it(
+    engine, service, settings, topology
+) -> None:  # type: ignore[no-untyped-def]
+    """A claim overlaps the publish of the batch before it. While that publish waits for
+    slow confirms (past RELAY_AFTER_S), the next batch is claimed and committed unsent:
+    the relay must leave it alone too, or its orders go out twice (once by the relay,
+    once by the poll)."""
+    from manager.dispatch import RELAY_AFTER_S
+
+    class SlowConfirms(Publisher):
+        release = asyncio.Event()
+
+        async def publish_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            await self.release.wait()
+            await super().publish_start(*args, **kwargs)
+
+    clock = Clock(datetime.now(UTC))
+    small = settings.model_copy(update={"dispatch_first_batch": 1, "dispatch_batch": 2})
+    await service.create_type({"name": "box", "handler": "noop"})
+    ids = await schedule(service, "box", 3, due_at=clock.now)
+    async with SlowConfirms(url=settings.amqp_url, topology=topology) as slow:
+        disp = dispatcher(engine, slow, small, clock)
+        poll = asyncio.create_task(disp.poll_once())
+
+        async def started() -> int:
+            return sum([(await service.get_task(t)).state is State.STARTED for t in ids])
+
+        async with asyncio.timeout(5):
+            while await started() < 3:  # the first batch publishing, the second claimed
+                await asyncio.sleep(0.02)
+        clock.advance(RELAY_AFTER_S + 1)
+        relay = asyncio.create_task(disp.relay_once())
+        await asyncio.sleep(0.3)
+        slow.release.set()
+        assert await relay == 0
+        assert (await poll).published == 3
+    bodies = await drain(settings.amqp_url, topology.start_queue("default"), expect=3)
+    assert sorted(start_orders(bodies)) == sorted((t, 1) for t in ids)
+
+
 async def test_a_start_order_expires_after_its_start_timeout(
     engine, service, publisher, settings, topology
 ) -> None:  # type: ignore[no-untyped-def]
