@@ -7,33 +7,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from importlib import resources
 from typing import Any
-
-from sqlalchemy import TextClause
-from sqlalchemy import exc as sa_exc
 
 from task_types.providers import PROVIDERS
 from taskmgr.errors import InvalidInput, NotFound
 from taskmgr.event_store import DEFAULT_LIMIT, StoredEvent, event_from_row
-from taskmgr.queries import load
-from taskmgr.store import Conn, StoreError
+from taskmgr.queries import QueryFile
+from taskmgr.store import Conn
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-@cache
-def _queries() -> dict[str, TextClause]:
-    from importlib import resources
-
-    return load(resources.files("task_types") / "sql" / "game_queries.sql")
-
-
-async def _run(conn: Conn, name: str, params: dict[str, Any]) -> Any:
-    try:
-        return await conn.execute(_queries()[name], params)
-    except sa_exc.DBAPIError as exc:
-        raise StoreError(f"{name}: {exc.orig!r}") from exc
+_QUERIES = QueryFile(lambda: resources.files("task_types") / "sql" / "game_queries.sql")
+_run = _QUERIES.run
 
 
 class GameNotFound(NotFound):

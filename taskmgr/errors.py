@@ -8,6 +8,10 @@ class TaskmgrError(Exception):
     """Base of every error taskmgr raises on purpose."""
 
 
+class StoreError(TaskmgrError):
+    """A database error, wrapped so callers need not know the driver."""
+
+
 class NotFound(TaskmgrError, LookupError):
     pass
 

@@ -11,16 +11,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
-from sqlalchemy import TextClause
-from sqlalchemy import exc as sa_exc
-
 from taskmgr.messages import Event
-from taskmgr.queries import load
-from taskmgr.resources import sql_dir
-from taskmgr.store import Conn, StoreError
+from taskmgr.queries import QueryFile, in_sql_dir
+from taskmgr.store import Conn
 
 # The history's tables (tests and benchmarks empty them).
 TABLES = "emitted_events, emitted_event_ids"
@@ -52,20 +47,8 @@ class StoredEvent:
         return f"{self.task_type}.{self.kind}"
 
 
-@cache
-def _queries() -> dict[str, TextClause]:
-    return load(sql_dir() / "event_queries.sql")
-
-
-def q(name: str) -> TextClause:
-    return _queries()[name]
-
-
-async def _run(conn: Conn, name: str, params: dict[str, Any] | None = None) -> Any:
-    try:
-        return await conn.execute(q(name), params or {})
-    except sa_exc.DBAPIError as exc:
-        raise StoreError(f"{name}: {exc.orig!r}") from exc
+_QUERIES = QueryFile(in_sql_dir("event_queries.sql"))
+_run = _QUERIES.run
 
 
 def event_from_row(row: Any) -> StoredEvent:

@@ -16,10 +16,9 @@ from functools import cache
 from typing import Any, get_origin
 
 from sqlalchemy import TextClause, text
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from taskmgr.errors import TaskmgrError
+from taskmgr.errors import StoreError as StoreError  # re-exported: callers import it from here
 from taskmgr.messages import CancelNotice, TypeChange, encode
 from taskmgr.models import (
     TYPE_FIELDS,
@@ -35,7 +34,7 @@ from taskmgr.models import (
     TaskTypeFields,
     Transition,
 )
-from taskmgr.queries import q
+from taskmgr.queries import ENGINE, q
 
 Conn = AsyncConnection | AsyncSession
 
@@ -43,10 +42,6 @@ Conn = AsyncConnection | AsyncSession
 WAKEUP_CHANNEL = "taskmgr_wakeup"  # a task is due now: dispatch at once, not at the next poll
 CANCEL_CHANNEL = "taskmgr_cancel"  # a started or running task was cancelled: its payload, a CancelNotice
 TYPE_CHANNEL = "taskmgr_type_changed"  # a task type changed: its payload, a TypeChange for the runners
-
-
-class StoreError(TaskmgrError):
-    """A database error, wrapped so callers need not know the driver."""
 
 
 def _dumps(value: Any) -> str | None:
@@ -104,10 +99,7 @@ async def _run(
     conn: Conn, name: str, params: Mapping[str, Any] | None = None, *, query: TextClause | None = None
 ) -> Any:
     """Run the named query (or `query`, made from it) and wrap a database error."""
-    try:
-        return await conn.execute(q(name) if query is None else query, dict(params or {}))
-    except sa_exc.DBAPIError as exc:
-        raise StoreError(f"{name}: {exc.orig}") from exc
+    return await ENGINE.run(conn, name, params, query=query)
 
 
 # -- task types ----------------------------------------------------------------------

@@ -15,16 +15,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from functools import cache
 from typing import Any
 
-from sqlalchemy import TextClause
-from sqlalchemy import exc as sa_exc
-
 from taskmgr.errors import AlreadyExists, InvalidInput, NotFound
-from taskmgr.queries import load
-from taskmgr.resources import sql_dir
-from taskmgr.store import Conn, StoreError
+from taskmgr.queries import QueryFile, in_sql_dir
+from taskmgr.store import Conn
 
 # What a secret starts with: a token found in a log or a repository is recognisable.
 SECRET_PREFIX = "tmk_"
@@ -66,16 +61,8 @@ class Token:
     last_used_at: datetime | None = None
 
 
-@cache
-def _queries() -> dict[str, TextClause]:
-    return load(sql_dir() / "api_queries.sql")
-
-
-async def _run(conn: Conn, name: str, params: dict[str, Any]) -> Any:
-    try:
-        return await conn.execute(_queries()[name], params)
-    except sa_exc.DBAPIError as exc:
-        raise StoreError(f"{name}: {exc.orig!r}") from exc
+_QUERIES = QueryFile(in_sql_dir("api_queries.sql"))
+_run = _QUERIES.run
 
 
 def hash_secret(secret: str) -> bytes:

@@ -9,31 +9,15 @@ never rows; driver errors become StoreError.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
-from typing import Any
-
-from sqlalchemy import TextClause
-from sqlalchemy import exc as sa_exc
 
 from taskmgr.models import State
-from taskmgr.queries import load
-from taskmgr.resources import sql_dir
-from taskmgr.store import Conn, StoreError
+from taskmgr.queries import QueryFile, in_sql_dir
+from taskmgr.store import Conn
 
-
-@cache
-def _queries() -> dict[str, TextClause]:
-    return load(sql_dir() / "upkeep_queries.sql")
-
-
-async def _run(conn: Conn, name: str, params: Mapping[str, Any] | None = None) -> Any:
-    try:
-        return await conn.execute(_queries()[name], dict(params or {}))
-    except sa_exc.DBAPIError as exc:
-        raise StoreError(f"{name}: {exc.orig}") from exc
+_QUERIES = QueryFile(in_sql_dir("upkeep_queries.sql"))
+_run = _QUERIES.run
 
 
 async def state_counts(conn: Conn) -> dict[State, int]:

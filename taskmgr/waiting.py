@@ -19,10 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from functools import cache
 from typing import Any
-
-from sqlalchemy import TextClause
 
 from taskmgr import store
 from taskmgr.errors import InvalidInput
@@ -36,8 +33,7 @@ from taskmgr.models import (
     Transition,
     readiness,
 )
-from taskmgr.queries import load
-from taskmgr.resources import sql_dir
+from taskmgr.queries import QueryFile, in_sql_dir
 
 # How many tasks one task may wait for.
 MAX_DEPENDENCIES = 1000
@@ -47,13 +43,8 @@ WAKEUP_HORIZON_S = 1.0
 SOURCE = "dependencies"
 
 
-@cache
-def _queries() -> dict[str, TextClause]:
-    return load(sql_dir() / "waiting_queries.sql")
-
-
-async def _run(conn: store.Conn, name: str, params: Mapping[str, Any]) -> Any:
-    return await store._run(conn, name, params, query=_queries()[name])
+_QUERIES = QueryFile(in_sql_dir("waiting_queries.sql"))
+_run = _QUERIES.run
 
 
 # -- changes while a task waits ------------------------------------------------------

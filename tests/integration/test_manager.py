@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import aio_pika
@@ -862,19 +863,24 @@ async def test_start_messages_are_split_by_bytes_as_well_as_count(
     assert len(bodies) >= 3
 
 
+class SlowConfirms(Publisher):
+    """A broker slow to confirm: start orders wait for `release` before they go out."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.release = asyncio.Event()
+
+    async def publish_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        await self.release.wait()
+        await super().publish_start(*args, **kwargs)
+
+
 async def test_the_relay_never_resends_an_order_its_publisher_still_waits_on(
     engine, service, settings, topology
 ) -> None:  # type: ignore[no-untyped-def]
     """A broker slow to confirm (past RELAY_AFTER_S): the relay must not publish the
     same order again meanwhile."""
     from manager.dispatch import RELAY_AFTER_S
-
-    class SlowConfirms(Publisher):
-        release = asyncio.Event()
-
-        async def publish_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            await self.release.wait()
-            await super().publish_start(*args, **kwargs)
 
     clock = Clock(datetime.now(UTC))
     await service.create_type({"name": "box", "handler": "noop"})
@@ -903,13 +909,6 @@ async def test_the_relay_never_sends_a_claimed_batch_waiting_for_the_publish_bef
     the relay must leave it alone too, or its orders go out twice (once by the relay,
     once by the poll)."""
     from manager.dispatch import RELAY_AFTER_S
-
-    class SlowConfirms(Publisher):
-        release = asyncio.Event()
-
-        async def publish_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            await self.release.wait()
-            await super().publish_start(*args, **kwargs)
 
     clock = Clock(datetime.now(UTC))
     small = settings.model_copy(update={"dispatch_first_batch": 1, "dispatch_batch": 2})
