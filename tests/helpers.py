@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from task_types.period_score import PeriodScoreHandler
 from task_types.schedule import ScheduleHandler
 from task_types.stat_correction import StatCorrectionHandler
 from taskmgr.broker import Publisher, Topology
+from taskmgr.db import make_engine
 from taskmgr.handlers import Registry
 from taskmgr.messages import Report, RunnerReports, StartBatch, decode_start
 from taskmgr.service import NewTask, TaskService
@@ -215,3 +217,46 @@ def val(samples: Samples, name: str, **labels: str) -> float:
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return val(after, name, **labels) - val(before, name, **labels)
+
+
+async def run_until(
+    database_url: str,
+    settings: Settings,
+    api: Callable[[httpx.Request], httpx.Response],
+    done: Callable[[], Awaitable[bool]],
+    timeout: float = 30,
+) -> None:
+    """A manager as taskmgr_manager (database and broker) and a runner as taskmgr_runner
+    (broker only: no database connection), in this process, with `api` as the sports
+    API, until `done()`."""
+    from manager.app import TaskManager
+    from runners import TaskRunner
+
+    m_engine = make_engine(as_role(database_url, "taskmgr_manager"))
+    stop = asyncio.Event()
+    try:
+        async with (
+            TaskManager(
+                settings=settings.model_copy(
+                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_manager")}
+                ),
+                engine=m_engine,
+            ) as m,
+            TaskRunner(
+                settings=settings.model_copy(
+                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_runner")}
+                ),
+                registry=Registry.default(),
+                transport=httpx.MockTransport(api),
+            ) as r,
+        ):
+            runs = [asyncio.create_task(m.run(stop)), asyncio.create_task(r.run(stop))]
+            try:
+                async with asyncio.timeout(timeout):
+                    while not await done():
+                        await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                await asyncio.gather(*runs)
+    finally:
+        await m_engine.dispose()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,13 +15,12 @@ from sqlalchemy import text
 
 from manager.intake import ProgressIntake
 from taskmgr import store
-from taskmgr.db import make_engine
 from taskmgr.errors import AlreadyExists, InvalidInput
 from taskmgr.messages import Report, RunnerReports
 from taskmgr.models import State
 from taskmgr.service import NewTask, TaskService
 from taskmgr.settings import Settings
-from tests.helpers import Runs, amqp_as, as_role, create
+from tests.helpers import Runs, create, run_until
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -58,48 +56,6 @@ async def events(engine: Any, *ids: uuid.UUID) -> list[dict[str, Any]]:
 
 async def states(service: TaskService, *ids: uuid.UUID) -> list[State]:
     return [(await service.get_task(t)).state for t in ids]
-
-
-async def run_until(
-    database_url: str,
-    settings: Settings,
-    api: Callable[[httpx.Request], httpx.Response],
-    done: Callable[[], Awaitable[bool]],
-) -> None:
-    """A manager as taskmgr_manager (database and broker) and a runner as taskmgr_runner
-    (broker only), in this process, until `done()`."""
-    from manager.app import TaskManager
-    from runners import TaskRunner
-    from taskmgr.handlers import Registry
-
-    m_engine = make_engine(as_role(database_url, "taskmgr_manager"))
-    stop = asyncio.Event()
-    try:
-        async with (
-            TaskManager(
-                settings=settings.model_copy(
-                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_manager")}
-                ),
-                engine=m_engine,
-            ) as m,
-            TaskRunner(
-                settings=settings.model_copy(
-                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_runner")}
-                ),
-                registry=Registry.default(),
-                transport=httpx.MockTransport(api),
-            ) as r,
-        ):
-            runs = [asyncio.create_task(m.run(stop)), asyncio.create_task(r.run(stop))]
-            try:
-                async with asyncio.timeout(30):
-                    while not await done():
-                        await asyncio.sleep(0.05)
-            finally:
-                stop.set()
-                await asyncio.gather(*runs)
-    finally:
-        await m_engine.dispose()
 
 
 @pytest.fixture

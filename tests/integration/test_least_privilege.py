@@ -19,7 +19,7 @@ from taskmgr.db import make_engine
 from taskmgr.migrate import asyncpg_dsn
 from taskmgr.models import TRANSITIONS, State
 from taskmgr.settings import Settings
-from tests.helpers import amqp_as, as_role, schedule
+from tests.helpers import amqp_as, as_role, run_until, schedule
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -233,38 +233,14 @@ async def test_dispatch_and_polling_run_under_their_roles(
     (broker only: it has no database connection) take a task from due to FINISHED."""
     import httpx
 
-    from manager.app import TaskManager
-    from runners import TaskRunner
-    from taskmgr.handlers import Registry
-
     await service.create_type(
         {"name": "ping", "handler": "noop", "url_template": "http://api.test/ping", "poll_interval_s": 0.1}
     )
     [tid] = await schedule(service, "ping", 1, due_at=datetime.now(UTC) + timedelta(seconds=0.5))
-    m_engine = make_engine(as_role(database_url, "taskmgr_manager"))
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"ok": True}))
-    stop = asyncio.Event()
-    try:
-        async with (
-            TaskManager(
-                settings=settings.model_copy(
-                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_manager")}
-                ),
-                engine=m_engine,
-            ) as m,
-            TaskRunner(
-                settings=settings.model_copy(
-                    update={"amqp_url": amqp_as(settings.amqp_url, "taskmgr_runner")}
-                ),
-                registry=Registry.default(),
-                transport=transport,
-            ) as r,
-        ):
-            runs = [asyncio.create_task(m.run(stop)), asyncio.create_task(r.run(stop))]
-            async with asyncio.timeout(20):
-                while (await service.get_task(tid)).state.value != "FINISHED":
-                    await asyncio.sleep(0.05)
-            stop.set()
-            await asyncio.gather(*runs)
-    finally:
-        await m_engine.dispose()
+
+    async def finished() -> bool:
+        return (await service.get_task(tid)).state.value == "FINISHED"
+
+    await run_until(
+        database_url, settings, lambda request: httpx.Response(200, json={"ok": True}), finished, timeout=20
+    )
