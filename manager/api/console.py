@@ -23,8 +23,8 @@ from fastapi.templating import Jinja2Templates
 from manager.api.auth import COOKIE, Caller
 from manager.api.errors import BadRequest
 from manager.api.schemas import decode_cursor, encode_cursor
-from manager.api.system import ERRORS_WINDOW, RUNNERS_WINDOW, runner_rows
-from taskmgr import event_store, tokens
+from manager.api.system import read_runners
+from taskmgr import event_store, overview
 from taskmgr.errors import TaskmgrError
 from taskmgr.messages import LIFECYCLE_TASK_TYPE
 from taskmgr.models import State
@@ -186,16 +186,8 @@ def install(app: FastAPI, api: Any) -> None:
         caller = await who(request)
         if caller is None:
             return to_login(request)
-        now = utcnow()
-        async with api.engine.connect() as conn:
-            rows = await tokens.list_runners(conn, now - RUNNERS_WINDOW)
-            errors = await tokens.poll_errors(conn, now - ERRORS_WINDOW)
-        return render(
-            request,
-            "runners.html",
-            caller,
-            runners=runner_rows(rows, now, api.settings.runner_dead_after, errors),
-        )
+        runners = await read_runners(api.engine, api.settings.runner_dead_after)
+        return render(request, "runners.html", caller, runners=runners)
 
     @app.get("/stats", include_in_schema=False)
     async def stats_page(request: Request, minutes: int = 60) -> Response:
@@ -206,7 +198,7 @@ def install(app: FastAPI, api: Any) -> None:
         now = utcnow()
         since = now - timedelta(minutes=minutes)
         async with api.engine.connect() as conn:
-            hist = await tokens.lateness_histogram(conn, since, LATENESS_WIDTH_MS, LATENESS_BUCKETS)
+            hist = await overview.lateness_histogram(conn, since, LATENESS_WIDTH_MS, LATENESS_BUCKETS)
         width = _bucket_for(minutes)
         per_bucket = await api.service.counts_per_bucket(width, since, now)
         counts = await api.service.counts_by_state()

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager.api import metrics
 from manager.api.auth import Auth, Caller
 from manager.api.stream import EventHub
-from taskmgr import store, tokens, upkeep
+from taskmgr import overview, store, upkeep
 from taskmgr.errors import InvalidInput
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
@@ -47,7 +47,7 @@ class Status(BaseModel):
 
 
 def runner_rows(
-    rows: list[tokens.RunnerRow], now: datetime, dead_after_s: float, errors: dict[str, int] | None = None
+    rows: list[overview.RunnerRow], now: datetime, dead_after_s: float, errors: dict[str, int] | None = None
 ) -> list[RunnerOut]:
     out = []
     for r in rows:
@@ -70,6 +70,15 @@ def runner_rows(
     return out
 
 
+async def read_runners(engine: AsyncEngine, dead_after_s: float) -> list[RunnerOut]:
+    """The runners seen in RUNNERS_WINDOW, with their failed polls of ERRORS_WINDOW."""
+    now = utcnow()
+    async with engine.connect() as conn:
+        rows = await overview.list_runners(conn, now - RUNNERS_WINDOW)
+        errors = await overview.poll_errors(conn, now - ERRORS_WINDOW)
+    return runner_rows(rows, now, dead_after_s, errors)
+
+
 def router(
     *, settings: Settings, engine: AsyncEngine, service: TaskService, hub: EventHub, auth: Auth
 ) -> APIRouter:
@@ -77,11 +86,7 @@ def router(
     read = auth.require(Scope.READ)
 
     async def runners() -> list[RunnerOut]:
-        now = utcnow()
-        async with engine.connect() as conn:
-            rows = await tokens.list_runners(conn, now - RUNNERS_WINDOW)
-            errors = await tokens.poll_errors(conn, now - ERRORS_WINDOW)
-        return runner_rows(rows, now, settings.runner_dead_after, errors)
+        return await read_runners(engine, settings.runner_dead_after)
 
     @r.get("/api/v1/runners", response_model=list[RunnerOut], summary="Runners as their heartbeats show them")
     async def list_runners(_: Annotated[Caller, Depends(read)]) -> list[RunnerOut]:
@@ -90,7 +95,7 @@ def router(
     @r.get("/api/v1/status", response_model=Status, summary="Tasks by state, leader, runners")
     async def status(_: Annotated[Caller, Depends(read)]) -> Status:
         async with engine.connect() as conn:
-            version = await tokens.schema_version(conn)
+            version = await overview.schema_version(conn)
             leader = await store.leader_present(conn)
             counts = await upkeep.state_counts(conn)
         alive = sum(1 for x in await runners() if x.status in ("alive", "late"))
@@ -110,7 +115,7 @@ def router(
         buckets: Annotated[int, Query(ge=2, le=200)] = 20,
     ) -> dict[str, Any]:
         async with engine.connect() as conn:
-            counts = await tokens.lateness_histogram(
+            counts = await overview.lateness_histogram(
                 conn, utcnow() - timedelta(minutes=minutes), width_ms, buckets
             )
         return {"width_ms": width_ms, "counts": counts}
@@ -136,7 +141,7 @@ def router(
     async def readyz() -> JSONResponse:
         try:
             async with engine.connect() as conn:
-                version = await tokens.schema_version(conn)
+                version = await overview.schema_version(conn)
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
         if version is None:
