@@ -69,7 +69,7 @@ class Dispatcher:
         self._service = service
         self._settings = settings
         self._clock = clock
-        self._in_flight: set[uuid.UUID] = set()  # tasks whose orders are being published
+        self._in_flight: set[uuid.UUID] = set()  # claimed here, not yet marked sent: not the relay's
         self._next_at: datetime | None = None  # the earliest waiting task, as the last poll saw it
         self._latest: tuple[float, uuid.UUID, uuid.UUID, int] | None = None  # this poll's latest start
 
@@ -247,10 +247,9 @@ class Dispatcher:
         return orders, len(rows), min((row["due_at"] for row in next_rows), default=None)
 
     async def _send(self, orders: Sequence[tuple[str, StartOrder]], counts: DispatchCounts) -> None:
-        # The relay leaves these alone until they are marked sent: their publisher may
-        # still be waiting for the confirms past RELAY_AFTER_S (a slow broker).
+        # In _in_flight since their claim (poll_once): the relay leaves them alone until
+        # they are marked sent, however long the confirms take (a slow broker).
         ids = {o.task_id for _, o in orders}
-        self._in_flight |= ids
         try:
             sent = await self._publish(orders)
             counts.published += len(sent)
