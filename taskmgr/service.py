@@ -12,9 +12,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -42,6 +41,9 @@ from taskmgr.models import (
     Transition,
 )
 from taskmgr.service_changes import TaskChanges
+
+if TYPE_CHECKING:  # jsonschema is loaded at the first payload checked: an idle manager has none
+    import jsonschema
 
 # A task due within this of now wakes the manager instead of waiting for its next poll.
 WAKEUP_HORIZON_S = waiting.WAKEUP_HORIZON_S
@@ -371,6 +373,8 @@ class TaskService(TaskChanges):
     def _validate_payload(self, t: TaskType, payload: Any, where: str = "") -> None:
         if not isinstance(payload, Mapping):
             raise InvalidInput(f"{where}payload", "must be a JSON object")
+        import jsonschema  # a lookup in sys.modules once loaded
+
         key = (t.name, t.updated_at)
         validator = self._validators.get(key)
         if validator is None:

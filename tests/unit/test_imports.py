@@ -46,8 +46,9 @@ ENTRY = textwrap.dedent(
 NEVER = ["httpx._main", "rich", "pygments", "aiohttp.web", "task_types.feed", "yaml"]
 # The runner holds no database credentials and is no manager.
 RUNNER_NEVER = [*NEVER, "sqlalchemy", "asyncpg", "jsonschema", "apscheduler", "manager"]
-# The manager polls no API: no HTTP client at all.
-MANAGER_NEVER = [*NEVER, "httpx", "aiohttp", "runners"]
+# The manager polls no API: no HTTP client at all. It checks a payload against its type's
+# JSON Schema only when one arrives (a follow-on, a schedule), so idle it has no jsonschema.
+MANAGER_NEVER = [*NEVER, "httpx", "aiohttp", "runners", "jsonschema"]
 
 
 def modules_of(*args: str, polling: bool = True) -> set[str]:
