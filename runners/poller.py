@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import httpx
 
 from runners import metrics
-from runners.http import Fetched, Fetcher, TooLarge
+from runners.http import Fetched, Fetcher, TooLarge, poll_request
 from runners.limits import HostLimiter
 from taskmgr.backoff import backoff_s
 from taskmgr.broker import BrokerError, Publisher
@@ -125,7 +125,8 @@ class Poller:
         self.handled = 0  # responses given to the handler (a 304 is not)
         self.etag: str | None = None
         self.last_modified: str | None = None
-        self._request: httpx.Request | None = None  # what a handler's response says was sent
+        self._request: httpx.Request | None = None  # the last GET sent, kept while etag and
+        self._validators: tuple[str | None, str | None] = (None, None)  # last_modified stay these
         self.task: asyncio.Task[None] | None = None
         self.running_report: asyncio.Future[None] | None = None  # the "running" report's confirm
         self._interval = order.interval_s
@@ -282,18 +283,19 @@ class Poller:
 
     async def _get(self) -> Fetched:
         """GET the task's URL with this poller's validators, the body read (up to the cap)."""
-        headers: dict[str, str] = {}
-        if self.etag:
-            headers["If-None-Match"] = self.etag
-        if self.last_modified:
-            headers["If-Modified-Since"] = self.last_modified
-        return await self.deps.fetcher.get(self._url, headers, self.deps.max_response_bytes)
+        validators = (self.etag, self.last_modified)
+        if self._request is None or validators != self._validators:
+            headers: dict[str, str] = {}
+            if self.etag:
+                headers["If-None-Match"] = self.etag
+            if self.last_modified:
+                headers["If-Modified-Since"] = self.last_modified
+            self._request, self._validators = poll_request(self._url, headers), validators
+        return await self.deps.fetcher.get(self._request, self.deps.max_response_bytes)
 
     def _response(self, fetched: Fetched) -> httpx.Response:
         """The handlers' type over a read response: a plain body, without the encoding
         headers that would decode it twice."""
-        if self._request is None:
-            self._request = httpx.Request("GET", self._url)
         kept = [(k, v) for k, v in fetched.headers.items() if k.lower() not in _BODY_HEADERS]
         return httpx.Response(fetched.status, headers=kept, content=fetched.body, request=self._request)
 

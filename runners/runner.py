@@ -286,9 +286,10 @@ class TaskRunner:
     def _take(self, order: StartOrder) -> asyncio.Future[None] | None:
         """Register one order; the future resolves when its report is confirmed."""
         tid = order.task_id
-        if order.start_timeout_s is not None and (
-            datetime.now(UTC) - order.claimed_at
-        ).total_seconds() > order.start_timeout_s:
+        if (
+            order.start_timeout_s is not None
+            and (datetime.now(UTC) - order.claimed_at).total_seconds() > order.start_timeout_s
+        ):
             # Recovery has dispatched the task again by now: this order is stale.
             if self._signals is not None:
                 self._signals.stale_order.emit(order)

@@ -333,12 +333,16 @@ async def test_not_modified_keeps_polling_without_calling_the_handler(
     await make_type(service)
     api = FakeAPI()
     final = asyncio.Event()
+    changed = asyncio.Event()
 
     def route(request: httpx.Request) -> httpx.Response:
         if final.is_set():
-            return httpx.Response(200, json={"score": 2, "final": True}, headers={"ETag": '"v2"'})
-        if request.headers.get("if-none-match") == '"v1"':
+            return httpx.Response(200, json={"score": 3, "final": True}, headers={"ETag": '"v3"'})
+        etag = request.headers.get("if-none-match")
+        if etag == '"v2"' or (etag == '"v1"' and not changed.is_set()):
             return httpx.Response(304)
+        if etag == '"v1"':  # the score changed: new validators
+            return httpx.Response(200, json={"score": 2}, headers={"ETag": '"v2"'})
         headers = {"ETag": '"v1"', "Last-Modified": "Tue, 24 Nov 2026 18:00:00 GMT"}
         return httpx.Response(200, json={"score": 1}, headers=headers)
 
@@ -352,9 +356,19 @@ async def test_not_modified_keeps_polling_without_calling_the_handler(
         later = [r for _, r in api.to("/games/g1")][1:]
         assert later and all(r.headers["if-none-match"] == '"v1"' for r in later)
         assert all(r.headers["if-modified-since"] == "Tue, 24 Nov 2026 18:00:00 GMT" for r in later)
+        # A poller keeps its GET while the validators stay; a new ETag makes a new one,
+        # without the old Last-Modified (the 200 that brought v2 had none).
+        changed.set()
+        await run.signals.wait_for(lambda: poller.handled == 2)
+        seen = len(api.to("/games/g1"))
+        await run.signals.wait_for(lambda: len(api.to("/games/g1")) >= seen + 2)
+        after = [r for _, r in api.to("/games/g1")][seen:]
+        assert all(r.headers["if-none-match"] == '"v2"' for r in after)
+        assert all("if-modified-since" not in r.headers for r in after)
+        assert poller.handled == 2
         final.set()
         await manager.wait(lambda: "finished" in manager.statuses(order.task_id))
-        await manager.wait(lambda: len(manager.events) == 2)
+        await manager.wait(lambda: len(manager.events) == 3)
     assert manager.statuses(order.task_id) == ["running", "finished"]
 
 
