@@ -1,4 +1,4 @@
-# ruff: noqa: ASYNC230, ASYNC240
+# ruff: noqa: ASYNC240
 """PostgreSQL's side of `taskmgr bench lifecycle`: WAL bytes (pg_current_wal_lsn, the
 whole server's: anything else writing meanwhile is counted too), the database's
 transactions and rows written by table (pg_stat_database, pg_stat_user_tables: the
@@ -50,9 +50,8 @@ async def spent(conn: asyncpg.Connection, before: dict[str, Any], tasks: int) ->
     # Backends send their table counters at most once a second (and idle ones later).
     await conn.execute("select pg_stat_force_next_flush()")
     now = await counters(conn)
-    wal = int(
-        await conn.fetchval("select pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", now["lsn"], before["lsn"])
-    )
+    diff = "select pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)"
+    wal = int(await conn.fetchval(diff, now["lsn"], before["lsn"]))
     per = max(tasks, 1)
     rows: dict[str, dict[str, float]] = {}
     for name, vals in now["tables"].items():

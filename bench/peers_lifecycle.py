@@ -1,4 +1,4 @@
-# ruff: noqa: ASYNC230
+# ruff: noqa: ASYNC220, ASYNC230
 """The peers of `taskmgr bench lifecycle --vs taskiq,procrastinate`: the same life as far
 as their models allow: a job created at a steady rate (due at once), run by a worker
 process, one HTTP GET of the same box server, done; one job in ten defers a follow-on job
@@ -262,7 +262,8 @@ class Peer:
             await asyncio.sleep(2.0)
         _log(
             f"{self.name} {rate:.0f}/s: created {out['created_per_s']}/s, "
-            f"finished {out['finished_per_s']}/s, start p99 {out['lateness_started_ms']['p99']} ms, held {out['held']}"
+            f"finished {out['finished_per_s']}/s, start p99 {out['lateness_started_ms']['p99']} ms, "
+            f"held {out['held']}"
         )
         return out
 
