@@ -145,13 +145,13 @@ def figures(
     }
     for name, values in (extra_lags or {}).items():
         out[name] = _p(values)
-    out["held"] = bool(
-        tasks
-        and done == len(tasks)
-        and created["created"] >= HELD_CREATED_SHARE * rate * seconds
-        and out["lateness_started_ms"]["p99"] < P99_GOAL_MS
-        and out["lateness_first_poll_ms"]["p99"] < P99_GOAL_MS
-    )
+    # Held: every task of the window finished, the rate was created, and the p99 lateness
+    # to STARTED (the claim) is under 1 s. The first poll's lateness is reported beside it
+    # and judged apart: a runner delays each task's first tick by a random phase of up to
+    # 1 s (runners/poller.py START_SPREAD_S), so its p99 is about 1 s at any rate.
+    kept = bool(tasks and done == len(tasks) and created["created"] >= HELD_CREATED_SHARE * rate * seconds)
+    out["held"] = kept and out["lateness_started_ms"]["p99"] < P99_GOAL_MS
+    out["held_to_first_poll"] = kept and out["lateness_first_poll_ms"]["p99"] < P99_GOAL_MS
     return out
 
 
@@ -207,6 +207,7 @@ async def find_max(system: System, start: float, seconds: float, max_steps: int)
                 for k in (
                     "rate",
                     "held",
+                    "held_to_first_poll",
                     "created_per_s",
                     "finished_per_s",
                     "unfinished",
