@@ -381,7 +381,11 @@ def main() -> None:
     ap.add_argument("--dsn", required=True)
     ap.add_argument("--concurrency", type=int, default=20)
     args = ap.parse_args()
-    asyncio.run(procrastinate_worker(args.dsn, args.concurrency))
+    # Through the module's own name: the app then lives in bench.peers_lifecycle, not in
+    # __main__ (procrastinate warns about an app in the main module).
+    from bench.peers_lifecycle import procrastinate_worker as worker
+
+    asyncio.run(worker(args.dsn, args.concurrency))
 
 
 if __name__ == "__main__":
