@@ -45,6 +45,7 @@ import httpx
 from bench import lifecycle_pg, peer_env
 from bench._common import Procs, child_env, fresh_database, machine, new_prefix
 from bench.lifecycle_common import (
+    BACKLOG_S,
     FOLLOW_EVERY,
     CpuWindow,
     _log,
@@ -233,11 +234,14 @@ class TaskmgrLifecycle:
         if statements is not None:
             out["statements"] = statements
         if left:
-            # Still a backlog after the drain: later steps would inherit it.
-            await asyncio.sleep(0)
-            out["aborted"] = f"{left} tasks unfinished {DRAIN_S:.0f} s after the window"
-        else:
-            await asyncio.sleep(2.0)
+            # The step failed; its backlog must clear before the next step (not measured).
+            t1 = time.monotonic()
+            while (left := await self._unfinished()) and time.monotonic() - t1 < BACKLOG_S:
+                await asyncio.sleep(1.0)
+            out["backlog_cleared_after_s"] = None if left else round(DRAIN_S + time.monotonic() - t1, 1)
+            if left:
+                out["aborted"] = f"{left} tasks unfinished {DRAIN_S + BACKLOG_S:.0f} s after the window"
+        await asyncio.sleep(2.0)
         _log(
             f"taskmgr {rate:.0f}/s: created {out['created_per_s']}/s, finished {out['finished_per_s']}/s, "
             f"late STARTED p99 {out['lateness_started_ms']['p99']} ms, first poll p99 "

@@ -16,6 +16,8 @@ TICK_S = 0.1  # tasks are created in one batch per tick: rate x 0.1 at a time
 FOLLOW_EVERY = 10  # one task in ten has a follow-on
 P99_GOAL_MS = 1000.0
 HELD_CREATED_SHARE = 0.97  # a step holds its rate if it created at least this share of it
+# After a failed step, how long its backlog may take to clear before the next step.
+BACKLOG_S = 240.0
 
 
 def _log(msg: str) -> None:

@@ -39,6 +39,7 @@ import httpx
 from bench import lifecycle_pg
 from bench._common import ROOT, Procs, fresh_database, new_prefix
 from bench.lifecycle_common import (
+    BACKLOG_S,
     FOLLOW_EVERY,
     CpuWindow,
     _log,
@@ -257,9 +258,16 @@ class Peer:
             out["postgres"] = await lifecycle_pg.spent(self.pg, pg_before, finished_in_window)
         out["how"] = self.how
         if left:
-            out["aborted"] = f"{left} jobs unfinished {DRAIN_S:.0f} s after the window"
-        else:
-            await asyncio.sleep(2.0)
+            # The step failed; its backlog must clear before the next step (not measured).
+            t1 = time.monotonic()
+            while left and time.monotonic() - t1 < BACKLOG_S:
+                await asyncio.sleep(1.0)
+                self.read()
+                left = sum(1 for n in names if n not in self.jobs)
+            out["backlog_cleared_after_s"] = None if left else round(DRAIN_S + time.monotonic() - t1, 1)
+            if left:
+                out["aborted"] = f"{left} jobs unfinished {DRAIN_S + BACKLOG_S:.0f} s after the window"
+        await asyncio.sleep(2.0)
         _log(
             f"{self.name} {rate:.0f}/s: created {out['created_per_s']}/s, "
             f"finished {out['finished_per_s']}/s, start p99 {out['lateness_started_ms']['p99']} ms, "
