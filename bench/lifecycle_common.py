@@ -185,12 +185,12 @@ async def find_max(system: System, start: float, seconds: float, max_steps: int)
         fig = await system.step(rate, seconds)
         steps.append(fig)
         _log(f"{system.name} find-max: {rate:.0f}/s {'held' if fig['held'] else 'NOT held'}")
-        if fig.get("aborted"):
-            break
         if fig["held"]:
             lo = rate
         else:
-            hi = rate
+            hi = rate if hi is None else min(hi, rate)
+        if fig.get("aborted"):
+            break
         if hi is None:
             rate = lo * 2
         elif lo == 0:
