@@ -195,7 +195,9 @@ async def main(
 ) -> dict[str, Any]:
     seed = seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000)
     chosen = (
-        CLUSTER_KINDS if kinds.strip() == "all" else tuple(k.strip() for k in kinds.split(",") if k.strip())
+        CLUSTER_KINDS
+        if kinds.strip() == "all"
+        else tuple(k.strip() for k in kinds.split(",") if k.strip())
     )
     unknown = set(chosen) - set(CLUSTER_KINDS)
     if unknown:

@@ -91,7 +91,9 @@ def summarize(n: int, due: float, arrivals: list[tuple[str, int, float, float]])
     }
 
 
-async def run_taskmgr(settings: Settings, tasks: int, profile: str | None = None) -> dict[str, Any]:
+async def run_taskmgr(
+    settings: Settings, tasks: int, profile: str | None = None
+) -> dict[str, Any]:
     procs = Procs("dispatch")
     prefix = new_prefix()
     topo = broker.Topology(prefix)
@@ -141,7 +143,9 @@ async def run_taskmgr(settings: Settings, tasks: int, profile: str | None = None
         line = await asyncio.to_thread(receiver.stdout.readline)
         if line.strip() != b"ready":
             raise RuntimeError(f"receiver did not start: {line!r}")
-        manager_args = ["-m", "taskmgr.cli", "manager"]
+        manager_args = (
+            ["-m", "taskmgr.cli", "manager"]
+        )
         manager = procs.start(manager_args, env)
 
         async def leads() -> bool:
