@@ -8,7 +8,9 @@ compact JSON (~32 KB). With --etag the response has an ETag and a matching If-No
 gets 304. GET /_stats: {"requests": n, "not_modified": m, "close_repeats": r}, where
 `close_repeats` counts polls of a game less than --min-gap seconds after its previous
 poll (two pollers of one game: the fleet benchmark); GET /_polled?since=EPOCH: how many
-games were polled at or after that time. Prints "ready" when listening.
+games were polled at or after that time. For `taskmgr bench lifecycle`: GET /life/{name}
+answers a small JSON object and keeps the time of the first request for each name;
+GET /_life returns them ({name: epoch}). Prints "ready" when listening.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def app(etag: bool, min_gap: float = 0.0) -> web.Application:
     tag = '"bench-v1"'
     stats = {"requests": 0, "not_modified": 0, "bytes": len(body), "close_repeats": 0}
     last: dict[str, float] = {}  # game (the path's name) -> time of its last poll
+    first: dict[str, float] = {}  # /life/{name} -> time of its first request
+    small = b'{"ok":true}'
 
     async def box(request: web.Request) -> web.Response:
         stats["requests"] += 1
@@ -67,7 +71,17 @@ def app(etag: bool, min_gap: float = 0.0) -> web.Application:
         since = float(request.query.get("since", "0"))
         return web.json_response({"games": sum(t >= since for t in last.values())})
 
+    async def life(request: web.Request) -> web.Response:
+        stats["requests"] += 1
+        first.setdefault(request.match_info["name"], time.time())
+        return web.Response(body=small, content_type="application/json")
+
+    async def get_life(request: web.Request) -> web.Response:
+        return web.json_response(first)
+
     a = web.Application()
+    a.router.add_get("/life/{name}", life)
+    a.router.add_get("/_life", get_life)
     a.router.add_get("/_stats", get_stats)
     a.router.add_get("/_polled", polled)
     a.router.add_get("/nba/static/json/liveData/boxscore/{name}", box)

@@ -4,7 +4,8 @@
 #
 #   1. TimescaleDB: built from Debian trixie's *source* package (Apache-only edition)
 #      when the extension is missing; bookworm ships no TimescaleDB binary.
-#   2. PostgreSQL preloads timescaledb (restart only when the setting changes).
+#   2. PostgreSQL preloads timescaledb and pg_stat_statements (the statements per task of
+#      `taskmgr bench lifecycle --statements`); restart only when the setting changes.
 #   3. PostgreSQL and RabbitMQ are started when down.
 #   4. The database (TASKMGR_DB_NAME, default taskmgr) is created when missing.
 #   5. Prometheus (Debian's `prometheus` package: the server and promtool) for the tests
@@ -94,12 +95,14 @@ SRC
 }
 
 preload_timescaledb() {
-  local current
+  local current value lib
   current=$("${PSQL[@]}" -d postgres -c 'show shared_preload_libraries')
-  if [[ "$current" != *timescaledb* ]]; then
-    say "preloading timescaledb (shared_preload_libraries)"
-    local value="timescaledb"
-    [ -n "$current" ] && value="$current,timescaledb"
+  value=$current
+  for lib in timescaledb pg_stat_statements; do
+    [[ ",${value// /}," == *",$lib,"* ]] || value=${value:+$value,}$lib
+  done
+  if [ "$value" != "$current" ]; then
+    say "preloading $value (shared_preload_libraries)"
     "${PSQL[@]}" -d postgres -c "alter system set shared_preload_libraries = '$value'"
     restart_postgres
   fi

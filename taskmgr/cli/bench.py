@@ -12,6 +12,7 @@ import click
 from bench import api as api_bench
 from bench import chaos, chaos_cluster, dependencies, discovery, dispatch, fleet, footprint
 from bench import events as events_bench
+from bench import lifecycle as lifecycle_bench
 from bench import runner as runner_bench
 from bench import upkeep as upkeep_bench
 from taskmgr.cli.common import EXIT_FAILURE, BadInput, run, settings_of
@@ -41,6 +42,44 @@ _bench(
         click.Option(
             ["--profile"], default=None, help="Write a py-spy profile (collapsed stacks) of the manager here."
         ),
+    ],
+)
+_bench(
+    "lifecycle",
+    lifecycle_bench.main,
+    "Tasks created at a steady rate through their whole life (claimed, taken by runner processes, "
+    "RUNNING, one poll, FINISHED; a follow-on for one in ten): lateness, intake lag, CPU, WAL per task.",
+    [
+        click.Option(
+            ["--rate"],
+            type=click.FloatRange(1, 100_000),
+            default=1000.0,
+            show_default=True,
+            help="Tasks created per second (with --find-max: the first rate tried).",
+        ),
+        click.Option(
+            ["--minutes"],
+            type=click.FloatRange(0.05, 120),
+            default=1.0,
+            show_default=True,
+            help="How long each rate is held.",
+        ),
+        click.Option(
+            ["--find-max"],
+            is_flag=True,
+            help="Search the highest rate held (every task finished, p99 lateness under 1 s).",
+        ),
+        click.Option(["--vs"], default="", help="Peers measured after taskmgr: taskiq,procrastinate."),
+        click.Option(["--runners"], type=click.IntRange(1, 16), default=2, show_default=True),
+        click.Option(
+            ["--statements"],
+            is_flag=True,
+            help="Count the statements per task (pg_stat_statements, else the server log: slows it).",
+        ),
+        click.Option(
+            ["--profile"], default=None, help="A folder for py-spy profiles of the manager and runners."
+        ),
+        click.Option(["--max-steps"], type=click.IntRange(1, 30), default=8, show_default=True),
     ],
 )
 _bench(

@@ -14,6 +14,7 @@ import pytest
 
 from task_types.feed import Faults, FeedConfig, SimulatedDay
 from task_types.game import LiveGameHandler, game_url_template
+from task_types.noop import NoopHandler
 from task_types.period_score import PeriodScoreHandler
 from task_types.schedule import ScheduleHandler
 from task_types.stat_correction import StatCorrectionHandler
@@ -262,6 +263,20 @@ def test_registered() -> None:
     registry = Registry.default()  # through the taskmgr.handlers entry points
     for name in ("noop", "live_game", "period_score", "stat_correction", "schedule"):
         assert registry.get(name).name == name
+
+
+def test_noop_finishes_on_its_poll_with_the_follow_on_its_payload_names() -> None:
+    plain = NoopHandler().handle(ctx({"i": 1}), response({}))
+    assert plain.done and not plain.follow_ons and names_keys([plain]) == [("done", "done")]
+    then = {"type": "bench_life_next", "payload": {"i": "f1"}}
+    (follow_on,) = NoopHandler().handle(ctx({"i": 1, "then": then}), response({})).follow_ons
+    assert (follow_on.type, dict(follow_on.payload), follow_on.dedup_key) == (
+        "bench_life_next",
+        {"i": "f1"},
+        "then",
+    )
+    with pytest.raises(HandlerError, match="then"):
+        NoopHandler().handle(ctx({"then": "bench_life_next"}), response({}))
 
 
 # -- period_score -----------------------------------------------------------------------
