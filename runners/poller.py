@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 # Transient failures (timeouts, connection errors, 5xx, 429) back off exponentially from
 # the task's interval, up to this; a Retry-After is honoured up to the same cap.
 BACKOFF_CAP_S = 60.0
-# The first tick comes within this (or the interval, if shorter) of the start.
+# The first tick comes at once (a new game's first data is wanted now); the second comes an
+# interval later plus a random phase up to this (or the interval, if shorter), so that
+# orders started together do not all tick at the same instant ever after.
 START_SPREAD_S = 1.0
 # Tick drift samples kept for percentiles (the benchmark reads them).
 DRIFT_SAMPLES = 100_000
@@ -141,9 +143,10 @@ class Poller:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        # Orders arrive in batches; a small random phase keeps their ticks from all
-        # landing on the same instant every interval.
-        deadline = loop.time() + random.uniform(0, min(self.order.interval_s, START_SPREAD_S))
+        # Orders arrive in batches; a small random phase, taken after the first tick,
+        # keeps their ticks from all landing on the same instant every interval.
+        deadline = loop.time()
+        phase = random.uniform(0, min(self.order.interval_s, START_SPREAD_S))
         slot: float | None = None  # when the last tick was due (on the grid)
         backing_off = False
         try:
@@ -173,7 +176,8 @@ class Poller:
                 else:
                     # Keep to the grid (no drift); when more than an interval late, skip
                     # the missed slots rather than bursting to catch up.
-                    deadline += self._interval
+                    deadline += self._interval + phase
+                    phase = 0.0
                     late = now - deadline
                     if late > self._interval:
                         deadline += math.ceil(late / self._interval) * self._interval
