@@ -1,0 +1,57 @@
+"""A fleet of runners under load (issue 16 item 5): the leader keeps its lease while its
+publishes are slow, a runner busy taking work is not declared dead, and new start orders
+go to the least loaded runner. Real PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from manager.dispatch import RELAY_AFTER_S, Dispatcher
+from manager.leadership import Elector, FencedEngine
+from taskmgr.models import State
+from taskmgr.service import TaskService
+from taskmgr.settings import Settings
+from tests.helpers import Clock, SlowConfirms, drain, schedule, start_orders
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+
+async def test_the_lease_is_renewed_while_the_relay_waits_for_slow_confirms(
+    engine, service, settings: Settings, topology
+) -> None:  # type: ignore[no-untyped-def]
+    """The relay held its transaction (and with it the fence's share lock on the lease
+    row) open across the publish: the renewal, an update of that row, waited for the
+    broker's confirms and timed out, and on a slow cluster the leader lost its lease."""
+    clock = Clock(datetime.now(UTC))
+    elector = Elector(engine=engine, lease_s=2.0, name="taskmgr-leader-relay-1")
+    assert await elector.campaign()
+    fenced = FencedEngine(engine, elector)
+    await service.create_type({"name": "box", "handler": "noop"})
+    [tid] = await schedule(service, "box", 1, due_at=clock.now)
+    async with SlowConfirms(url=settings.amqp_url, topology=topology) as slow:
+        first = Dispatcher(
+            engine=fenced, publisher=slow, service=TaskService(engine=engine), settings=settings, clock=clock
+        )
+        poll = asyncio.create_task(first.poll_once())  # claimed, then stuck in its publish
+        async with asyncio.timeout(5):
+            while (await service.get_task(tid)).state is not State.STARTED:
+                await asyncio.sleep(0.02)
+        # Another leader's dispatcher (the first crashed, say): the order is in its outbox.
+        clock.advance(RELAY_AFTER_S + 1)
+        relay_of = Dispatcher(
+            engine=fenced, publisher=slow, service=TaskService(engine=engine), settings=settings, clock=clock
+        )
+        relay = asyncio.create_task(relay_of.relay_once())
+        try:
+            await asyncio.sleep(0.3)  # the relay waits for its confirm now
+            assert not relay.done()
+            await elector.renew()  # within lease / 4, or TimeoutError
+        finally:
+            slow.release.set()
+            assert await relay == 1
+            assert (await poll).published == 1
+    bodies = await drain(settings.amqp_url, topology.start_queue("default"), expect=2)
+    assert start_orders(bodies) == [(tid, 1), (tid, 1)]  # sent twice: harmless (DESIGN.md, 2)
