@@ -15,7 +15,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -34,7 +34,15 @@ from manager.upkeep import Upkeep
 from taskmgr import db, store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
 from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
-from taskmgr.messages import BadMessage, Stop, TypeChange, decode_cancel, decode_type_change, encode
+from taskmgr.messages import (
+    HEARTBEAT_HEADER,
+    BadMessage,
+    Stop,
+    TypeChange,
+    decode_cancel,
+    decode_type_change,
+    encode,
+)
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
@@ -44,6 +52,8 @@ INTAKE_BATCH = 500
 INTAKE_LINGER_S = 0.01
 PROGRESS_PREFETCH = 2000
 LOCK_CHECK_S = 1.0
+# Runners' heartbeat arrival times kept before the ones older than the dead bound are dropped.
+HEARD_MAX = 10_000
 
 
 async def leader_present(engine: AsyncEngine) -> bool:
@@ -88,6 +98,7 @@ class TaskManager:
             settings=settings,
             clock=clock,
             send_stop=lambda stop, runner_id, pool: self._send_stop(stop, runner_id=runner_id, pool=pool),
+            heard=lambda: self._heard,
         )
         self.upkeep = Upkeep(engine=fenced, settings=settings, clock=clock)
         self.retention = Retention.of_task_events(engine=fenced, settings=settings, clock=clock)
@@ -97,6 +108,10 @@ class TaskManager:
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        # runner id -> when its last heartbeat reached this leader (recovery's judge of
+        # liveness: the intake may apply it much later, behind a backlog of reports).
+        self._heard: dict[str, datetime] = {}
+        self._heartbeat_senders = settings.senders()["heartbeat"]
         self._signals = signals
 
     async def __aenter__(self) -> TaskManager:
@@ -149,7 +164,7 @@ class TaskManager:
         )
         try:
             async with consumer, asyncio.TaskGroup() as tg:
-                await consumer.consume_progress(self._inbox.put)
+                await consumer.consume_progress(self._receive)
                 scheduler.start()
                 # Leading from here: listening, consuming and scheduled (a cancel's
                 # NOTIFY before the LISTEN would be lost).
@@ -169,6 +184,19 @@ class TaskManager:
         finally:
             scheduler.shutdown(wait=False)
             self._drop_inbox()
+
+    async def _receive(self, message: Message) -> None:
+        """A progress message reached the leader: a heartbeat's arrival is noted at once
+        (by its header, from a runner user: RabbitMQ checks the user_id), then it joins
+        the intake's queue."""
+        runner_id = (message.headers or {}).get(HEARTBEAT_HEADER)
+        if isinstance(runner_id, str) and message.user_id in self._heartbeat_senders:
+            now = self._clock()
+            self._heard[runner_id] = now
+            if len(self._heard) > HEARD_MAX:  # runners gone long ago
+                cutoff = now - timedelta(seconds=self.settings.runner_dead_after)
+                self._heard = {r: at for r, at in self._heard.items() if at >= cutoff}
+        await self._inbox.put(message)
 
     def _drop_inbox(self) -> None:
         # Unacked messages return to the queue when the consumer's channel closes.

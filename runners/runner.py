@@ -40,6 +40,7 @@ from taskmgr.broker import BrokerError, Consumer, Publisher, Topology
 from taskmgr.handlers import HandlerError, Registry, UnknownHandler
 from taskmgr.logs import task_fields
 from taskmgr.messages import (
+    HEARTBEAT_HEADER,
     BadMessage,
     FollowOnOrder,
     Heartbeat,
@@ -65,6 +66,8 @@ RUNNER_GC_THRESHOLDS = (2_000, 10, 10)
 # A start message whose reports are not confirmed within this is requeued (the broker
 # redelivers it; the duplicate makes no second poller).
 START_CONFIRM_TIMEOUT_S = 30.0
+# Heartbeats published and not confirmed yet, at most (a broker that confirms nothing).
+MAX_UNCONFIRMED_HEARTBEATS = 3
 # Shutdown: time allowed to publish the handbacks and the last heartbeat.
 SHUTDOWN_PUBLISH_TIMEOUT_S = 4.0
 # (task, attempt)s that ended here, remembered so a late duplicate start does not
@@ -286,9 +289,10 @@ class TaskRunner:
     def _take(self, order: StartOrder) -> asyncio.Future[None] | None:
         """Register one order; the future resolves when its report is confirmed."""
         tid = order.task_id
-        if order.start_timeout_s is not None and (
-            datetime.now(UTC) - order.claimed_at
-        ).total_seconds() > order.start_timeout_s:
+        if (
+            order.start_timeout_s is not None
+            and (datetime.now(UTC) - order.claimed_at).total_seconds() > order.start_timeout_s
+        ):
             # Recovery has dispatched the task again by now: this order is stale.
             if self._signals is not None:
                 self._signals.stale_order.emit(order)
@@ -482,10 +486,21 @@ class TaskRunner:
         self._report(order, status, detail, follow_ons=follow_ons, sync=sync)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await self._send_heartbeat()
-            await self._adjust_prefetch()
-            await asyncio.sleep(self.settings.heartbeat_interval)
+        """A heartbeat every interval, whether or not the broker confirmed the one before:
+        waiting for that confirm held the next heartbeat back by as long as the confirm
+        took (up to the publish timeout), while the heartbeat had long reached the manager."""
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if len(pending) < MAX_UNCONFIRMED_HEARTBEATS:
+                    beat = asyncio.create_task(self._send_heartbeat())
+                    pending.add(beat)
+                    beat.add_done_callback(pending.discard)
+                await self._adjust_prefetch()
+                await asyncio.sleep(self.settings.heartbeat_interval)
+        finally:
+            for beat in pending:
+                beat.cancel()
 
     async def _send_heartbeat(self, *, stopping: bool = False) -> None:
         assert self._publisher is not None
@@ -499,7 +514,7 @@ class TaskRunner:
             stopping=stopping,
         )
         try:
-            await self._publisher.publish_progress(encode(beat))
+            await self._publisher.publish_progress(encode(beat), {HEARTBEAT_HEADER: self.runner_id})
         except BrokerError as exc:  # the connection reconnects by itself
             log.warning("runner %s: heartbeat not sent: %s", self.runner_id, exc)
             return

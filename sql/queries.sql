@@ -198,12 +198,14 @@ on conflict (id) do update set last_seen = excluded.last_seen, tasks = excluded.
 update runners set stopped_at = :now, last_seen = :now, tasks = 0 where id = :id;
 
 -- dead_runners --
--- Runners whose heartbeats stopped: marked dead once, returned once. Rows are locked in
+-- Runners whose heartbeats stopped: marked dead once, returned once. :heard lists the
+-- runners whose heartbeat reached the leader since :before, applied or not yet. Rows are locked in
 -- id order, as the intake locks them (runners rows first, by id; then task_state rows).
 update runners set dead = true
 where id in (
     select id from runners
     where not dead and stopped_at is null and last_seen < :before
+        and id <> all(cast(:heard as text[]))
     order by id
     for update
 )

@@ -399,8 +399,8 @@ class Publisher:
             )
         )
 
-    async def publish_progress(self, body: bytes) -> None:
-        await self._publish(self._ex["reports"], "", body)
+    async def publish_progress(self, body: bytes, headers: Mapping[str, Any] | None = None) -> None:
+        await self._publish(self._ex["reports"], "", body, headers=headers)
 
     async def publish_control(self, runner_id: str, body: bytes) -> None:
         await self._publish(self._ex["control"], runner_id, body)

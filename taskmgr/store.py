@@ -412,9 +412,11 @@ async def stop_runner(conn: Conn, runner_id: str, now: datetime) -> None:
     await _run(conn, "stop_runner", {"id": runner_id, "now": now})
 
 
-async def dead_runners(conn: Conn, before: datetime) -> dict[str, str]:
-    """Mark the runners silent since `before` dead; returns their ids and pools."""
-    return {r.id: r.pool for r in await _run(conn, "dead_runners", {"before": before})}
+async def dead_runners(conn: Conn, before: datetime, heard: Sequence[str] = ()) -> dict[str, str]:
+    """Mark the runners silent since `before` dead, but for those `heard` from since then
+    (a heartbeat received, not applied yet); returns their ids and pools."""
+    rows = await _run(conn, "dead_runners", {"before": before, "heard": list(heard)})
+    return {r.id: r.pool for r in rows}
 
 
 async def live_runners_by_pool(conn: Conn, since: datetime) -> dict[str, int]:

@@ -8,13 +8,17 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import text
 
+from manager.app import TaskManager
 from manager.dispatch import RELAY_AFTER_S, Dispatcher
 from manager.leadership import Elector, FencedEngine
+from runners import TaskRunner
+from taskmgr.handlers import Registry
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
-from tests.helpers import Clock, SlowConfirms, drain, schedule, start_orders
+from tests.helpers import Clock, SlowConfirms, drain, schedule, start_orders, wait_for
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -55,3 +59,49 @@ async def test_the_lease_is_renewed_while_the_relay_waits_for_slow_confirms(
             assert (await poll).published == 1
     bodies = await drain(settings.amqp_url, topology.start_queue("default"), expect=2)
     assert start_orders(bodies) == [(tid, 1), (tid, 1)]  # sent twice: harmless (DESIGN.md, 2)
+
+
+async def test_a_runner_is_judged_by_when_its_heartbeats_arrive_not_when_they_are_applied(
+    engine, service, settings: Settings, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The intake applies progress in order, in batches: behind a backlog of reports (a
+    runner taking over a dead one's tasks reports thousands RUNNING at once) a heartbeat
+    is written seconds after it arrived. Recovery read only the written time, and
+    declared the busy, live runners dead too (3 x 3,000 fleet run: 178 s hand-over)."""
+    slow_batch_s = settings.runner_dead_after + 0.5
+    stop = asyncio.Event()
+    async with (
+        TaskManager(settings=settings, engine=engine) as manager,
+        TaskRunner(settings=settings, registry=Registry.default(), runner_id="busy-runner") as runner,
+    ):
+        handle = manager.intake.handle_messages
+
+        async def behind_a_backlog(messages):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(slow_batch_s)
+            return await handle(messages)
+
+        monkeypatch.setattr(manager.intake, "handle_messages", behind_a_backlog)
+        declared_dead = 0
+        recover = manager.recovery.run_once
+
+        async def counting():  # type: ignore[no-untyped-def]
+            nonlocal declared_dead
+            counts = await recover()
+            declared_dead += counts.dead_runners
+            return counts
+
+        monkeypatch.setattr(manager.recovery, "run_once", counting)
+        runs = [asyncio.create_task(manager.run(stop)), asyncio.create_task(runner.run(stop))]
+        try:
+            await wait_for(lambda: seen(engine, "busy-runner"), timeout=15, what="a heartbeat applied")
+            await asyncio.sleep(2 * slow_batch_s + 1)  # several recovery runs meanwhile
+            assert declared_dead == 0
+        finally:
+            stop.set()
+            await asyncio.gather(*runs)
+
+
+async def seen(engine, runner_id: str) -> bool:  # type: ignore[no-untyped-def]
+    async with engine.connect() as conn:
+        row = (await conn.execute(text("select 1 from runners where id = :id"), {"id": runner_id})).first()
+    return row is not None
