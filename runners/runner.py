@@ -66,6 +66,9 @@ RUNNER_GC_THRESHOLDS = (2_000, 10, 10)
 # A start message whose reports are not confirmed within this is requeued (the broker
 # redelivers it; the duplicate makes no second poller).
 START_CONFIRM_TIMEOUT_S = 30.0
+# The start consumer's priority is its free room in this many steps (x-priority 0 full
+# .. PRIORITY_LEVELS empty): new orders go to the runners with the most room first.
+PRIORITY_LEVELS = 10
 # Heartbeats published and not confirmed yet, at most (a broker that confirms nothing).
 MAX_UNCONFIRMED_HEARTBEATS = 3
 # Shutdown: time allowed to publish the handbacks and the last heartbeat.
@@ -129,6 +132,8 @@ class TaskRunner:
         self._reports: ReportBuffer | None = None
         self._deps: PollerDeps | None = None
         self._prefetch: int | None = None
+        self._priority = PRIORITY_LEVELS  # the start consumer's: empty at first
+        self._adjusting = asyncio.Lock()  # one prefetch / priority change at a time
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -190,7 +195,7 @@ class TaskRunner:
                 await self._consumer.consume_control(
                     self.runner_id, self._on_control, pool=self.settings.pool
                 )
-                await self._consumer.consume_start(self.settings.pool, self._on_start)
+                await self._consumer.consume_start(self.settings.pool, self._on_start, self._priority)
                 log.info(
                     "runner %s: taking tasks from %s",
                     self.runner_id,
@@ -490,12 +495,21 @@ class TaskRunner:
         waiting for that confirm held the next heartbeat back by as long as the confirm
         took (up to the publish timeout), while the heartbeat had long reached the manager."""
         pending: set[asyncio.Task[None]] = set()
+        failed: list[BaseException] = []  # a bug in a heartbeat stops the runner loudly
+
+        def settled(beat: asyncio.Task[None]) -> None:
+            pending.discard(beat)
+            if not beat.cancelled() and beat.exception() is not None:
+                failed.append(beat.exception())  # type: ignore[arg-type]
+
         try:
             while True:
+                if failed:
+                    raise failed[0]
                 if len(pending) < MAX_UNCONFIRMED_HEARTBEATS:
                     beat = asyncio.create_task(self._send_heartbeat())
                     pending.add(beat)
-                    beat.add_done_callback(pending.discard)
+                    beat.add_done_callback(settled)
                 await self._adjust_prefetch()
                 await asyncio.sleep(self.settings.heartbeat_interval)
         finally:
@@ -523,19 +537,28 @@ class TaskRunner:
 
     async def _adjust_prefetch(self) -> None:
         """Unacked start messages follow free capacity, so a full runner does not hoard
-        orders that another runner could start now."""
+        orders that another runner could start now; and the start consumer's priority
+        follows it too (in PRIORITY_LEVELS steps), so that RabbitMQ gives new orders to
+        the runners with the most room first, round-robin only among equals (a loaded
+        runner with room left took its share of every dispatch before)."""
         assert self._consumer is not None
-        free = self.settings.concurrency - len(self._pollers)
-        want = max(1, min(self.settings.prefetch_messages, free // self.settings.orders_per_message))
-        if want != self._prefetch and not self._stopping:
+        if self._adjusting.locked():
+            return  # the change in progress, or the next beat, sees the room as it is then
+        async with self._adjusting:
+            free = max(0, self.settings.concurrency - len(self._pollers))
+            want = max(1, min(self.settings.prefetch_messages, free // self.settings.orders_per_message))
+            priority = free * PRIORITY_LEVELS // self.settings.concurrency
             try:
-                await self._consumer.set_prefetch(want, channel_wide=True)
+                if want != self._prefetch and not self._stopping:
+                    await self._consumer.set_prefetch(want, channel_wide=True)
+                    self._prefetch = want
+                    if self._signals is not None:
+                        self._signals.prefetch_set.emit(want)
+                if priority != self._priority and not self._stopping:
+                    await self._consumer.set_start_priority(priority)
+                    self._priority = priority
             except Exception as exc:  # a reconnecting channel: try on the next beat
-                log.warning("runner %s: set prefetch %d: %r", self.runner_id, want, exc)
-                return
-            self._prefetch = want
-            if self._signals is not None:
-                self._signals.prefetch_set.emit(want)
+                log.warning("runner %s: prefetch %d, priority %d: %r", self.runner_id, want, priority, exc)
 
 
 def _ignore(_poller: Poller) -> None:

@@ -5,8 +5,10 @@ go to the least loaded runner. Real PostgreSQL and RabbitMQ."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 from sqlalchemy import text
 
@@ -14,7 +16,11 @@ from manager.app import TaskManager
 from manager.dispatch import RELAY_AFTER_S, Dispatcher
 from manager.leadership import Elector, FencedEngine
 from runners import TaskRunner
+from runners.signals import RunnerSignals
+from task_types.noop import NoopHandler
+from taskmgr.broker import Publisher, Topology
 from taskmgr.handlers import Registry
+from taskmgr.messages import StartBatch, StartOrder, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
@@ -105,3 +111,81 @@ async def seen(engine, runner_id: str) -> bool:  # type: ignore[no-untyped-def]
     async with engine.connect() as conn:
         row = (await conn.execute(text("select 1 from runners where id = :id"), {"id": runner_id})).first()
     return row is not None
+
+
+def held_order() -> StartOrder:
+    """An order whose poller never finishes a tick (its API does not answer): it holds
+    its place on the runner for the test."""
+    tid, now = uuid.uuid4(), datetime.now(UTC)
+    return StartOrder(
+        task_id=tid,
+        attempt=1,
+        root_task_id=tid,
+        type="held",
+        handler="noop",
+        payload={},
+        url_template="http://hold.test/",
+        interval_s=60.0,
+        request_timeout_s=600.0,
+        max_consecutive_failures=3,
+        due_at=now,
+        claimed_at=now,
+    )
+
+
+@pytest.mark.parametrize("quorum", [False, True], ids=["classic", "quorum"])
+async def test_new_orders_go_to_the_least_loaded_runner(settings: Settings, quorum: bool) -> None:
+    """Two runners with room, one holding 60 of its 100 tasks already, one empty: the
+    empty one takes most of the next 30 orders (before: RabbitMQ's round-robin between
+    consumers with prefetch room, about half each)."""
+    small = settings.model_copy(
+        update={"concurrency": 100, "orders_per_message": 5, "prefetch_messages": 8, "quorum_queues": quorum}
+    )
+    topo = Topology.from_settings(small, stream=False)
+    never = asyncio.Event()
+
+    async def no_answer(request: httpx.Request) -> httpx.Response:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    def runner(name: str, signals: RunnerSignals) -> TaskRunner:
+        return TaskRunner(
+            settings=small,
+            registry=Registry([NoopHandler()]),
+            runner_id=name,
+            transport=httpx.MockTransport(no_answer),
+            signals=signals,
+        )
+
+    async def send(n: int) -> None:
+        for _ in range(n // small.orders_per_message):
+            orders = [held_order() for _ in range(small.orders_per_message)]
+            body = encode(StartBatch(orders=orders, sent_at=datetime.now(UTC)))
+            await pub.publish_start(small.pool, body, message_id=uuid.uuid4().hex)
+
+    stop = asyncio.Event()
+    loaded_sig, empty_sig = RunnerSignals(), RunnerSignals()
+    async with Publisher(url=small.amqp_url, topology=topo) as pub, runner("loaded", loaded_sig) as loaded:
+        runs = [asyncio.create_task(loaded.run(stop))]
+        try:
+            await loaded_sig.wait_for(lambda: loaded_sig.consuming.last)
+            await send(60)
+            await loaded_sig.wait_for(lambda: len(loaded_sig.pollers) >= 60)
+            async with runner("empty", empty_sig) as empty:
+                runs.append(asyncio.create_task(empty.run(stop)))
+                await empty_sig.wait_for(lambda: empty_sig.consuming.last)
+                await asyncio.sleep(2 * small.heartbeat_interval)  # the loaded one's priority is set
+                await send(30)
+                await wait_for(
+                    lambda: asyncio.sleep(0, len(loaded_sig.pollers) + len(empty_sig.pollers) >= 90),
+                    timeout=15,
+                    what="the 30 new orders taken",
+                )
+                took = len(empty_sig.pollers)
+                stop.set()
+                await asyncio.gather(*runs)
+        finally:
+            stop.set()
+            never.set()
+            await asyncio.gather(*runs, return_exceptions=True)
+    assert took >= 25, f"the empty runner took {took} of 30"
