@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager import metrics
 from manager.dispatch import Dispatcher
 from manager.intake import ProgressIntake
-from manager.leadership import Elector, FencedEngine, manager_server_settings
+from manager.leadership import Elector, FencedEngine, manager_server_settings, within
 from manager.lifecycle import LIFECYCLE_INTERVAL_S, LifecycleRelay
 from manager.recovery import Recovery, Retention
 from manager.signals import ManagerSignals
@@ -52,6 +52,8 @@ INTAKE_BATCH = 500
 INTAKE_LINGER_S = 0.01
 PROGRESS_PREFETCH = 2000
 LOCK_CHECK_S = 1.0
+# Stepping down waits this long for the leader's loops to unwind, then goes on without them.
+STEP_DOWN_S = 2.0
 # Runners' heartbeat arrival times kept before the ones older than the dead bound are dropped.
 HEARD_MAX = 10_000
 
@@ -141,7 +143,7 @@ class TaskManager:
                         on_type_change=self._on_type_change,
                     )
                     await self._lead(conn, stop)
-            except Exception as exc:  # includes the ExceptionGroup of the leader's TaskGroup
+            except Exception as exc:
                 # A lost lease, a PostgreSQL restart, the broker, or a failing loop ends
                 # this term; the manager campaigns again, as a standby would. It never
                 # exits on its own: only `stop` ends it.
@@ -151,38 +153,59 @@ class TaskManager:
                     self.is_leader.clear()
                     metrics.LEADER.set(0)
                     metrics.clear_leader_gauges()
-                    await self.elector.resign()  # a standby need not wait for the expiry
+                    with contextlib.suppress(Exception):  # a standby need not wait for the expiry
+                        await within(self.elector.resign(), 2)
                 if conn is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        await within(conn.close(), 2)
             await _wait(stop, self.settings.leader_retry)
 
     async def _lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        """Lead until `stop`, or until a loop ends (a lost lease: the renewal loop raises),
+        which raises its error. Stepping down is bounded: a loop that does not unwind
+        within STEP_DOWN_S (a database call cancelled mid-query waits for the server's
+        answer to the cancel) is left to finish on its own, and the term ends all the
+        same, so this manager campaigns again and a standby can take over."""
         scheduler = self._scheduler()
         consumer = Consumer(
             url=self.settings.amqp_url, topology=self.topology, prefetch=PROGRESS_PREFETCH, name=self.name
         )
+        tasks: list[asyncio.Task[Any]] = []
         try:
-            async with consumer, asyncio.TaskGroup() as tg:
-                await consumer.consume_progress(self._receive)
-                scheduler.start()
-                # Leading from here: listening, consuming and scheduled (a cancel's
-                # NOTIFY before the LISTEN would be lost).
-                log.info("%s leads", self.name)
-                self.is_leader.set()
-                metrics.LEADER.set(1)
-                stopper = tg.create_task(stop.wait())
-                loops = [
-                    tg.create_task(self._dispatch_loop(stop)),
-                    tg.create_task(self._intake_loop()),
-                    tg.create_task(self.elector.keep()),
-                    tg.create_task(self._watch_listener(conn)),
-                ]
-                await asyncio.wait([stopper, *loops], return_when=asyncio.FIRST_COMPLETED)
-                for t in [stopper, *loops]:
-                    t.cancel()
+            await consumer.__aenter__()
+            await consumer.consume_progress(self._receive)
+            scheduler.start()
+            # Leading from here: listening, consuming and scheduled (a cancel's
+            # NOTIFY before the LISTEN would be lost).
+            log.info("%s leads", self.name)
+            self.is_leader.set()
+            metrics.LEADER.set(1)
+            stopper = asyncio.create_task(stop.wait())
+            tasks = [
+                stopper,
+                asyncio.create_task(self._dispatch_loop(stop)),
+                asyncio.create_task(self._intake_loop()),
+                asyncio.create_task(self.elector.keep()),
+                asyncio.create_task(self._watch_listener(conn)),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
         finally:
             scheduler.shutdown(wait=False)
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                _, stuck = await asyncio.wait(tasks, timeout=STEP_DOWN_S)
+                if stuck:
+                    log.error(
+                        "%d of the leader's loops did not stop within %.0f s; the term ends without them",
+                        len(stuck),
+                        STEP_DOWN_S,
+                    )
+            with contextlib.suppress(Exception):
+                await within(consumer.__aexit__(None, None, None), STEP_DOWN_S)
             self._drop_inbox()
 
     async def _receive(self, message: Message) -> None:
@@ -208,7 +231,7 @@ class TaskManager:
         missed cancel or wake-up must not go unnoticed."""
         while True:
             await asyncio.sleep(LOCK_CHECK_S)
-            await db.ping(conn, LOCK_CHECK_S * 2)
+            await within(db.ping(conn, LOCK_CHECK_S * 2), LOCK_CHECK_S * 2)
 
     def _scheduler(self) -> AsyncIOScheduler:
         s = AsyncIOScheduler(timezone="UTC")

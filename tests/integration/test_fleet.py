@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from manager.app import TaskManager
 from manager.dispatch import RELAY_AFTER_S, Dispatcher
-from manager.leadership import Elector, FencedEngine
+from manager.leadership import Elector, FencedEngine, LeadershipLost
 from runners import TaskRunner
 from runners.signals import RunnerSignals
 from task_types.noop import NoopHandler
@@ -189,3 +189,47 @@ async def test_new_orders_go_to_the_least_loaded_runner(settings: Settings, quor
             never.set()
             await asyncio.gather(*runs, return_exceptions=True)
     assert took >= 25, f"the empty runner took {took} of 30"
+
+
+async def unwinding_slowly() -> None:
+    """An operation whose cancellation takes long to finish (a database call cancelled
+    mid-query on a starved server: asyncpg asks the server to cancel and waits)."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        await asyncio.sleep(30)
+        raise
+
+
+async def test_a_leader_whose_renewal_hangs_steps_down_by_its_own_clock(engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The renewal's own timeout waited for the cancelled renewal to unwind: on the
+    starved cluster the renewal loop hung, and the leader never noticed its lease had
+    gone (3 x 10,000 fleet run)."""
+    elector = Elector(engine=engine, lease_s=1.0, name="taskmgr-leader-hung-1")
+    assert await elector.campaign()
+    monkeypatch.setattr(elector, "renew", unwinding_slowly)
+    with pytest.raises(LeadershipLost):
+        async with asyncio.timeout(3):
+            await elector.keep()
+
+
+async def test_a_leader_steps_down_even_if_a_loop_does_not_unwind(
+    engine, settings: Settings, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Its lease lost, the leader cancels its loops; one that takes long to unwind (its
+    dispatch stuck in a cancelled database call) held the term open for good: no new
+    campaign, and the lease unrenewed (3 x 10,000 fleet run)."""
+    stop = asyncio.Event()
+    async with TaskManager(settings=settings.model_copy(update={"leader_lease": 1.0}), engine=engine) as m:
+        monkeypatch.setattr(m.dispatcher, "poll_once", unwinding_slowly)
+        run = asyncio.create_task(m.run(stop))
+        try:
+            await asyncio.wait_for(m.is_leader.wait(), 10)
+            async with engine.begin() as conn:  # taken over
+                await conn.execute(text("update taskmgr_leader set holder = 'taskmgr-leader-other-1'"))
+            async with asyncio.timeout(8):  # the lease (1 s), a renewal, STEP_DOWN_S (2 s)
+                while m.is_leader.is_set():
+                    await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(run, 10)
