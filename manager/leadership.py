@@ -4,13 +4,14 @@ on each of the leader's write transactions.
 Bound: a standby takes over at most TASKMGR_LEADER_LEASE + TASKMGR_LEADER_RETRY after
 the leader's last renewal, however the leader stopped (crash, freeze, partition), plus
 at most IDLE_IN_TRANSACTION_S when the leader froze inside a transaction that holds the
-lease row's share lock (PostgreSQL ends that session). With the defaults, 10 + 1 + 3 =
+lease row's key-share lock (PostgreSQL ends that session). With the defaults, 10 + 1 + 3 =
 14 s.
 
 Fencing: every transaction the leader's components begin goes through FencedEngine,
-which first checks, and share-locks, the lease row of the leader's term. A leader that
+which first checks, and key-share-locks, the lease row of the leader's term. A leader that
 wakes after its lease passed is refused (LeadershipLost) before it writes anything; a
-takeover waits for a transaction that checked a live lease to end.
+takeover (whose FOR UPDATE conflicts with that lock) waits for a transaction that checked
+a live lease to end, while the leader's own renewal (a plain update) never waits for one.
 """
 
 from __future__ import annotations

@@ -300,6 +300,12 @@ select taskmgr_drop_old_events(cast(:older_than as timestamptz));
 -- leader_present --
 select exists (select 1 from taskmgr_leader where expires_at > now()) as present;
 
+-- lock_lease --
+-- A campaign's first statement: FOR UPDATE, the one row lock that conflicts with the
+-- fence's FOR KEY SHARE, so a takeover waits for the write transactions that checked a
+-- live lease to end (the renewal, a plain update, does not: it never waits for them).
+select id from taskmgr_leader for update;
+
 -- campaign --
 -- Take the lease when there is none or it has expired: a new term. Returns the term, or
 -- nothing when another manager holds a live lease.
@@ -324,8 +330,12 @@ update taskmgr_leader set expires_at = now() where term = :term and holder = :ho
 
 -- fence --
 -- In each of the leader's write transactions: its term still holds a live lease. The
--- share lock makes a takeover (an update of this row) wait for the transaction to end.
-select term from taskmgr_leader where term = :term and holder = :holder and expires_at > now() for share;
+-- key-share lock makes a takeover (lock_lease: FOR UPDATE) wait for the transaction to
+-- end, and lets the leader's own renewal (an update of expires_at) go through meanwhile:
+-- with FOR SHARE the renewal waited for every long write of the leader (an intake batch
+-- on a starved server), and the leader lost its lease to its own work.
+select term from taskmgr_leader where term = :term and holder = :holder and expires_at > now()
+for key share;
 
 -- states_of --
 select task_id, state from task_state where task_id = any(cast(:ids as uuid[]));

@@ -478,16 +478,16 @@ class Consumer:
         await self.channel.set_qos(prefetch_count=max(1, prefetch), global_=channel_wide)
 
     async def set_start_priority(self, priority: int | None) -> None:
-        """Consume the start queues again with this priority (None: each its own). What was
-        delivered stays this channel's to ack (a cancel returns nothing), and deliveries
-        before the cancel-ok still reach the handler (aiormq drops the tag at cancel-ok)."""
+        """Consume the start queues again with this priority (None: each its own), the new
+        consumer before the old is cancelled (no gap). What the old one got stays the
+        channel's to ack, and deliveries before its cancel-ok still reach the handler."""
         for k, (queue, handler, tag, prio) in enumerate(self._starts):
             prio = prio if priority is None else priority
-            await queue.cancel(tag)
-            self._consumers.remove((queue, tag))
             new_tag = await queue.consume(handler, arguments={"x-priority": prio})
             self._consumers.append((queue, new_tag))
             self._starts[k] = (queue, handler, new_tag, prio)
+            await queue.cancel(tag)
+            self._consumers.remove((queue, tag))
 
     async def consume_start(self, pool: str, handler: Handler, priority: int = 0) -> None:
         """priority (x-priority): the broker delivers to the highest-priority consumers

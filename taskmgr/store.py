@@ -529,7 +529,9 @@ async def leader_present(conn: Conn) -> bool:
 
 
 async def campaign(conn: Conn, holder: str, lease_s: float) -> int | None:
-    """Take the leadership lease if none is live: the new term, or None."""
+    """Take the leadership lease if none is live: the new term, or None. Waits for the
+    write transactions that checked the lease (the fence) to end."""
+    await _run(conn, "lock_lease", {})
     return (await _run(conn, "campaign", {"holder": holder, "lease_s": lease_s})).scalar()  # type: ignore[no-any-return]
 
 
@@ -545,7 +547,7 @@ async def resign(conn: Conn, term: int, holder: str) -> None:
 
 async def fence(conn: Conn, term: int, holder: str) -> bool:
     """In a write transaction: whether this holder's `term` still holds a live lease
-    (share-locked until the transaction ends)."""
+    (key-share-locked until the transaction ends: a takeover waits for it)."""
     return (await _run(conn, "fence", {"term": term, "holder": holder})).first() is not None
 
 
