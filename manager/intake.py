@@ -497,11 +497,14 @@ class ProgressIntake:
         """Tasks we think the runner holds (RUNNING) that its heartbeats stopped listing
         two heartbeats apart (a final report may be in flight): read, not locked."""
         held = {t for t, _ in h.tasks}
+        for tid in [t for t in self._missing if t in held]:  # listed again
+            del self._missing[tid]
         out: list[uuid.UUID] = []
         grace = timedelta(seconds=2 * self._settings.heartbeat_interval)
-        for row in await store.runner_holdings(conn, h.runner_id):
+        # Only what the heartbeat does not list comes back (not the runner's every task).
+        for row in await store.runner_holdings(conn, h.runner_id, list(held)):
             tid = row["task_id"]
-            if tid in held or row["state"] != State.RUNNING or row["changed_at"] > h.at - grace:
+            if row["state"] != State.RUNNING or row["changed_at"] > h.at - grace:
                 self._missing.pop(tid, None)
                 continue
             since = self._missing.setdefault(tid, h.at)
@@ -515,20 +518,21 @@ class ProgressIntake:
         """Compare what the runner holds with what we think it holds (its runners row is
         recorded already): it is told to stop what is no longer its own; what it silently
         dropped (locked with the batch's other rows) is dispatched again."""
-        held = dict(h.tasks)
-        unread = [t for t in held if t not in batch.cur]
-        seen = await store.current_attempts(conn, unread) if unread else {}
+        # The tasks this batch locked are judged as the batch leaves them; the others (nearly
+        # all) by the database, which returns only those that are not the runner's.
+        unread = [(t, a) for t, a in h.tasks if t not in batch.cur]
+        not_ours = await store.not_held_by(conn, h.runner_id, unread) if unread else []
         for task_id, attempt in h.tasks:
-            c = batch.cur.get(task_id) or seen.get(task_id)
-            ours = (
-                c is not None
-                and c.attempt == attempt
+            c = batch.cur.get(task_id)
+            if c is not None and not (
+                c.attempt == attempt
                 and (c.state == State.STARTED or (c.state == State.RUNNING and c.runner_id == h.runner_id))
+            ):
+                not_ours.append((task_id, attempt))
+        for task_id, attempt in not_ours:
+            batch.stops.append(
+                (h.runner_id, Stop(task_id=task_id, attempt=attempt, reason="not this runner's attempt"))
             )
-            if not ours:
-                batch.stops.append(
-                    (h.runner_id, Stop(task_id=task_id, attempt=attempt, reason="not this runner's attempt"))
-                )
         lost = 0
         for tid in dropped:
             c = batch.cur.get(tid)

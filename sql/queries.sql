@@ -246,13 +246,20 @@ join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
 where s.task_id = any(cast(:ids as uuid[])) and s.state = 'RUNNING';
 
 -- runner_holdings --
--- What the manager thinks each runner holds (to compare with its heartbeat).
+-- What the manager thinks a runner holds that its heartbeat (:held) does not list. Only
+-- the differences leave the server: a heartbeat lists up to 10,000 tasks every 3 s.
 select s.task_id, s.attempt, s.state, s.changed_at from task_state s
-where s.state in ('STARTED', 'RUNNING') and s.runner_id = :runner_id;
+where s.state in ('STARTED', 'RUNNING') and s.runner_id = :runner_id
+    and s.task_id not in (select unnest(cast(:held as uuid[])));
 
--- current_attempts --
-select s.task_id, s.state, s.attempt, s.runner_id from task_state s
-where s.task_id = any(cast(:ids as uuid[]));
+-- not_held_by --
+-- Of the (task, attempt) pairs a runner's heartbeat lists, those that are not its own:
+-- an unknown task, another attempt, or a state in which the task is not this runner's.
+select u.task_id, u.attempt
+from unnest(cast(:ids as uuid[]), cast(:attempts as int[])) as u(task_id, attempt)
+left join task_state s on s.task_id = u.task_id
+where s.task_id is null or s.attempt <> u.attempt
+    or not (s.state = 'STARTED' or (s.state = 'RUNNING' and s.runner_id = :runner_id));
 
 -- start_timeouts --
 -- Sent start orders no runner took within their type's start timeout. Cost: the entries

@@ -28,7 +28,6 @@ from taskmgr.models import (
     State,
     StateChanges,
     Task,
-    TaskAttempt,
     TaskEvent,
     TaskType,
     TaskTypeFields,
@@ -440,13 +439,18 @@ async def runner_deaths(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
     return {r.task_id: r._mapping for r in await _run(conn, "runner_deaths", {"ids": list(ids)})}
 
 
-async def runner_holdings(conn: Conn, runner_id: str) -> list[Mapping[str, Any]]:
-    return [r._mapping for r in await _run(conn, "runner_holdings", {"runner_id": runner_id})]
+async def runner_holdings(conn: Conn, runner_id: str, held: Sequence[uuid.UUID]) -> list[Mapping[str, Any]]:
+    """What the manager thinks the runner holds that its heartbeat (`held`) does not list."""
+    rows = await _run(conn, "runner_holdings", {"runner_id": runner_id, "held": list(held)})
+    return [r._mapping for r in rows]
 
 
-async def current_attempts(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, TaskAttempt]:
-    rows = await _run(conn, "current_attempts", {"ids": list(ids)})
-    return {r.task_id: TaskAttempt(r.task_id, State(r.state), r.attempt, r.runner_id) for r in rows}
+async def not_held_by(
+    conn: Conn, runner_id: str, tasks: Sequence[tuple[uuid.UUID, int]]
+) -> list[tuple[uuid.UUID, int]]:
+    """Of the (task, attempt) pairs a runner's heartbeat lists, those not its own."""
+    params = {"runner_id": runner_id, "ids": [t for t, _ in tasks], "attempts": [a for _, a in tasks]}
+    return [(r.task_id, r.attempt) for r in await _run(conn, "not_held_by", params)]
 
 
 async def recoveries(
