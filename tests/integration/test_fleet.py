@@ -14,13 +14,14 @@ from sqlalchemy import text
 
 from manager.app import TaskManager
 from manager.dispatch import RELAY_AFTER_S, Dispatcher
+from manager.intake import STOP_RESEND_S, ProgressIntake
 from manager.leadership import Elector, FencedEngine, LeadershipLost
 from runners import TaskRunner
 from runners.signals import RunnerSignals
 from task_types.noop import NoopHandler
 from taskmgr.broker import Publisher, Topology
 from taskmgr.handlers import Registry
-from taskmgr.messages import StartBatch, StartOrder, encode
+from taskmgr.messages import Heartbeat, StartBatch, StartOrder, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
@@ -252,3 +253,22 @@ async def test_a_long_write_of_the_leader_does_not_hold_its_renewal_but_holds_a_
         await asyncio.sleep(0.5)
         assert not takeover.done(), "the takeover waits for the write in flight"
     assert await takeover
+
+
+async def test_a_stop_is_not_sent_again_at_every_heartbeat(engine, service, publisher, settings) -> None:  # type: ignore[no-untyped-def]
+    """A runner declared dead while busy still lists the tasks dispatched again elsewhere
+    in each heartbeat: a stop per task per heartbeat flooded a slow broker (35,000 in 5
+    minutes on the cluster). Once per STOP_RESEND_S now."""
+    clock = Clock(datetime.now(UTC))
+    await service.create_type({"name": "box", "handler": "noop"})
+    [tid] = await schedule(service, "box", 1, due_at=clock.now)
+    intake = ProgressIntake(engine=engine, publisher=publisher, settings=settings, clock=clock)
+    sent = []
+    for _ in range(3):
+        beat = Heartbeat(runner_id="r-old", pool="default", at=clock.now, tasks=[(tid, 3)])
+        sent.append(len((await intake.apply([beat])).stops))
+        clock.advance(settings.heartbeat_interval)
+    assert sent == [1, 0, 0]
+    clock.advance(STOP_RESEND_S)
+    beat = Heartbeat(runner_id="r-old", pool="default", at=clock.now, tasks=[(tid, 3)])
+    assert len((await intake.apply([beat])).stops) == 1, "sent again: the first may have been lost"
