@@ -19,9 +19,9 @@ from manager.leadership import Elector, FencedEngine, LeadershipLost
 from runners import TaskRunner
 from runners.signals import RunnerSignals
 from task_types.noop import NoopHandler
-from taskmgr.broker import Publisher, Topology
+from taskmgr.broker import Consumer, Publisher, Topology
 from taskmgr.handlers import Registry
-from taskmgr.messages import Heartbeat, StartBatch, StartOrder, encode
+from taskmgr.messages import HEARTBEAT_HEADER, Heartbeat, StartBatch, StartOrder, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
 from taskmgr.settings import Settings
@@ -272,3 +272,37 @@ async def test_a_stop_is_not_sent_again_at_every_heartbeat(engine, service, publ
     clock.advance(STOP_RESEND_S)
     beat = Heartbeat(runner_id="r-old", pool="default", at=clock.now, tasks=[(tid, 3)])
     assert len((await intake.apply([beat])).stops) == 1, "sent again: the first may have been lost"
+
+
+async def test_heartbeats_do_not_wait_behind_the_runners_other_publishes(settings: Settings) -> None:
+    """RabbitMQ's flow control holds a whole connection. The runner published its
+    heartbeats on the channel of its events and reports, so while thousands of first
+    polls' events were held back, so were the heartbeats, and the runner was declared
+    dead (3 x 3,000 on the cluster). Here that channel is held (its lock taken, as a
+    publish blocked by the broker holds it)."""
+    beats: list[str] = []
+    stop = asyncio.Event()
+
+    async def on_progress(message) -> None:  # type: ignore[no-untyped-def]
+        if HEARTBEAT_HEADER in (message.headers or {}):
+            beats.append(message.headers[HEARTBEAT_HEADER])
+        await message.ack()
+
+    topo = Topology.from_settings(settings, stream=False)
+    async with (
+        Publisher(url=settings.amqp_url, topology=topo),
+        Consumer(url=settings.amqp_url, topology=topo, prefetch=100, name="test-manager") as manager,
+        TaskRunner(settings=settings, registry=Registry([NoopHandler()]), runner_id="held") as runner,
+    ):
+        await manager.consume_progress(on_progress)
+        assert runner._publisher is not None
+        underlay = await runner._publisher.channel.get_underlay_channel()
+        async with underlay.lock:  # its events and reports go nowhere now
+            run = asyncio.create_task(runner.run(stop))
+            try:
+                await wait_for(lambda: asyncio.sleep(0, len(beats) >= 3), timeout=10, what="3 heartbeats")
+            finally:
+                stop.set()
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+    assert set(beats) == {"held"}
