@@ -63,18 +63,16 @@ log = logging.getLogger(__name__)
 # (2000, 10, 10) 218 ms at 272 MB; (10000, 10, 10) 35 ms but 406 MB of waiting garbage.
 RUNNER_GC_THRESHOLDS = (2_000, 10, 10)
 
-# A start message whose reports are not confirmed within this is requeued (the broker
-# redelivers it; the duplicate makes no second poller).
+# A start message whose reports are not confirmed within this is requeued (redelivered,
+# the duplicate makes no second poller).
 START_CONFIRM_TIMEOUT_S = 30.0
-# The start consumer's priority is its free room in this many steps (x-priority 0 full
-# .. PRIORITY_LEVELS empty): new orders go to the runners with the most room first.
+# The start consumer's x-priority: its free room in this many steps (0 full, 10 empty).
 PRIORITY_LEVELS = 10
 # Heartbeats published and not confirmed yet, at most (a broker that confirms nothing).
 MAX_UNCONFIRMED_HEARTBEATS = 3
 # Shutdown: time allowed to publish the handbacks and the last heartbeat.
 SHUTDOWN_PUBLISH_TIMEOUT_S = 4.0
-# (task, attempt)s that ended here, remembered so a late duplicate start does not
-# restart them.
+# (task, attempt)s that ended here, remembered: a late duplicate start restarts nothing.
 ENDED_MEMORY = 50_000
 
 
