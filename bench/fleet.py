@@ -22,7 +22,11 @@ until every game has been polled since t0; `close_repeats` = polls of a game wit
 an interval of its previous one, from t0 to the end of the hand-over plus one interval
 (a poller running twice). Then a new runner starts and --rebalance-tasks more tasks are
 scheduled: `rebalance` says how many of them the new, empty runner took (new dispatches
-go to runners by their free room: a runner's prefetch follows its free capacity).
+go to the runners with the most free room first: each runner's start consumer has a
+priority from its free room, runners/runner.py).
+
+Through the cluster harness: `eval "$(scripts/cluster env)"` first (TASKMGR_AMQP_URL and
+TASKMGR_DATABASE_URL then list the nodes; quorum queues follow from the node list).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager import metrics
 from manager.dispatch import Dispatcher
 from manager.intake import ProgressIntake
-from manager.leadership import Elector, FencedEngine, manager_server_settings
+from manager.leadership import Elector, FencedEngine, manager_server_settings, within
 from manager.lifecycle import LIFECYCLE_INTERVAL_S, LifecycleRelay
 from manager.recovery import Recovery, Retention
 from manager.signals import ManagerSignals
@@ -34,7 +34,15 @@ from manager.upkeep import Upkeep
 from taskmgr import db, store
 from taskmgr.broker import Consumer, Message, Publisher, Topology
 from taskmgr.jobs import JobContext, LeaderJob, LeaderJobs
-from taskmgr.messages import BadMessage, Stop, TypeChange, decode_cancel, decode_type_change, encode
+from taskmgr.messages import (
+    HEARTBEAT_HEADER,
+    BadMessage,
+    Stop,
+    TypeChange,
+    decode_cancel,
+    decode_type_change,
+    encode,
+)
 from taskmgr.service import TaskService, utcnow
 from taskmgr.settings import Settings
 
@@ -44,6 +52,10 @@ INTAKE_BATCH = 500
 INTAKE_LINGER_S = 0.01
 PROGRESS_PREFETCH = 2000
 LOCK_CHECK_S = 1.0
+# Stepping down waits this long for the leader's loops to unwind, then goes on without them.
+STEP_DOWN_S = 2.0
+# Runners' heartbeat arrival times kept before the ones older than the dead bound are dropped.
+HEARD_MAX = 10_000
 
 
 async def leader_present(engine: AsyncEngine) -> bool:
@@ -88,6 +100,7 @@ class TaskManager:
             settings=settings,
             clock=clock,
             send_stop=lambda stop, runner_id, pool: self._send_stop(stop, runner_id=runner_id, pool=pool),
+            heard=lambda: self._heard,
         )
         self.upkeep = Upkeep(engine=fenced, settings=settings, clock=clock)
         self.retention = Retention.of_task_events(engine=fenced, settings=settings, clock=clock)
@@ -97,6 +110,10 @@ class TaskManager:
         self.is_leader = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        # runner id -> when its last heartbeat reached this leader (recovery's judge of
+        # liveness: the intake may apply it much later, behind a backlog of reports).
+        self._heard: dict[str, datetime] = {}
+        self._heartbeat_senders = settings.senders()["heartbeat"]
         self._signals = signals
 
     async def __aenter__(self) -> TaskManager:
@@ -126,7 +143,7 @@ class TaskManager:
                         on_type_change=self._on_type_change,
                     )
                     await self._lead(conn, stop)
-            except Exception as exc:  # includes the ExceptionGroup of the leader's TaskGroup
+            except Exception as exc:
                 # A lost lease, a PostgreSQL restart, the broker, or a failing loop ends
                 # this term; the manager campaigns again, as a standby would. It never
                 # exits on its own: only `stop` ends it.
@@ -136,39 +153,73 @@ class TaskManager:
                     self.is_leader.clear()
                     metrics.LEADER.set(0)
                     metrics.clear_leader_gauges()
-                    await self.elector.resign()  # a standby need not wait for the expiry
+                    with contextlib.suppress(Exception):  # a standby need not wait for the expiry
+                        await within(self.elector.resign(), 2)
                 if conn is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        await within(conn.close(), 2)
             await _wait(stop, self.settings.leader_retry)
 
     async def _lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        """Lead until `stop`, or until a loop ends (a lost lease: the renewal loop raises),
+        which raises its error. Stepping down is bounded: a loop that does not unwind
+        within STEP_DOWN_S (a database call cancelled mid-query waits for the server's
+        answer to the cancel) is left to finish on its own, and the term ends all the
+        same, so this manager campaigns again and a standby can take over."""
         scheduler = self._scheduler()
         consumer = Consumer(
             url=self.settings.amqp_url, topology=self.topology, prefetch=PROGRESS_PREFETCH, name=self.name
         )
+        tasks: list[asyncio.Task[Any]] = []
         try:
-            async with consumer, asyncio.TaskGroup() as tg:
-                await consumer.consume_progress(self._inbox.put)
-                scheduler.start()
-                # Leading from here: listening, consuming and scheduled (a cancel's
-                # NOTIFY before the LISTEN would be lost).
-                log.info("%s leads", self.name)
-                self.is_leader.set()
-                metrics.LEADER.set(1)
-                stopper = tg.create_task(stop.wait())
-                loops = [
-                    tg.create_task(self._dispatch_loop(stop)),
-                    tg.create_task(self._intake_loop()),
-                    tg.create_task(self.elector.keep()),
-                    tg.create_task(self._watch_listener(conn)),
-                ]
-                await asyncio.wait([stopper, *loops], return_when=asyncio.FIRST_COMPLETED)
-                for t in [stopper, *loops]:
-                    t.cancel()
+            await consumer.__aenter__()
+            await consumer.consume_progress(self._receive)
+            scheduler.start()
+            # Leading from here: listening, consuming and scheduled (a cancel's
+            # NOTIFY before the LISTEN would be lost).
+            log.info("%s leads", self.name)
+            self.is_leader.set()
+            metrics.LEADER.set(1)
+            stopper = asyncio.create_task(stop.wait())
+            tasks = [
+                stopper,
+                asyncio.create_task(self._dispatch_loop(stop)),
+                asyncio.create_task(self._intake_loop()),
+                asyncio.create_task(self.elector.keep()),
+                asyncio.create_task(self._watch_listener(conn)),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
         finally:
             scheduler.shutdown(wait=False)
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                _, stuck = await asyncio.wait(tasks, timeout=STEP_DOWN_S)
+                if stuck:
+                    log.error(
+                        "%d of the leader's loops did not stop within %.0f s; the term ends without them",
+                        len(stuck),
+                        STEP_DOWN_S,
+                    )
+            with contextlib.suppress(Exception):
+                await within(consumer.__aexit__(None, None, None), STEP_DOWN_S)
             self._drop_inbox()
+
+    async def _receive(self, message: Message) -> None:
+        """A progress message reached the leader: a heartbeat's arrival is noted at once
+        (by its header, from a runner user: RabbitMQ checks the user_id), then it joins
+        the intake's queue."""
+        runner_id = (message.headers or {}).get(HEARTBEAT_HEADER)
+        if isinstance(runner_id, str) and message.user_id in self._heartbeat_senders:
+            now = self._clock()
+            self._heard[runner_id] = now
+            if len(self._heard) > HEARD_MAX:  # runners gone long ago
+                cutoff = now - timedelta(seconds=self.settings.runner_dead_after)
+                self._heard = {r: at for r, at in self._heard.items() if at >= cutoff}
+        await self._inbox.put(message)
 
     def _drop_inbox(self) -> None:
         # Unacked messages return to the queue when the consumer's channel closes.
@@ -180,7 +231,7 @@ class TaskManager:
         missed cancel or wake-up must not go unnoticed."""
         while True:
             await asyncio.sleep(LOCK_CHECK_S)
-            await db.ping(conn, LOCK_CHECK_S * 2)
+            await within(db.ping(conn, LOCK_CHECK_S * 2), LOCK_CHECK_S * 2)
 
     def _scheduler(self) -> AsyncIOScheduler:
         s = AsyncIOScheduler(timezone="UTC")

@@ -309,8 +309,16 @@ class Dispatcher:
         return None if at is None else max(0.0, (at - self._clock()).total_seconds())
 
     async def relay_once(self, counts: DispatchCounts | None = None) -> int:
-        """Send the start orders that a crash or a failed publish left unsent. The rows
-        stay locked during the publish, so two relays never send the same order."""
+        """Send the start orders that a crash or a failed publish left unsent.
+
+        The orders are read in one short transaction and published outside any, as a
+        poll's are (`_in_flight` keeps the next relay and the polls off them meanwhile),
+        then marked sent in another. A transaction held open across the publish kept the
+        lease row's share lock (the fence) and the tasks' row locks for as long as the
+        broker took to confirm (up to the publish timeout): the lease renewal, an update
+        of that row, waited behind it, and on a slow cluster the leader lost its lease to
+        its own relay. Two leaders overlapping may both send an order: a start message
+        delivered twice makes no second poller (DESIGN.md, invariant 2)."""
         counts = counts or DispatchCounts()
         now = self._clock()
         async with self._engine.begin() as conn:
@@ -322,9 +330,16 @@ class Dispatcher:
             if not ids:
                 return 0
             rows = await store.start_orders(conn, ids)
-            orders = [(r["pool"], _order(r, r["attempt"], r["changed_at"])) for r in rows]
+        orders = [(r["pool"], _order(r, r["attempt"], r["changed_at"])) for r in rows]
+        taken = {o.task_id for _, o in orders}
+        self._in_flight |= taken
+        try:
             sent = await self._publish(orders)
-            await store.mark_sent(conn, sent, self._clock())
+            if sent:
+                async with self._engine.begin() as conn:
+                    await store.mark_sent(conn, sent, self._clock())
+        finally:
+            self._in_flight -= taken
         counts.relayed += len(sent)
         if sent:
             log.info("relayed %d start orders from the outbox", len(sent))

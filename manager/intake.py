@@ -47,6 +47,10 @@ RUNNER_SERVICE = "runner"  # the runner's own result, kept beside the outside se
 # rejection up to 15-30 s.
 REJECT_BACKOFF_BASE_S = 1.0
 REJECT_BACKOFF_MAX_S = 30.0
+# A stop for a (runner, task, attempt) is sent again after this at the soonest, however
+# many heartbeats or stale reports ask for it meanwhile.
+STOP_RESEND_S = 30.0
+STOPS_REMEMBERED = 100_000
 
 
 @dataclass
@@ -107,6 +111,9 @@ class ProgressIntake:
         # Tasks a runner's heartbeat no longer listed, and since when: declared lost
         # only when still missing two heartbeats later (a final report may be in flight).
         self._missing: dict[uuid.UUID, datetime] = {}
+        # Stops sent lately, (runner, task, attempt) -> when: not sent again before
+        # STOP_RESEND_S (see _fresh_stops).
+        self._stops_sent: dict[tuple[str, uuid.UUID, int], datetime] = {}
 
     async def handle_messages(self, messages: Sequence[Message]) -> IntakeCounts:
         """Decode, apply in one transaction, then ack. A message that cannot be parsed
@@ -265,7 +272,28 @@ class ProgressIntake:
             metrics.PROGRESS.labels(kind).inc(n)
         counts.applied += sum(1 for t in recorded if t.applied)
         counts.stale += sum(1 for t in recorded if t.detail.get("stale"))
+        batch.stops = self._fresh_stops(batch.stops, now)
         return batch
+
+    def _fresh_stops(self, stops: list[tuple[str, Stop]], now: datetime) -> list[tuple[str, Stop]]:
+        """The stops not sent within STOP_RESEND_S. A runner lists its every task in each
+        heartbeat: one that still holds thousands of tasks dispatched again elsewhere
+        (it was declared dead while busy, or its stops are slow to arrive) had a stop
+        sent for each of them at every heartbeat, each publish waiting up to its timeout
+        while the next heartbeats added thousands more (35,000 in 5 minutes on the
+        cluster, the leader at 100% of a core and 2.6 GB). A stop that was lost goes
+        again after STOP_RESEND_S."""
+        since = now - timedelta(seconds=STOP_RESEND_S)
+        if len(self._stops_sent) > STOPS_REMEMBERED:
+            self._stops_sent = {k: at for k, at in self._stops_sent.items() if at >= since}
+        fresh = []
+        for rid, stop in stops:
+            key = (rid, stop.task_id, stop.attempt)
+            at = self._stops_sent.get(key)
+            if at is None or at < since:
+                self._stops_sent[key] = now
+                fresh.append((rid, stop))
+        return fresh
 
     # -- runner reports --------------------------------------------------------------
 
@@ -497,11 +525,14 @@ class ProgressIntake:
         """Tasks we think the runner holds (RUNNING) that its heartbeats stopped listing
         two heartbeats apart (a final report may be in flight): read, not locked."""
         held = {t for t, _ in h.tasks}
+        for tid in [t for t in self._missing if t in held]:  # listed again
+            del self._missing[tid]
         out: list[uuid.UUID] = []
         grace = timedelta(seconds=2 * self._settings.heartbeat_interval)
-        for row in await store.runner_holdings(conn, h.runner_id):
+        # Only what the heartbeat does not list comes back (not the runner's every task).
+        for row in await store.runner_holdings(conn, h.runner_id, list(held)):
             tid = row["task_id"]
-            if tid in held or row["state"] != State.RUNNING or row["changed_at"] > h.at - grace:
+            if row["state"] != State.RUNNING or row["changed_at"] > h.at - grace:
                 self._missing.pop(tid, None)
                 continue
             since = self._missing.setdefault(tid, h.at)
@@ -515,20 +546,21 @@ class ProgressIntake:
         """Compare what the runner holds with what we think it holds (its runners row is
         recorded already): it is told to stop what is no longer its own; what it silently
         dropped (locked with the batch's other rows) is dispatched again."""
-        held = dict(h.tasks)
-        unread = [t for t in held if t not in batch.cur]
-        seen = await store.current_attempts(conn, unread) if unread else {}
+        # The tasks this batch locked are judged as the batch leaves them; the others (nearly
+        # all) by the database, which returns only those that are not the runner's.
+        unread = [(t, a) for t, a in h.tasks if t not in batch.cur]
+        not_ours = await store.not_held_by(conn, h.runner_id, unread) if unread else []
         for task_id, attempt in h.tasks:
-            c = batch.cur.get(task_id) or seen.get(task_id)
-            ours = (
-                c is not None
-                and c.attempt == attempt
+            c = batch.cur.get(task_id)
+            if c is not None and not (
+                c.attempt == attempt
                 and (c.state == State.STARTED or (c.state == State.RUNNING and c.runner_id == h.runner_id))
+            ):
+                not_ours.append((task_id, attempt))
+        for task_id, attempt in not_ours:
+            batch.stops.append(
+                (h.runner_id, Stop(task_id=task_id, attempt=attempt, reason="not this runner's attempt"))
             )
-            if not ours:
-                batch.stops.append(
-                    (h.runner_id, Stop(task_id=task_id, attempt=attempt, reason="not this runner's attempt"))
-                )
         lost = 0
         for tid in dropped:
             c = batch.cur.get(tid)

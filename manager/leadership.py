@@ -4,13 +4,14 @@ on each of the leader's write transactions.
 Bound: a standby takes over at most TASKMGR_LEADER_LEASE + TASKMGR_LEADER_RETRY after
 the leader's last renewal, however the leader stopped (crash, freeze, partition), plus
 at most IDLE_IN_TRANSACTION_S when the leader froze inside a transaction that holds the
-lease row's share lock (PostgreSQL ends that session). With the defaults, 10 + 1 + 3 =
+lease row's key-share lock (PostgreSQL ends that session). With the defaults, 10 + 1 + 3 =
 14 s.
 
 Fencing: every transaction the leader's components begin goes through FencedEngine,
-which first checks, and share-locks, the lease row of the leader's term. A leader that
+which first checks, and key-share-locks, the lease row of the leader's term. A leader that
 wakes after its lease passed is refused (LeadershipLost) before it writes anything; a
-takeover waits for a transaction that checked a live lease to end.
+takeover (whose FOR UPDATE conflicts with that lock) waits for a transaction that checked
+a live lease to end, while the leader's own renewal (a plain update) never waits for one.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -30,6 +31,8 @@ from taskmgr import store
 from taskmgr.errors import TaskmgrError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The leader's connections end a transaction left idle this long (a process frozen
 # mid-transaction must not hold the lease row's lock, or task rows, for long).
@@ -90,11 +93,14 @@ class Elector:
 
     async def keep(self) -> None:
         """Renew until the lease is lost (raises LeadershipLost); a failed renewal is
-        tried again until the lease would have run out."""
+        tried again until the lease would have run out. Each renewal is bounded by
+        `within`, not by its own timeout alone, which waits for the cancelled renewal to
+        unwind: on a starved cluster that took 30 s once, and then for good, and the
+        leader, its lease long gone, never stepped down (3 x 10,000 fleet run)."""
         while True:
             await asyncio.sleep(self.lease_s / RENEWALS_PER_LEASE)
             try:
-                await self.renew()
+                await within(self.renew(), self.lease_s / RENEWALS_PER_LEASE)
             except LeadershipLost:
                 raise
             except Exception as exc:
@@ -114,6 +120,31 @@ class Elector:
             raise LeadershipLost(f"{self.name} does not hold a live lease")
         if not await store.fence(conn, self.term, self.name):
             raise LeadershipLost(f"term {self.term} no longer holds the lease")
+
+
+async def within(aw: Awaitable[T], timeout: float) -> T:
+    """`aw`'s result, or TimeoutError after `timeout` seconds, then without waiting for
+    it to unwind (it is cancelled and left to finish on its own). asyncio.timeout and
+    wait_for wait for the cancelled operation to end, and a database call cancelled
+    mid-query (asyncpg asks the server to cancel and waits for the answer) or a
+    connection closed through a starved server can take far longer than a lease."""
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    raise TimeoutError(f"no answer within {timeout:.1f} s")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """An abandoned operation's outcome, read so that asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 class FencedEngine(AsyncEngine):

@@ -4,7 +4,7 @@ stopped, start orders nobody took, tasks past their type's max_runtime_s. Also r
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -62,9 +62,14 @@ class Recovery:
         settings: Settings,
         clock: Callable[[], datetime] = utcnow,
         send_stop: StopSender | None = None,
+        heard: Callable[[], Mapping[str, datetime]] | None = None,
     ) -> None:
         """send_stop: how an expired task's runner is told to stop (None: not told; its
-        next report is stale and answered with a stop by the intake)."""
+        next report is stale and answered with a stop by the intake). heard: when each
+        runner's last heartbeat reached the leader (TaskManager), applied or not: a
+        runner is judged by when its heartbeat arrived, not by when the intake, behind
+        a backlog of reports, got to write it."""
+        self._heard = heard
         self._engine = engine
         self._settings = settings
         self._clock = clock
@@ -76,7 +81,9 @@ class Recovery:
         async with self._engine.begin() as conn:
             # Lock order, as the intake's: runners rows (by id), then task_state rows (by
             # id); a runner returning while declared dead cannot deadlock the two.
-            dead = await store.dead_runners(conn, now - timedelta(seconds=self._settings.runner_dead_after))
+            since = now - timedelta(seconds=self._settings.runner_dead_after)
+            heard = [r for r, at in (self._heard() if self._heard else {}).items() if at >= since]
+            dead = await store.dead_runners(conn, since, heard)
             counts.dead_runners = len(dead)
             for pool in dead.values():
                 metrics.RUNNERS_DEAD.labels(pool).inc()

@@ -40,6 +40,7 @@ from taskmgr.broker import BrokerError, Consumer, Publisher, Topology
 from taskmgr.handlers import HandlerError, Registry, UnknownHandler
 from taskmgr.logs import task_fields
 from taskmgr.messages import (
+    HEARTBEAT_HEADER,
     BadMessage,
     FollowOnOrder,
     Heartbeat,
@@ -62,13 +63,16 @@ log = logging.getLogger(__name__)
 # (2000, 10, 10) 218 ms at 272 MB; (10000, 10, 10) 35 ms but 406 MB of waiting garbage.
 RUNNER_GC_THRESHOLDS = (2_000, 10, 10)
 
-# A start message whose reports are not confirmed within this is requeued (the broker
-# redelivers it; the duplicate makes no second poller).
+# A start message whose reports are not confirmed within this is requeued (redelivered,
+# the duplicate makes no second poller).
 START_CONFIRM_TIMEOUT_S = 30.0
+# The start consumer's x-priority: its free room in this many steps (0 full, 10 empty).
+PRIORITY_LEVELS = 10
+# Heartbeats published and not confirmed yet, at most (a broker that confirms nothing).
+MAX_UNCONFIRMED_HEARTBEATS = 3
 # Shutdown: time allowed to publish the handbacks and the last heartbeat.
 SHUTDOWN_PUBLISH_TIMEOUT_S = 4.0
-# (task, attempt)s that ended here, remembered so a late duplicate start does not
-# restart them.
+# (task, attempt)s that ended here, remembered: a late duplicate start restarts nothing.
 ENDED_MEMORY = 50_000
 
 
@@ -122,10 +126,13 @@ class TaskRunner:
         self._signals = signals
         self._stack: AsyncExitStack | None = None
         self._publisher: Publisher | None = None
+        self._beats: Publisher | None = None  # heartbeats, on a connection of their own
         self._consumer: Consumer | None = None
         self._reports: ReportBuffer | None = None
         self._deps: PollerDeps | None = None
         self._prefetch: int | None = None
+        self._priority = PRIORITY_LEVELS  # the start consumer's: empty at first
+        self._adjusting = asyncio.Lock()  # one prefetch / priority change at a time
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -137,6 +144,12 @@ class TaskRunner:
             self._publisher = await stack.enter_async_context(
                 # The manager declares the exchanges; a runner's user may only use them.
                 Publisher(url=s.amqp_url, topology=self.topology, name=name, declare=False)
+            )
+            # Heartbeats on a connection of their own: RabbitMQ's flow control holds a whole
+            # connection, and they must not wait behind the events and reports of thousands
+            # of first polls (3 x 3,000 on the cluster: none arrived for 15 s meanwhile).
+            self._beats = await stack.enter_async_context(
+                Publisher(url=s.amqp_url, topology=self.topology, name=f"{name}-beat", declare=False)
             )
             self._consumer = await stack.enter_async_context(
                 Consumer(
@@ -187,7 +200,7 @@ class TaskRunner:
                 await self._consumer.consume_control(
                     self.runner_id, self._on_control, pool=self.settings.pool
                 )
-                await self._consumer.consume_start(self.settings.pool, self._on_start)
+                await self._consumer.consume_start(self.settings.pool, self._on_start, self._priority)
                 log.info(
                     "runner %s: taking tasks from %s",
                     self.runner_id,
@@ -483,13 +496,33 @@ class TaskRunner:
         self._report(order, status, detail, follow_ons=follow_ons, sync=sync)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await self._send_heartbeat()
-            await self._adjust_prefetch()
-            await asyncio.sleep(self.settings.heartbeat_interval)
+        """A heartbeat every interval, whether or not the broker confirmed the one before:
+        waiting for that confirm held the next heartbeat back by as long as the confirm
+        took (up to the publish timeout), while the heartbeat had long reached the manager."""
+        pending: set[asyncio.Task[None]] = set()
+        failed: list[BaseException] = []  # a bug in a heartbeat stops the runner loudly
+
+        def settled(beat: asyncio.Task[None]) -> None:
+            pending.discard(beat)
+            if not beat.cancelled() and beat.exception() is not None:
+                failed.append(beat.exception())  # type: ignore[arg-type]
+
+        try:
+            while True:
+                if failed:
+                    raise failed[0]
+                if len(pending) < MAX_UNCONFIRMED_HEARTBEATS:
+                    beat = asyncio.create_task(self._send_heartbeat())
+                    pending.add(beat)
+                    beat.add_done_callback(settled)
+                await self._adjust_prefetch()
+                await asyncio.sleep(self.settings.heartbeat_interval)
+        finally:
+            for beat in pending:
+                beat.cancel()
 
     async def _send_heartbeat(self, *, stopping: bool = False) -> None:
-        assert self._publisher is not None
+        assert self._beats is not None
         beat = Heartbeat(
             runner_id=self.runner_id,
             pool=self.settings.pool,
@@ -500,7 +533,7 @@ class TaskRunner:
             stopping=stopping,
         )
         try:
-            await self._publisher.publish_progress(encode(beat))
+            await self._beats.publish_progress(encode(beat), {HEARTBEAT_HEADER: self.runner_id})
         except BrokerError as exc:  # the connection reconnects by itself
             log.warning("runner %s: heartbeat not sent: %s", self.runner_id, exc)
             return
@@ -509,19 +542,28 @@ class TaskRunner:
 
     async def _adjust_prefetch(self) -> None:
         """Unacked start messages follow free capacity, so a full runner does not hoard
-        orders that another runner could start now."""
+        orders that another runner could start now; and the start consumer's priority
+        follows it too (in PRIORITY_LEVELS steps), so that RabbitMQ gives new orders to
+        the runners with the most room first, round-robin only among equals (a loaded
+        runner with room left took its share of every dispatch before)."""
         assert self._consumer is not None
-        free = self.settings.concurrency - len(self._pollers)
-        want = max(1, min(self.settings.prefetch_messages, free // self.settings.orders_per_message))
-        if want != self._prefetch and not self._stopping:
+        if self._adjusting.locked():
+            return  # the change in progress, or the next beat, sees the room as it is then
+        async with self._adjusting:
+            free = max(0, self.settings.concurrency - len(self._pollers))
+            want = max(1, min(self.settings.prefetch_messages, free // self.settings.orders_per_message))
+            priority = free * PRIORITY_LEVELS // self.settings.concurrency
             try:
-                await self._consumer.set_prefetch(want, channel_wide=True)
+                if want != self._prefetch and not self._stopping:
+                    await self._consumer.set_prefetch(want, channel_wide=True)
+                    self._prefetch = want
+                    if self._signals is not None:
+                        self._signals.prefetch_set.emit(want)
+                if priority != self._priority and not self._stopping:
+                    await self._consumer.set_start_priority(priority)
+                    self._priority = priority
             except Exception as exc:  # a reconnecting channel: try on the next beat
-                log.warning("runner %s: set prefetch %d: %r", self.runner_id, want, exc)
-                return
-            self._prefetch = want
-            if self._signals is not None:
-                self._signals.prefetch_set.emit(want)
+                log.warning("runner %s: prefetch %d, priority %d: %r", self.runner_id, want, priority, exc)
 
 
 def _ignore(_poller: Poller) -> None:

@@ -198,12 +198,14 @@ on conflict (id) do update set last_seen = excluded.last_seen, tasks = excluded.
 update runners set stopped_at = :now, last_seen = :now, tasks = 0 where id = :id;
 
 -- dead_runners --
--- Runners whose heartbeats stopped: marked dead once, returned once. Rows are locked in
+-- Runners whose heartbeats stopped: marked dead once, returned once. :heard lists the
+-- runners whose heartbeat reached the leader since :before, applied or not yet. Rows are locked in
 -- id order, as the intake locks them (runners rows first, by id; then task_state rows).
 update runners set dead = true
 where id in (
     select id from runners
     where not dead and stopped_at is null and last_seen < :before
+        and id <> all(cast(:heard as text[]))
     order by id
     for update
 )
@@ -244,13 +246,20 @@ join tasks t on t.id = s.task_id join task_types tt on tt.name = t.type
 where s.task_id = any(cast(:ids as uuid[])) and s.state = 'RUNNING';
 
 -- runner_holdings --
--- What the manager thinks each runner holds (to compare with its heartbeat).
+-- What the manager thinks a runner holds that its heartbeat (:held) does not list. Only
+-- the differences leave the server: a heartbeat lists up to 10,000 tasks every 3 s.
 select s.task_id, s.attempt, s.state, s.changed_at from task_state s
-where s.state in ('STARTED', 'RUNNING') and s.runner_id = :runner_id;
+where s.state in ('STARTED', 'RUNNING') and s.runner_id = :runner_id
+    and s.task_id not in (select unnest(cast(:held as uuid[])));
 
--- current_attempts --
-select s.task_id, s.state, s.attempt, s.runner_id from task_state s
-where s.task_id = any(cast(:ids as uuid[]));
+-- not_held_by --
+-- Of the (task, attempt) pairs a runner's heartbeat lists, those that are not its own:
+-- an unknown task, another attempt, or a state in which the task is not this runner's.
+select u.task_id, u.attempt
+from unnest(cast(:ids as uuid[]), cast(:attempts as int[])) as u(task_id, attempt)
+left join task_state s on s.task_id = u.task_id
+where s.task_id is null or s.attempt <> u.attempt
+    or not (s.state = 'STARTED' or (s.state = 'RUNNING' and s.runner_id = :runner_id));
 
 -- start_timeouts --
 -- Sent start orders no runner took within their type's start timeout. Cost: the entries
@@ -298,6 +307,12 @@ select taskmgr_drop_old_events(cast(:older_than as timestamptz));
 -- leader_present --
 select exists (select 1 from taskmgr_leader where expires_at > now()) as present;
 
+-- lock_lease --
+-- A campaign's first statement: FOR UPDATE, the one row lock that conflicts with the
+-- fence's FOR KEY SHARE, so a takeover waits for the write transactions that checked a
+-- live lease to end (the renewal, a plain update, does not: it never waits for them).
+select id from taskmgr_leader for update;
+
 -- campaign --
 -- Take the lease when there is none or it has expired: a new term. Returns the term, or
 -- nothing when another manager holds a live lease.
@@ -322,8 +337,12 @@ update taskmgr_leader set expires_at = now() where term = :term and holder = :ho
 
 -- fence --
 -- In each of the leader's write transactions: its term still holds a live lease. The
--- share lock makes a takeover (an update of this row) wait for the transaction to end.
-select term from taskmgr_leader where term = :term and holder = :holder and expires_at > now() for share;
+-- key-share lock makes a takeover (lock_lease: FOR UPDATE) wait for the transaction to
+-- end, and lets the leader's own renewal (an update of expires_at) go through meanwhile:
+-- with FOR SHARE the renewal waited for every long write of the leader (an intake batch
+-- on a starved server), and the leader lost its lease to its own work.
+select term from taskmgr_leader where term = :term and holder = :holder and expires_at > now()
+for key share;
 
 -- states_of --
 select task_id, state from task_state where task_id = any(cast(:ids as uuid[]));

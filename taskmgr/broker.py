@@ -63,12 +63,10 @@ class Topology:
     (runners -> downstream services), `dlx` (dead letters)."""
 
     prefix: str = "taskmgr"
-    # Set (the manager's, the recorder's): declaring the topology also declares the events
-    # stream and the recorder's queue, both bound to the events exchange.
+    # Set (the manager's, the recorder's): the events stream and recorder's queue are declared too.
     stream: StreamRetention | None = None
-    # Quorum queues (a RabbitMQ cluster): the start, progress, control, dead and recorder
-    # queues are replicated Raft queues; a message delivered `delivery_limit` times
-    # without an ack goes to the dead-letter exchange (poison that kills its consumer).
+    # Quorum queues (a cluster): the start, progress, control, dead and recorder queues are
+    # Raft queues; a message delivered `delivery_limit` times unacked is dead-lettered.
     quorum: bool = False
     delivery_limit: int = 10
 
@@ -175,8 +173,7 @@ Message = AbstractIncomingMessage
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
-# A component whose user may not declare the topology (a runner) waits this long for the
-# manager to have declared it, checking every TOPOLOGY_RETRY_S.
+# A component whose user may not declare the topology (a runner) waits this long for it.
 TOPOLOGY_WAIT_S = 120.0
 TOPOLOGY_RETRY_S = 0.5
 
@@ -399,8 +396,8 @@ class Publisher:
             )
         )
 
-    async def publish_progress(self, body: bytes) -> None:
-        await self._publish(self._ex["reports"], "", body)
+    async def publish_progress(self, body: bytes, headers: Mapping[str, Any] | None = None) -> None:
+        await self._publish(self._ex["reports"], "", body, headers=headers)
 
     async def publish_control(self, runner_id: str, body: bytes) -> None:
         await self._publish(self._ex["control"], runner_id, body)
@@ -448,7 +445,7 @@ class Consumer:
         self._channel: AbstractRobustChannel | None = None
         self._control_channel: AbstractRobustChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
-        self._starts: list[tuple[AbstractQueue, Handler, str]] = []  # (queue, handler, consumer tag)
+        self._starts: list[tuple[AbstractQueue, Handler, str, int]] = []  # queue, handler, tag, priority
 
     async def __aenter__(self) -> Consumer:
         self._conn = await robust_connect(self._url, f"{self._name}-consume")
@@ -471,32 +468,37 @@ class Consumer:
         return self._channel
 
     async def set_prefetch(self, prefetch: int, *, channel_wide: bool = False) -> None:
-        """`channel_wide`: one limit for all of this channel's consumers, effective at
-        once (RabbitMQ applies a per-consumer limit only to consumers started later).
-
-        Quorum queues have no channel-wide limit (RabbitMQ closes the connection that
-        asks): the per-consumer limit is set and this channel's start consumers start
-        again under it. Their deliveries so far stay theirs to ack: a cancel returns
-        nothing, and deliveries before its cancel-ok still reach the handler."""
+        """`channel_wide`: one limit for the channel's consumers, at once (a per-consumer
+        limit applies only to consumers started later). Quorum queues have none (RabbitMQ
+        closes the connection that asks): the start consumers start again under a
+        per-consumer limit."""
         if channel_wide and self.topology.quorum:
             await self.channel.set_qos(prefetch_count=max(1, prefetch))
-            for k, (queue, handler, tag) in enumerate(self._starts):
-                await queue.cancel(tag)
-                self._consumers.remove((queue, tag))
-                new_tag = await queue.consume(handler)
-                self._consumers.append((queue, new_tag))
-                self._starts[k] = (queue, handler, new_tag)
-            return
+            return await self.set_start_priority(None)
         await self.channel.set_qos(prefetch_count=max(1, prefetch), global_=channel_wide)
 
-    async def consume_start(self, pool: str, handler: Handler) -> None:
+    async def set_start_priority(self, priority: int | None) -> None:
+        """Consume the start queues again with this priority (None: each its own), the new
+        consumer before the old is cancelled (no gap). What the old one got stays the
+        channel's to ack, and deliveries before its cancel-ok still reach the handler."""
+        for k, (queue, handler, tag, prio) in enumerate(self._starts):
+            prio = prio if priority is None else priority
+            new_tag = await queue.consume(handler, arguments={"x-priority": prio})
+            self._consumers.append((queue, new_tag))
+            self._starts[k] = (queue, handler, new_tag, prio)
+            await queue.cancel(tag)
+            self._consumers.remove((queue, tag))
+
+    async def consume_start(self, pool: str, handler: Handler, priority: int = 0) -> None:
+        """priority (x-priority): the broker delivers to the highest-priority consumers
+        with prefetch room, round-robin among them (classic and quorum queues alike)."""
         assert self._conn is not None
         queue = await declare_durable(
             self._conn, self.channel, self.topology.start_queue(pool), self.topology.queue_args()
         )
-        tag = await queue.consume(handler)
+        tag = await queue.consume(handler, arguments={"x-priority": priority})
         self._consumers.append((queue, tag))
-        self._starts.append((queue, handler, tag))
+        self._starts.append((queue, handler, tag, priority))
 
     async def consume_progress(self, handler: Handler) -> None:
         assert self._conn is not None

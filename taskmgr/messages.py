@@ -35,6 +35,9 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_FOLLOW_ONS = 1000  # per report, and per schedule sync
 MAX_DELAY_S = 366 * 24 * 3600.0
 MAX_PROGRESS_BYTES = 16 * 1024 * 1024  # one progress message (500 reports, or 10,000 tasks)
+# A heartbeat's AMQP header naming its runner: the leader notes when it arrived before
+# the intake decodes and applies it (behind whatever backlog).
+HEARTBEAT_HEADER = "x-taskmgr-heartbeat"
 
 
 def _no_nul(value: str) -> str:

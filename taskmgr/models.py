@@ -272,16 +272,6 @@ class CurrentState:
 
 
 @dataclass(frozen=True)
-class TaskAttempt:
-    """A task's current attempt, read without a lock."""
-
-    task_id: uuid.UUID
-    state: State
-    attempt: int
-    runner_id: str | None
-
-
-@dataclass(frozen=True)
 class Scheduled:
     """What `schedule` did: the task's id, and whether it already existed (dedup key)."""
 

@@ -28,7 +28,6 @@ from taskmgr.models import (
     State,
     StateChanges,
     Task,
-    TaskAttempt,
     TaskEvent,
     TaskType,
     TaskTypeFields,
@@ -412,9 +411,11 @@ async def stop_runner(conn: Conn, runner_id: str, now: datetime) -> None:
     await _run(conn, "stop_runner", {"id": runner_id, "now": now})
 
 
-async def dead_runners(conn: Conn, before: datetime) -> dict[str, str]:
-    """Mark the runners silent since `before` dead; returns their ids and pools."""
-    return {r.id: r.pool for r in await _run(conn, "dead_runners", {"before": before})}
+async def dead_runners(conn: Conn, before: datetime, heard: Sequence[str] = ()) -> dict[str, str]:
+    """Mark the runners silent since `before` dead, but for those `heard` from since then
+    (a heartbeat received, not applied yet); returns their ids and pools."""
+    rows = await _run(conn, "dead_runners", {"before": before, "heard": list(heard)})
+    return {r.id: r.pool for r in rows}
 
 
 async def live_runners_by_pool(conn: Conn, since: datetime) -> dict[str, int]:
@@ -438,13 +439,18 @@ async def runner_deaths(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
     return {r.task_id: r._mapping for r in await _run(conn, "runner_deaths", {"ids": list(ids)})}
 
 
-async def runner_holdings(conn: Conn, runner_id: str) -> list[Mapping[str, Any]]:
-    return [r._mapping for r in await _run(conn, "runner_holdings", {"runner_id": runner_id})]
+async def runner_holdings(conn: Conn, runner_id: str, held: Sequence[uuid.UUID]) -> list[Mapping[str, Any]]:
+    """What the manager thinks the runner holds that its heartbeat (`held`) does not list."""
+    rows = await _run(conn, "runner_holdings", {"runner_id": runner_id, "held": list(held)})
+    return [r._mapping for r in rows]
 
 
-async def current_attempts(conn: Conn, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, TaskAttempt]:
-    rows = await _run(conn, "current_attempts", {"ids": list(ids)})
-    return {r.task_id: TaskAttempt(r.task_id, State(r.state), r.attempt, r.runner_id) for r in rows}
+async def not_held_by(
+    conn: Conn, runner_id: str, tasks: Sequence[tuple[uuid.UUID, int]]
+) -> list[tuple[uuid.UUID, int]]:
+    """Of the (task, attempt) pairs a runner's heartbeat lists, those not its own."""
+    params = {"runner_id": runner_id, "ids": [t for t, _ in tasks], "attempts": [a for _, a in tasks]}
+    return [(r.task_id, r.attempt) for r in await _run(conn, "not_held_by", params)]
 
 
 async def recoveries(
@@ -527,7 +533,9 @@ async def leader_present(conn: Conn) -> bool:
 
 
 async def campaign(conn: Conn, holder: str, lease_s: float) -> int | None:
-    """Take the leadership lease if none is live: the new term, or None."""
+    """Take the leadership lease if none is live: the new term, or None. Waits for the
+    write transactions that checked the lease (the fence) to end."""
+    await _run(conn, "lock_lease", {})
     return (await _run(conn, "campaign", {"holder": holder, "lease_s": lease_s})).scalar()  # type: ignore[no-any-return]
 
 
@@ -543,7 +551,7 @@ async def resign(conn: Conn, term: int, holder: str) -> None:
 
 async def fence(conn: Conn, term: int, holder: str) -> bool:
     """In a write transaction: whether this holder's `term` still holds a live lease
-    (share-locked until the transaction ends)."""
+    (key-share-locked until the transaction ends: a takeover waits for it)."""
     return (await _run(conn, "fence", {"term": term, "holder": holder})).first() is not None
 
 

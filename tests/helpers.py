@@ -132,6 +132,18 @@ async def queue_depth(url: str, queue: str) -> int:
         await conn.close()
 
 
+class SlowConfirms(Publisher):
+    """A broker slow to confirm: start orders wait for `release` before they go out."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.release = asyncio.Event()
+
+    async def publish_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        await self.release.wait()
+        await super().publish_start(*args, **kwargs)
+
+
 def topology_of(prefix: str) -> Topology:
     return Topology(prefix)
 

@@ -6,7 +6,6 @@ import asyncio
 import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import aio_pika
@@ -23,7 +22,7 @@ from taskmgr.broker import Publisher
 from taskmgr.messages import Heartbeat, Report, RunnerReports, ServiceReport, encode
 from taskmgr.models import State
 from taskmgr.service import TaskService
-from tests.helpers import Clock, drain, queue_depth, schedule, start_orders, wait_for
+from tests.helpers import Clock, SlowConfirms, drain, queue_depth, schedule, start_orders, wait_for
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -426,7 +425,12 @@ async def test_a_task_whose_runners_keep_dying_fails(
 
 
 async def test_a_burst_of_late_tasks_is_one_warning_per_poll(
-    engine, service, publisher, settings, poll_type, caplog  # type: ignore[no-untyped-def]
+    engine,
+    service,
+    publisher,
+    settings,
+    poll_type,
+    caplog,  # type: ignore[no-untyped-def]
 ) -> None:
     """Ten thousand late tasks once logged ten thousand warnings, and a manager whose
     stderr was a full pipe stalled on them (no renewals: its lease ran out). One line
@@ -861,18 +865,6 @@ async def test_start_messages_are_split_by_bytes_as_well_as_count(
     assert len(start_orders(bodies)) == 10
     assert all(len(b) <= MAX_START_MESSAGE_BYTES for b in bodies), [len(b) for b in bodies]
     assert len(bodies) >= 3
-
-
-class SlowConfirms(Publisher):
-    """A broker slow to confirm: start orders wait for `release` before they go out."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.release = asyncio.Event()
-
-    async def publish_start(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        await self.release.wait()
-        await super().publish_start(*args, **kwargs)
 
 
 async def test_the_relay_never_resends_an_order_its_publisher_still_waits_on(
