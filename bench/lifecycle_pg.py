@@ -131,7 +131,7 @@ class Statements:
 
     def _from_log(self, per: int) -> dict[str, Any]:
         calls: Counter[tuple[str, str]] = Counter()
-        ms: Counter[tuple[str, str]] = Counter()
+        ms: dict[tuple[str, str], float] = {}
         with open(PG_LOG, errors="replace") as f:
             f.seek(self.offset)
             for line in f:
@@ -140,8 +140,8 @@ class Statements:
                     continue
                 key = (m["kind"], " ".join(m["sql"].split())[:160])
                 calls[key] += 1
-                ms[key] += float(m["ms"])
-        by_kind = Counter()
+                ms[key] = ms.get(key, 0.0) + float(m["ms"])
+        by_kind: Counter[str] = Counter()
         for (kind, _), n in calls.items():
             by_kind[kind] += n
         stmts = [
