@@ -103,7 +103,12 @@ preload_timescaledb() {
   done
   if [ "$value" != "$current" ]; then
     say "preloading $value (shared_preload_libraries)"
-    "${PSQL[@]}" -d postgres -c "alter system set shared_preload_libraries = '$value'"
+    # One quoted literal per library: ALTER SYSTEM would keep 'a,b' as ONE library named
+    # "a,b", and the server would not start.
+    local items sql=""
+    IFS=',' read -ra items <<< "${value// /}"
+    for lib in "${items[@]}"; do sql+="${sql:+, }'$lib'"; done
+    "${PSQL[@]}" -d postgres -c "alter system set shared_preload_libraries = $sql"
     restart_postgres
   fi
 }
