@@ -41,7 +41,7 @@ start_postgres() {
 }
 
 restart_postgres() {
-  say "restarting PostgreSQL $PG_MAJOR to load timescaledb"
+  say "restarting PostgreSQL $PG_MAJOR to load its preloaded libraries"
   pg_ctlcluster --skip-systemctl-redirect "$PG_MAJOR" main restart
   for _ in $(seq 1 60); do pg_up && break; sleep 0.5; done
   pg_up || { echo "PostgreSQL did not come back after the restart" >&2; exit 1; }

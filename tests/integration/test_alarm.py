@@ -173,9 +173,10 @@ async def test_a_runner_heartbeats_again_after_an_alarm_that_closed_its_connecti
                 prefix = f"runner-{runner.runner_id}"
                 await asyncio.to_thread(node.alarm, True)
                 try:
-                    await wait_for(lambda: _blocked(node, f"{prefix}-publish"), timeout=10, every=0.1)
-                    # Its publishing and its consuming connection, as the chaos day does.
-                    assert await asyncio.to_thread(node.close, prefix) == 2
+                    # Heartbeats have a connection of their own, blocked at its next beat.
+                    await wait_for(lambda: _blocked(node, f"{prefix}-beat-publish"), timeout=10, every=0.1)
+                    # Its publishing, heartbeat and consuming connections, as the chaos day does.
+                    assert await asyncio.to_thread(node.close, prefix) == 3
                 finally:
                     await asyncio.to_thread(node.alarm, False)
                 before = signals.heartbeat_sent.count

@@ -930,12 +930,14 @@ async def test_a_start_order_expires_after_its_start_timeout(
     engine, service, publisher, settings, topology
 ) -> None:  # type: ignore[no-untyped-def]
     """Nobody consumes the pool: the order does not pile up in its queue."""
-    await service.create_type({"name": "brief", "handler": "noop", "start_timeout_s": 0.5, "pool": "bench"})
+    # 2 s: long enough to see the order queued on a loaded machine (0.5 s was not, in a
+    # full suite beside other work), short enough to see it go.
+    await service.create_type({"name": "brief", "handler": "noop", "start_timeout_s": 2, "pool": "bench"})
     await schedule(service, "brief", 1, due_at=datetime.now(UTC))
     assert (await dispatcher(engine, publisher, settings).poll_once()).published == 1
     queue = topology.start_queue("bench")
     assert await queue_depth(settings.amqp_url, queue) == 1
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(8):
         while await queue_depth(settings.amqp_url, queue):
             await asyncio.sleep(0.1)
 

@@ -303,7 +303,9 @@ async def test_polls_emits_events_sends_follow_ons_once_then_finishes(
     assert len(times) == 5
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(g >= 0.09 for g in gaps), gaps
-    assert times[-1] - times[0] == pytest.approx(0.4, abs=0.08)
+    # The first poll at once, the second an interval and a phase (up to one interval here)
+    # later, then on the grid.
+    assert times[-1] - times[1] == pytest.approx(0.3, abs=0.08)
     assert drifts_recorded() - drifts_before == 5
 
     # One event per distinct score, tagged, with ids stable across runners/attempts.
