@@ -36,7 +36,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -46,8 +45,10 @@ from bench import lifecycle_pg, peer_env
 from bench._common import Procs, child_env, fresh_database, machine, new_prefix
 from bench.lifecycle_common import (
     BACKLOG_S,
+    DRAIN_S,
     FOLLOW_EVERY,
     CpuWindow,
+    TaskTimes,
     _log,
     cpu_figures,
     figures,
@@ -69,17 +70,8 @@ DB = "taskmgr_bench_lifecycle"
 POOL = "benchlife"
 TYPE, NEXT = "bench_life", "bench_life_next"
 WARMUP = 20
-DRAIN_S = 60.0  # after a window, its tasks have this long to finish (or the step failed)
 PROFILE_S = 20.0
 PEERS = ("taskiq", "procrastinate")
-
-
-@dataclass
-class Times:
-    due: float
-    started: float | None = None
-    first_poll: float | None = None
-    finished: float | None = None
 
 
 class TaskmgrLifecycle:
@@ -276,7 +268,7 @@ class TaskmgrLifecycle:
             for name, pid in targets
         ]
 
-    async def _times(self, a: float, b: float) -> tuple[list[Times], dict[str, list[float]]]:
+    async def _times(self, a: float, b: float) -> tuple[list[TaskTimes], dict[str, list[float]]]:
         """Each task created in [a, b): its due time, STARTED, first poll, FINISHED; the
         intake lags of its RUNNING and FINISHED reports."""
         rows = await self.pg.fetch(
@@ -285,7 +277,7 @@ class TaskmgrLifecycle:
             a,
             b,
         )
-        by_id = {r["id"]: Times(r["due"]) for r in rows}
+        by_id = {r["id"]: TaskTimes(r["due"]) for r in rows}
         names = {r["name"]: by_id[r["id"]] for r in rows}
         lag_running: list[float] = []
         lag_finished: list[float] = []

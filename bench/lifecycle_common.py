@@ -8,6 +8,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bench._common import cpu_seconds, log, percentile, rss_mb, services_cpu, services_cpu_spent
@@ -17,6 +18,7 @@ FOLLOW_EVERY = 10  # one task in ten has a follow-on
 P99_GOAL_MS = 1000.0
 HELD_CREATED_SHARE = 0.97  # a step holds its rate if it created at least this share of it
 # After a failed step, how long its backlog may take to clear before the next step.
+DRAIN_S = 60.0  # after a window, its tasks have this long to finish (or the step failed)
 BACKLOG_S = 240.0
 
 
@@ -110,11 +112,14 @@ def cpu_figures(cpu: dict[str, float], seconds: float, tasks: int) -> dict[str, 
     }
 
 
-class TaskTimes(Protocol):
+@dataclass
+class TaskTimes:
+    """One task's (or peer job's) times, epoch seconds."""
+
     due: float
-    started: float | None  # the claim (taskmgr) or the job's start in the worker (peers)
-    first_poll: float | None
-    finished: float | None
+    started: float | None = None  # the claim (taskmgr) or the job's start in the worker (peers)
+    first_poll: float | None = None
+    finished: float | None = None
 
 
 def figures(

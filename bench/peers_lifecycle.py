@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -40,8 +39,10 @@ from bench import lifecycle_pg
 from bench._common import ROOT, Procs, fresh_database, new_prefix
 from bench.lifecycle_common import (
     BACKLOG_S,
+    DRAIN_S,
     FOLLOW_EVERY,
     CpuWindow,
+    TaskTimes,
     _log,
     cpu_figures,
     figures,
@@ -54,7 +55,6 @@ from taskmgr.settings import Settings
 from taskmgr.testing import free_port
 
 PROC_DB = "taskmgr_bench_procrastinate_life"
-DRAIN_S = 60.0
 WORKERS = 2  # worker processes: one per core
 _OUT = os.environ.get("BENCH_PEER_OUT", "")
 _BOX = os.environ.get("BENCH_PEER_BOX", "")
@@ -142,14 +142,6 @@ async def procrastinate_worker(dsn: str, concurrency: int) -> None:
 # -- the driver ---------------------------------------------------------------------------
 
 
-@dataclass
-class Job:
-    due: float
-    started: float | None = None
-    first_poll: float | None = None
-    finished: float | None = None
-
-
 class Peer:
     """Start the box server and the workers, create at a rate, read the workers' files."""
 
@@ -170,7 +162,7 @@ class Peer:
             "TASKMGR_AMQP_URL": settings.amqp_url,
             "PYTHONPATH": ROOT,
         }
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, TaskTimes] = {}
         self.offsets: dict[str, int] = {}
         self.next_index = 0
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -201,7 +193,7 @@ class Peer:
             self.offsets[path] = self.offsets.get(path, 0) + end
             for line in data[:end].splitlines():
                 name, due, started, finished = line.split()
-                j = self.jobs.setdefault(name, Job(float(due)))
+                j = self.jobs.setdefault(name, TaskTimes(float(due)))
                 j.started = float(started) if j.started is None else min(j.started, float(started))
                 j.finished = float(finished)
 
@@ -247,7 +239,7 @@ class Peer:
             await asyncio.sleep(0.5)
         finished_in_window = sum(1 for j in self.jobs.values() if j.finished and a <= j.finished < b)
         polls = (await self.http.get(self.box + "/_life")).json()
-        tasks = [self.jobs.get(n) or Job(0.0) for n in names]
+        tasks = [self.jobs.get(n) or TaskTimes(0.0) for n in names]
         for n, t in zip(names, tasks, strict=True):
             t.first_poll = polls.get(n)
         out = figures(rate, created, (a, b), tasks, finished_in_window)
